@@ -1,0 +1,26 @@
+"""The in-process async message bus: typed envelopes, publish/subscribe, request/reply, a tap."""
+
+from drpo.bus.bus import (
+    FAILURES_TOPIC,
+    REPLIES_TOPIC,
+    Bus,
+    BusError,
+    NoServerError,
+    RemoteError,
+    Subscription,
+    UnknownTopicError,
+)
+from drpo.bus.messages import Envelope, Payload
+
+__all__ = [
+    "FAILURES_TOPIC",
+    "REPLIES_TOPIC",
+    "Bus",
+    "BusError",
+    "Envelope",
+    "NoServerError",
+    "Payload",
+    "RemoteError",
+    "Subscription",
+    "UnknownTopicError",
+]

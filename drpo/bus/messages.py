@@ -1,0 +1,239 @@
+"""Every message the agents exchange: immutable, typed values inside an envelope.
+
+Each payload class has a literal ``kind`` so that a message read back from JSON (the run store,
+a transcript) comes back as the same class. ``Envelope.model_validate_json(env.model_dump_json())``
+equals ``env``: the round trip is lossless, which is what makes transcripts and resume trustworthy.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Value(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------
+# Domain values carried by messages
+
+
+class ICLExample(_Value):
+    query: str
+    answer: str
+
+
+class AspectSelection(_Value):
+    """The aspects the critic chose for one query (the "dynamic" in dynamic rewarding)."""
+
+    query: str
+    aspects: tuple[str, ...]
+    reasoning: str = ""
+    analysis: dict[str, str] = Field(default_factory=dict)
+
+
+class AspectScore(_Value):
+    score: float
+    rationale: str = ""
+
+
+class Critique(_Value):
+    """The judge's verdict on one answer. ``failed`` marks a judgement that could not be parsed:
+    as in the paper its reward is 0 and it forces a skip."""
+
+    scores: dict[str, AspectScore] = Field(default_factory=dict)
+    reward: float = 0.0
+    failed: bool = False
+    error: str | None = None
+
+    @classmethod
+    def from_scores(cls, scores: dict[str, AspectScore]) -> Critique:
+        if not scores:
+            return cls(failed=True, error="no aspect scores")
+        return cls(scores=scores, reward=sum(s.score for s in scores.values()) / len(scores))
+
+
+# --------------------------------------------------------------------------------------------
+# Requests (to an agent) and replies (from an agent)
+
+
+class SelectAspects(_Value):
+    kind: Literal["select_aspects"] = "select_aspects"
+    query: str
+    model: str
+    variant: Literal["search", "icl"] = "search"
+
+
+class AspectsSelected(_Value):
+    kind: Literal["aspects_selected"] = "aspects_selected"
+    selection: AspectSelection
+
+
+class ProposeAnswer(_Value):
+    kind: Literal["propose_answer"] = "propose_answer"
+    model: str
+    system_prompt: str
+    icl_examples: tuple[ICLExample, ...] = ()
+    query: str
+    framing: Literal["raw", "chat"] = "raw"
+    max_tokens: int = 512
+    temperature: float = 0.0
+
+
+class Answer(_Value):
+    kind: Literal["answer"] = "answer"
+    text: str
+
+
+class Judge(_Value):
+    kind: Literal["judge"] = "judge"
+    model: str
+    query: str
+    answer: str
+    selection: AspectSelection
+    mode: Literal["json", "logprobs"] = "json"
+    variant: Literal["search", "icl"] = "search"
+
+
+class Judged(_Value):
+    kind: Literal["judged"] = "judged"
+    critique: Critique
+
+
+class EditPrompt(_Value):
+    kind: Literal["edit_prompt"] = "edit_prompt"
+    model: str
+    system_prompt: str
+    query: str
+    answer: str
+    critique: Critique
+    history: tuple[str, ...] = ()
+    n: int = 1
+    temperature: float = 0.2
+
+
+class PromptCandidates(_Value):
+    kind: Literal["prompt_candidates"] = "prompt_candidates"
+    prompts: tuple[str, ...]
+    dropped: int = 0
+
+
+class EditAnswer(_Value):
+    kind: Literal["edit_answer"] = "edit_answer"
+    model: str
+    query: str
+    answer: str
+    critique: Critique
+
+
+class AnswerRewritten(_Value):
+    kind: Literal["answer_rewritten"] = "answer_rewritten"
+    answer: str | None
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Search events (published by the coordinator; the recorder and viewers read them)
+
+
+class RunStarted(_Value):
+    kind: Literal["run_started"] = "run_started"
+    config: dict = Field(default_factory=dict)
+    queries: tuple[str, ...] = ()
+
+
+class NodeCreated(_Value):
+    """A search node: a prompt, the query it was judged on, its answer, critique and reward."""
+
+    kind: Literal["node_created"] = "node_created"
+    node_id: str
+    parent_id: str | None
+    level: int
+    system_prompt: str
+    query: str
+    answer: str
+    critique: Critique
+    reward: float
+    path_rewards: tuple[float, ...] = ()
+    score: float = 0.0
+    skipped: bool = False
+
+
+class LevelCompleted(_Value):
+    kind: Literal["level_completed"] = "level_completed"
+    level: int
+    kept: tuple[str, ...]
+    pruned: tuple[str, ...] = ()
+    best_score: float = 0.0
+    mean_score: float = 0.0
+    depth_limit: int = 0
+
+
+class RunFinished(_Value):
+    kind: Literal["run_finished"] = "run_finished"
+    status: Literal["finished", "interrupted", "failed", "budget_exhausted"]
+    best_node_id: str | None = None
+    best_prompt: str | None = None
+    best_score: float | None = None
+    error: str | None = None
+
+
+class Failure(_Value):
+    """An agent could not handle a request (its handler raised). Requesters see it as an error."""
+
+    kind: Literal["failure"] = "failure"
+    error_type: str
+    message: str
+
+
+class Note(_Value):
+    """Free-form event, for anything a viewer should show that has no typed message yet."""
+
+    kind: Literal["note"] = "note"
+    text: str
+    data: dict = Field(default_factory=dict)
+
+
+Payload = Annotated[
+    SelectAspects
+    | AspectsSelected
+    | ProposeAnswer
+    | Answer
+    | Judge
+    | Judged
+    | EditPrompt
+    | PromptCandidates
+    | EditAnswer
+    | AnswerRewritten
+    | RunStarted
+    | NodeCreated
+    | LevelCompleted
+    | RunFinished
+    | Failure
+    | Note,
+    Field(discriminator="kind"),
+]
+
+PAYLOAD_TYPES: tuple[type[BaseModel], ...] = Payload.__origin__.__args__  # type: ignore[attr-defined]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Envelope(_Value):
+    """Who sent what, in reply to what, because of what, for which run and search node."""
+
+    payload: Payload
+    topic: str
+    sender: str
+    run_id: str | None = None
+    message_id: str = Field(default_factory=new_id)
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    node_id: str | None = None
+    timestamp: float = Field(default_factory=time.time)

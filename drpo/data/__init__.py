@@ -1,0 +1,1 @@
+"""Seed data shipped with drpo (written by the drpo authors)."""
