@@ -1,0 +1,453 @@
+"""Reading what models write: JSON objects, 1-5 scores, aspect selections, judgements, prompts.
+
+The original code stripped code fences and called ``json.loads``; any preamble, trailing comma or
+"4.5" score crashed the run or zeroed the reward (spec §2.3, §9.2). Models, small local ones above
+all, wrap JSON in prose and fences, use single quotes, leave trailing commas, run out of tokens in
+the middle of an object, and write scores as "4/5" or "Score: 4". Everything here accepts what a
+careful human reader would accept, rejects what they would not, and raises :class:`ParseError`
+with the reason and a snippet of the text when nothing usable is there.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from drpo.agents.aspects import AspectCatalogue, normalize_name
+from drpo.bus.messages import AspectScore
+
+_SNIPPET = 200
+
+
+class ParseError(ValueError):
+    """A model output with nothing usable in it; the message says what was expected and shows
+    the start of the text."""
+
+    def __init__(self, reason: str, text: str | None = None) -> None:
+        self.reason = reason
+        self.text = text
+        if text is not None:
+            shown = text.strip()
+            if len(shown) > _SNIPPET:
+                shown = shown[:_SNIPPET] + "..."
+            reason = f"{reason} (output began: {shown!r})"
+        super().__init__(reason)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON extraction
+
+_FENCE = re.compile(r"```[ \t]*(?:json|JSON|javascript|js)?[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
+_LEADING_JSON_WORD = re.compile(r"^\s*(?:json|JSON)\s*(?=[\[{])")
+
+
+def extract_json(text: str, *, allow_list: bool = False, repair_truncated: bool = True) -> Any:
+    """The first JSON object (or list, with ``allow_list``) in ``text``.
+
+    Tried in order: the whole text, then the inside of each code fence, then every balanced
+    ``{...}`` span from left to right (so text before and after is ignored and the outermost object
+    wins), each with light repairs (trailing commas, Python-style single quotes and literals).
+    With ``repair_truncated`` an object cut off by the token limit is closed and read as far as it
+    goes; callers that must not accept a cut-off value (a system prompt) turn it off.
+    """
+    if not isinstance(text, str):
+        raise ParseError(f"expected model text, got {type(text).__name__}")
+    wanted: tuple[type, ...] = (dict, list) if allow_list else (dict,)
+    stripped = _LEADING_JSON_WORD.sub("", text.strip().lstrip("\ufeff"))
+    candidates = [stripped]
+    candidates += [_LEADING_JSON_WORD.sub("", m.group(1).strip()) for m in _FENCE.finditer(text)]
+    for candidate in candidates:
+        value = _loads_repaired(candidate)
+        if isinstance(value, wanted):
+            return value
+    openers = "{[" if allow_list else "{"
+    repairs_left = 3 if repair_truncated else 0
+    for start, char in enumerate(stripped):
+        if char not in openers:
+            continue
+        end = _balanced_end(stripped, start)
+        if end is not None:
+            value = _loads_repaired(stripped[start : end + 1])
+        elif repairs_left and char == "{":
+            # An object the token limit cut off: read it before any complete inner object.
+            repairs_left -= 1
+            value = _close_truncated(stripped[start:])
+            value = value if value else None
+        else:
+            continue
+        if isinstance(value, wanted):
+            return value
+    kind = "a JSON object or list" if allow_list else "a JSON object"
+    raise ParseError(f"no {kind} found", text)
+
+
+def _loads_repaired(candidate: str) -> Any:
+    """``json.loads`` with control characters allowed, then with repairs; None when all fail."""
+    if not candidate or candidate[0] not in "{[":
+        return None
+    attempts = (candidate, _drop_trailing_commas(candidate))
+    for attempt in attempts:
+        try:
+            return json.loads(attempt, strict=False)
+        except (json.JSONDecodeError, RecursionError):
+            pass
+    try:  # single quotes, True/None, or true/null written Python-style
+        return ast.literal_eval(_pythonize_literals(attempts[1]))
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        return None
+
+
+def _segments(text: str) -> Iterator[tuple[str, int]]:
+    """Split text into (chunk, state) pieces, honouring both quote styles and escapes.
+
+    state is 0 outside strings, 1 for a closed string, 2 for a string still open at the end
+    (cut off), so callers can use it as a truth value for "inside a string".
+    """
+    start, i, quote = 0, 0, ""
+    while i < len(text):
+        char = text[i]
+        if quote:
+            if char == "\\":
+                i += 2
+                continue
+            if char == quote:
+                yield text[start : i + 1], 1
+                start, quote = i + 1, ""
+        elif char in "\"'":
+            if i > start:
+                yield text[start:i], 0
+            start, quote = i, char
+        i += 1
+    if start < len(text):
+        yield text[start:], 2 if quote else 0
+
+
+def _drop_trailing_commas(text: str) -> str:
+    out = [
+        chunk if in_string else re.sub(r",(\s*[}\]])", r"\1", chunk)
+        for chunk, in_string in _segments(text)
+    ]
+    return "".join(out)
+
+
+def _pythonize_literals(text: str) -> str:
+    words = {"true": "True", "false": "False", "null": "None"}
+    return "".join(
+        chunk if in_string else re.sub(r"\b(true|false|null)\b", lambda m: words[m[1]], chunk)
+        for chunk, in_string in _segments(text)
+    )
+
+
+def _balanced_end(text: str, start: int) -> int | None:
+    """Index of the bracket closing the one at ``start``, skipping brackets inside strings."""
+    stack: list[str] = []
+    pairs = {"{": "}", "[": "]"}
+    pos = start
+    for chunk, in_string in _segments(text[start:]):
+        if not in_string:
+            for offset, char in enumerate(chunk):
+                if char in pairs:
+                    stack.append(pairs[char])
+                elif char in "}]":
+                    if not stack or stack.pop() != char:
+                        return None
+                    if not stack:
+                        return pos + offset
+        pos += len(chunk)
+    return None
+
+
+def _close_truncated(text: str) -> Any:
+    """Read an object cut off mid-way: close the open string and brackets, and if that is not
+    valid, cut back to the last complete member (up to a bounded number of tries)."""
+    cuts = [len(text)]
+    pos = 0
+    for chunk, in_string in _segments(text):
+        if not in_string:
+            cuts += [pos + m.start() for m in re.finditer(",", chunk)]
+        pos += len(chunk)
+    for cut in sorted(set(cuts), reverse=True)[:64]:
+        value = _loads_repaired(_with_closers(text[:cut]))
+        if value is not None:
+            return value
+    return None
+
+
+def _with_closers(prefix: str) -> str:
+    stack: list[str] = []
+    tail = ""
+    for chunk, state in _segments(prefix):
+        if state:
+            tail = chunk[0] if state == 2 else ""  # close a string the token limit cut off
+            continue
+        for char in chunk:
+            if char in "{[":
+                stack.append("}" if char == "{" else "]")
+            elif char in "}]" and stack:
+                stack.pop()
+    body = (prefix + tail).rstrip().rstrip(",:")
+    return body + "".join(reversed(stack))
+
+
+# --------------------------------------------------------------------------------------------
+# Fields, text and scores
+
+
+def get_field(obj: Any, *names: str) -> Any:
+    """The value of the first key of ``obj`` matching one of ``names``, ignoring case, spaces,
+    hyphens and underscores ("Selected Aspects" finds ``selected_aspects``); None if absent."""
+    if not isinstance(obj, Mapping):
+        return None
+    keys = {normalize_name(str(k)): k for k in obj}
+    for name in names:
+        key = keys.get(normalize_name(name))
+        if key is not None:
+            return obj[key]
+    return None
+
+
+def as_text(value: Any) -> str:
+    """A model's free-text field as one string: lists become lines, None becomes ""."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, list | tuple):
+        return "\n".join(as_text(v) for v in value if as_text(v))
+    if isinstance(value, Mapping):
+        return "; ".join(f"{k}: {as_text(v)}" for k, v in value.items())
+    return str(value)
+
+
+def unescape_newlines(text: str) -> str:
+    r"""Turn a literal backslash-n the model wrote inside a JSON string into a real newline.
+
+    Models double-escape newlines in long string fields, so the decoded prompt shows "\n" as two
+    characters; the original code made the same replacement on optimizer output.
+    """
+    return text.replace("\\r\\n", "\n").replace("\\n", "\n").replace("\\t", "\t")
+
+
+_NUMBER = re.compile(
+    r"(?<![\w.])(-?\d+(?:\.\d+)?)(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?))?", re.IGNORECASE
+)
+_WORD_SCORES = {"one": 1.0, "two": 2.0, "three": 3.0, "four": 4.0, "five": 5.0}
+
+
+def parse_score(value: Any) -> float:
+    """A 1-5 score from what a judge wrote: 4, 4.5, "4", "4/5", "8/10", "Score: 4", "four".
+
+    Values are clamped to [1, 5]. A fraction is rescaled to 5 points. Anything with no number,
+    a boolean, NaN, or a number outside [0, 10] (not plausibly a 1-5 score) raises ParseError.
+    """
+    if isinstance(value, Mapping):
+        return parse_score(get_field(value, "score", "rating", "value"))
+    if isinstance(value, bool) or value is None:
+        raise ParseError(f"score {value!r} is not a number")
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        match = _NUMBER.search(value)
+        if match is None:
+            word = value.strip().strip("*.").lower()
+            if word not in _WORD_SCORES:
+                raise ParseError(f"score {value!r} has no number in it")
+            number = _WORD_SCORES[word]
+        else:
+            number = float(match[1])
+            if match[2] is not None:
+                denominator = float(match[2])
+                if denominator <= 0:
+                    raise ParseError(f"score {value!r} divides by zero")
+                number = number / denominator * 5
+    else:
+        raise ParseError(f"score {value!r} is not a number")
+    if not math.isfinite(number) or not 0 <= number <= 10:
+        raise ParseError(f"score {value!r} is not a score on a 1-5 scale")
+    return min(5.0, max(1.0, number))
+
+
+# --------------------------------------------------------------------------------------------
+# Aspect selections
+
+
+@dataclass(frozen=True)
+class SelectionParse:
+    """The aspects a selection named, resolved to catalogue names, plus what had to be dropped."""
+
+    aspects: tuple[str, ...]
+    reasoning: str = ""
+    analysis: dict[str, str] = field(default_factory=dict)
+    dropped: tuple[str, ...] = ()
+
+
+def parse_selection(source: str | Mapping[str, Any], catalogue: AspectCatalogue) -> SelectionParse:
+    """Read an aspect selection in the paper's shape
+    ``{query_analysis: {...}, aspects_selection: {reasoning, selected_aspects}}`` or a flat
+    ``{reasoning, selected_aspects}``; names may be a list, a comma-separated string, or objects
+    with a ``name``. Names outside the catalogue (the prompt invites new ones) are dropped and
+    listed in ``dropped``; duplicates collapse to one."""
+    obj = extract_json(source) if isinstance(source, str) else source
+    text = source if isinstance(source, str) else None
+    block = get_field(obj, "aspects_selection", "aspect_selection", "selection")
+    if not isinstance(block, Mapping):
+        block = obj
+    raw = get_field(block, "selected_aspects", "aspects", "selected")
+    if raw is None:
+        raw = get_field(obj, "selected_aspects", "aspects")
+    if raw is None:
+        raise ParseError("the selection has no 'selected_aspects' list", text)
+    reasoning = as_text(get_field(block, "reasoning", "rationale", "explanation"))
+    if not reasoning:
+        reasoning = as_text(get_field(obj, "reasoning", "rationale"))
+    analysis_raw = get_field(obj, "query_analysis", "analysis")
+    analysis = (
+        {str(k): as_text(v) for k, v in analysis_raw.items()}
+        if isinstance(analysis_raw, Mapping)
+        else {}
+    )
+    chosen: dict[str, None] = {}
+    dropped: list[str] = []
+    for name in _aspect_names(raw):
+        aspect = catalogue.resolve(name)
+        if aspect is None:
+            dropped.append(name)
+        else:
+            chosen.setdefault(aspect.name)
+    return SelectionParse(tuple(chosen), reasoning, analysis, tuple(dropped))
+
+
+def _aspect_names(raw: Any) -> list[str]:
+    if isinstance(raw, str):
+        return [part.strip(" *-.\"'") for part in re.split(r"[,;\n]", raw) if part.strip(" *-.")]
+    if isinstance(raw, Mapping):  # {"Clarity": "why", ...}
+        return [str(k) for k in raw]
+    if isinstance(raw, list | tuple):
+        names = []
+        for item in raw:
+            if isinstance(item, Mapping):
+                item = get_field(item, "name", "aspect")
+            if isinstance(item, str) and item.strip():
+                names.append(item.strip())
+        return names
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# Judgements
+
+
+@dataclass(frozen=True)
+class JudgementParse:
+    """Scores for the selected aspects, the entries that could not be used, and the selected
+    aspects the judge left out."""
+
+    scores: dict[str, AspectScore]
+    dropped: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+
+
+_WRAPPERS = ("scores", "evaluation", "evaluations", "assessment", "aspects", "ratings")
+
+
+def parse_judgement(
+    source: str | Mapping[str, Any] | list[Any],
+    selected: Sequence[str] | None,
+    catalogue: AspectCatalogue,
+) -> JudgementParse:
+    """Read ``{Aspect: {"rationale": ..., "score": ...}}`` (the paper's shape) or the variants
+    models drift into: bare scores ``{Aspect: 4}``, a wrapper ``{"scores": {...}}``, or a list of
+    ``{"aspect", "score", "rationale"}`` objects. Only the ``selected`` aspects (all catalogue
+    aspects when None) are kept; other keys and unreadable scores are recorded in ``dropped``.
+    Raises ParseError when no selected aspect has a usable score."""
+    text = source if isinstance(source, str) else None
+    obj = extract_json(source, allow_list=True) if isinstance(source, str) else source
+    wanted = None if selected is None else {catalogue[n].name for n in selected if n in catalogue}
+    scores: dict[str, AspectScore] = {}
+    dropped: list[str] = []
+    for name, value in _judgement_entries(obj, catalogue):
+        aspect = catalogue.resolve(name)
+        if aspect is None or (wanted is not None and aspect.name not in wanted):
+            dropped.append(f"{name} (not a selected aspect)")
+            continue
+        if aspect.name in scores:
+            continue
+        try:
+            score = parse_score(value)
+        except ParseError as error:
+            dropped.append(f"{name} ({error.reason})")
+            continue
+        rationale = as_text(get_field(value, "rationale", "reason", "explanation", "justification"))
+        scores[aspect.name] = AspectScore(score=score, rationale=rationale)
+    if not scores:
+        detail = f"; dropped: {', '.join(dropped)}" if dropped else ""
+        raise ParseError(f"no usable aspect scores{detail}", text)
+    order = dict.fromkeys(catalogue[n].name for n in selected or () if n in catalogue)
+    missing = tuple(name for name in order if name not in scores)
+    return JudgementParse(scores, tuple(dropped), missing)
+
+
+def _judgement_entries(obj: Any, catalogue: AspectCatalogue) -> list[tuple[str, Any]]:
+    if isinstance(obj, list):
+        entries = []
+        for item in obj:
+            name = get_field(item, "aspect", "name", "criterion")
+            if isinstance(name, str):
+                entries.append((name, item))
+        return entries
+    if not isinstance(obj, Mapping):
+        return []
+    if not any(catalogue.resolve(str(k)) for k in obj):
+        inner = get_field(obj, *_WRAPPERS)
+        if isinstance(inner, Mapping | list):
+            return _judgement_entries(inner, catalogue)
+    return [(str(k), v) for k, v in obj.items()]
+
+
+# --------------------------------------------------------------------------------------------
+# Free-text fields (rewritten prompts and answers)
+
+_NEXT_KEY = re.compile(r'"\s*,\s*"[A-Za-z_ ]{1,40}"\s*:')
+_OBJECT_END = re.compile(r'"\s*}\s*(?:```)?\s*$')
+
+
+def parse_text_field(text: str, *names: str, newlines: bool = True) -> str:
+    """The string value of the first of ``names`` in a JSON object in ``text``.
+
+    When the JSON is invalid because the value itself holds unescaped double quotes (common with
+    long prompts), the value is cut out between its key and the next key or the object's end.
+    A cut-off value is never accepted: a truncated system prompt is worse than none.
+    With ``newlines`` a literal backslash-n becomes a newline.
+    """
+    value: Any = None
+    try:
+        value = get_field(extract_json(text, repair_truncated=False), *names)
+    except ParseError:
+        value = _cut_field(text, names)
+    if isinstance(value, list):
+        value = "\n".join(str(v) for v in value)
+    if not isinstance(value, str) or not value.strip():
+        raise ParseError(f"no non-empty '{names[0]}' field", text)
+    return (unescape_newlines(value) if newlines else value).strip()
+
+
+def _cut_field(text: str, names: Sequence[str]) -> str | None:
+    for name in names:
+        key = re.search(rf"[\"']{re.escape(name)}[\"']\s*:\s*\"", text, re.IGNORECASE)
+        if key is None:
+            continue
+        rest = text[key.end() :]
+        end = _NEXT_KEY.search(rest) or _OBJECT_END.search(rest)
+        if end is None:
+            return None  # cut off by the token limit
+        raw = rest[: end.start()]
+        try:
+            return json.loads(f'"{raw}"', strict=False)
+        except json.JSONDecodeError:
+            return raw.replace('\\"', '"').replace("\\\\", "\\")
+    return None

@@ -1,0 +1,405 @@
+"""Every prompt text drpo sends to a model, in drpo's own words.
+
+The structure follows the original DRPO code (spec §1-§4): the same roles, JSON field names and
+layout, but none of its wording. Keeping the texts in one module lets a reviewer read exactly what
+each model is told, and lets the builders stay small functions of their inputs, which is what
+makes the call journal's content keys stable across runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from drpo.agents.aspects import Aspect, AspectCatalogue
+from drpo.bus.messages import Critique
+
+# --------------------------------------------------------------------------------------------
+# The answer frame of the model being aligned (spec §1.2, §1.3)
+
+INSTRUCTIONS_HEADER = "# instructions"
+#: The original wrote "# Query:" before the live query but "#Query:" / "#Answer:" inside the ICL
+#: block; drpo writes "# Query:" / "# Answer:" everywhere so the examples and the query match.
+QUERY_HEADER = "# Query:"
+ANSWER_HEADER = "# Answer:"
+START = "<START>"
+END = "<END>"
+#: "<END" catches a tokenizer that splits "<END>" before the ">", "<|eot_id|>" a Llama-3 turn end.
+STOP_STRINGS = ("<END>", "<END", "<|eot_id|>")
+
+# --------------------------------------------------------------------------------------------
+# Aspect selection (spec §2.2)
+
+SELECTION_BOUNDS = {"search": (2, 5), "icl": (3, 6)}
+
+_SELECTION_ROLE = {
+    "search": (
+        "You are an impartial evaluator. Before an AI assistant's answer to the query below is "
+        "judged, you decide which qualities the judgement should focus on."
+    ),
+    "icl": (
+        "You are an exacting critic. An answer to the query below will be used as a model "
+        "example for other assistants, so it must be close to flawless; you decide which "
+        "qualities it will be held to."
+    ),
+}
+
+_SELECTION_TEMPLATE = """{role}
+
+Step 1. Study the query and note:
+- main_topic: what it is about;
+- user_intent: what the user wants to achieve;
+- ambiguities: anything unclear or open to more than one reading;
+- response_format: the form the best answer would take (a list of steps, a short reply, an essay, code, ...);
+- challenges: what makes a good answer hard (risk of harm, need for current information, specialist knowledge, emotions involved, ...).
+
+Step 2. Choose the {low} to {high} aspects below that matter most for judging an answer to this particular query. Use only names from this list, written exactly as shown:
+{aspects}
+
+Query:
+<query>
+{query}
+</query>
+
+Reply with only a JSON object of this form:
+{{
+  "query_analysis": {{
+    "main_topic": "...",
+    "user_intent": "...",
+    "ambiguities": "...",
+    "response_format": "...",
+    "challenges": "..."
+  }},
+  "aspects_selection": {{
+    "reasoning": "why these aspects matter most for this query",
+    "selected_aspects": ["<aspect name>", "..."]
+  }}
+}}"""
+
+_SELECTION_REMINDER = (
+    "I could not use that reply: {error}. Answer again with only the JSON object described "
+    "above, with no text before or after it, where selected_aspects lists {low} to {high} "
+    "names taken from: {names}."
+)
+
+
+def aspect_menu(catalogue: AspectCatalogue) -> str:
+    """One line per aspect: the name and what a good answer should do."""
+    return "\n".join(f"- {a.name}: the answer should {a.should}." for a in catalogue)
+
+
+def selection_prompt(query: str, catalogue: AspectCatalogue, variant: str) -> str:
+    low, high = SELECTION_BOUNDS[variant]
+    return _SELECTION_TEMPLATE.format(
+        role=_SELECTION_ROLE[variant],
+        low=low,
+        high=high,
+        aspects=aspect_menu(catalogue),
+        query=query,
+    )
+
+
+def selection_reminder(error: str, catalogue: AspectCatalogue, variant: str) -> str:
+    low, high = SELECTION_BOUNDS[variant]
+    return _SELECTION_REMINDER.format(
+        error=error, low=low, high=high, names=", ".join(catalogue.names)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Judging with a JSON verdict (spec §2.3, and the stricter ICL-stage critic of spec §4)
+
+_JUDGE_ROLE = {
+    "search": (
+        "You are an impartial judge. Rate how well the AI assistant's answer below serves the "
+        "user's query on each of the listed aspects. Judge the answer as written, not what it "
+        "could have said; its length alone is neither a virtue nor a fault."
+    ),
+    "icl": (
+        "You are a demanding critic. The AI assistant's answer below is a candidate model "
+        "example, so judge it severely: take off points for every shortcoming, however small, "
+        "and name each one in the rationale. Poor organisation costs points. Do not penalise "
+        "length when the extra material is genuinely useful."
+    ),
+}
+
+_JUDGE_TEMPLATE = """{role}
+
+Query:
+<query>
+{query}
+</query>
+
+Answer:
+<answer>
+{answer}
+</answer>
+
+Why these aspects were chosen for this query:
+{reasoning}
+
+Aspects and their scales (5 is best, 1 is worst):
+{rubrics}
+
+For each aspect, write a brief rationale that points to specific parts of the answer, then give a whole-number score from 1 to 5.
+Reply with only this JSON object, filled in:
+{template}"""
+
+_JUDGE_REMINDER = (
+    "I could not use that reply: {error}. Answer again with only the JSON object described "
+    "above, with no text before or after it, containing a rationale and a score from 1 to 5 "
+    "for each of: {names}."
+)
+
+
+def rubric_block(aspects: Sequence[Aspect]) -> str:
+    return "\n\n".join(
+        f"{a.name}: the answer should {a.should}.\n{a.rubric_text()}" for a in aspects
+    )
+
+
+def judge_template(aspects: Sequence[Aspect]) -> str:
+    """The JSON skeleton the judge fills in, one key per aspect in selection order."""
+    lines = [
+        f'  "{a.name}": {{"rationale": "...", "score": <1-5>}}' + ("," if i < len(aspects) else "")
+        for i, a in enumerate(aspects, start=1)
+    ]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+def judge_prompt(
+    query: str, answer: str, aspects: Sequence[Aspect], reasoning: str, variant: str
+) -> str:
+    return _JUDGE_TEMPLATE.format(
+        role=_JUDGE_ROLE[variant],
+        query=query,
+        answer=answer,
+        reasoning=reasoning.strip() or "(no reasoning was given)",
+        rubrics=rubric_block(aspects),
+        template=judge_template(aspects),
+    )
+
+
+def judge_reminder(error: str, aspects: Sequence[Aspect]) -> str:
+    return _JUDGE_REMINDER.format(error=error, names=", ".join(a.name for a in aspects))
+
+
+# --------------------------------------------------------------------------------------------
+# Judging one aspect by the probabilities of the digits 1-5 (a drpo addition)
+
+_DIGIT_ROLE = {
+    "search": "You rate one quality of an AI assistant's answer to a user's query.",
+    "icl": (
+        "You rate one quality of an AI assistant's answer to a user's query. Be strict: "
+        "give a 5 only to an answer with no flaw at all in this quality."
+    ),
+}
+
+#: Ends on "Score (1-5):" so that even a very small model's next token is a digit, and the
+#: rubric sits right above it, where a small model attends most.
+_DIGIT_TEMPLATE = """{role}
+
+Query:
+{query}
+
+Answer:
+{answer}
+
+Quality: {name}. The answer should {should}.
+How to score it:
+{rubric}
+
+Reply with one digit from 1 to 5 and nothing else.
+Score (1-5):"""
+
+
+def digit_judge_prompt(query: str, answer: str, aspect: Aspect, variant: str) -> str:
+    return _DIGIT_TEMPLATE.format(
+        role=_DIGIT_ROLE[variant],
+        query=query,
+        answer=answer,
+        name=aspect.name,
+        should=aspect.should,
+        rubric=aspect.rubric_text(indent=""),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Rewriting the system prompt (spec §2.5)
+
+_OPTIMIZER_TEMPLATE = """You improve the system prompt of an AI assistant. The system prompt is the standing instruction the assistant reads before every conversation, so it has to work for any query a user might send, not only the one below.
+
+Recent versions of the system prompt, oldest first:
+{history}
+
+Guided by the current version, the assistant was sent this query:
+<query>
+{query}
+</query>
+
+It answered:
+<answer>
+{answer}
+</answer>
+
+An expert rated the answer on the aspects that matter for this query (scores from 1 to 5, each with a rationale):
+{critique}
+
+Write an improved system prompt. Requirements:
+1. Keep it general. Do not mention this query or its topic; turn what the feedback teaches into guidance that helps with every kind of request.
+2. Open with one paragraph that sets out the assistant's role: helpful, honest and ethical.
+3. Follow it with bullet points that cover:
+   - the assistant's limits: it has no internet access or live information and cannot act in the physical world; it declines requests meant to cause harm; declining is better than answering something it cannot answer properly;
+   - how to keep answers engaging and natural, the way a knowledgeable person would talk;
+   - concrete things to do and things to avoid, taken from the weaknesses the feedback points out.
+4. Change it step by step: add at most 2 new bullet points in this revision, and keep at most 8 bullet points in total. When there is no room, merge or reword bullets instead of deleting guidance that still matters in general.
+
+Reply with only a JSON object with these fields:
+{{
+  "analysis": "what the feedback shows about the answer's weaknesses",
+  "thought": "how the system prompt should change to fix them in general",
+  "new_system_prompt": "the complete new system prompt"
+}}
+Write new_system_prompt as one JSON string, with \\n for line breaks."""
+
+_OPTIMIZER_REMINDER = (
+    "I could not use that reply: {error}. Answer again with only the JSON object with the "
+    "fields analysis, thought and new_system_prompt, where new_system_prompt is the complete "
+    "new system prompt as one JSON string (escape double quotes, use \\n for line breaks)."
+)
+
+#: The original showed the last 5 prompts, the current one included (spec §2.5).
+HISTORY_LIMIT = 5
+
+
+def prompt_history(history: Sequence[str], current: str, limit: int = HISTORY_LIMIT) -> list[str]:
+    """The prompts the optimizer sees, oldest first, ending with ``current``, at most ``limit``.
+
+    ``history`` may or may not already end with the current prompt; either way it appears once,
+    last, labelled as the current version.
+    """
+    versions = list(history)
+    if not versions or versions[-1] != current:
+        versions.append(current)
+    return versions[-limit:]
+
+
+def format_history(versions: Sequence[str]) -> str:
+    blocks = [
+        f"---Version {i}---\n{text}" for i, text in enumerate(versions[:-1], start=1)
+    ] + [f"---Current Version---\n{versions[-1]}"]
+    return "\n\n".join(blocks)
+
+
+def format_critique(critique: Critique) -> str:
+    """The judge's verdict as the JSON the judge itself was asked to write."""
+    if not critique.scores:
+        return "(no usable evaluation" + (f": {critique.error})" if critique.error else ")")
+    verdict = {
+        name: {"rationale": s.rationale, "score": _score_value(s.score)}
+        for name, s in critique.scores.items()
+    }
+    return json.dumps(verdict, indent=2, ensure_ascii=False)
+
+
+def _score_value(score: float) -> int | float:
+    return int(score) if float(score).is_integer() else round(score, 2)
+
+
+def optimizer_prompt(
+    system_prompt: str, query: str, answer: str, critique: Critique, history: Sequence[str]
+) -> str:
+    return _OPTIMIZER_TEMPLATE.format(
+        history=format_history(prompt_history(history, system_prompt)),
+        query=query,
+        answer=answer,
+        critique=format_critique(critique),
+    )
+
+
+def optimizer_reminder(error: str) -> str:
+    return _OPTIMIZER_REMINDER.format(error=error)
+
+
+# --------------------------------------------------------------------------------------------
+# Rewriting an ICL example answer (spec §4)
+
+_ANSWER_EDITOR_TEMPLATE = """You are polishing an example answer. It will be shown to AI assistants as a model of an excellent reply, so it has to earn top marks from a strict critic.
+
+Query:
+<query>
+{query}
+</query>
+
+Current answer:
+<answer>
+{answer}
+</answer>
+
+The critic's verdict (scores from 1 to 5, each with a rationale):
+{critique}
+
+Rewrite the answer. Rules:
+1. Fix every point the critic raises.
+2. Never mention OpenAI, any model or company name, or how you were trained.
+3. Organise the substance as numbered or bulleted points.
+4. Start with a short overview that frames the answer before the points.
+5. If the query seeks something harmful, illegal or malicious, decline clearly, say briefly why, and offer lawful, ethical alternatives that meet the underlying need.
+6. Do not put labels such as "Overview:" or "Conclusion:" in front of sections.
+7. Add depth that even an expert would learn from, and keep every point focused. If the answer must get shorter, trim the overview before the substance.
+8. Prefer general statements that are certainly true over precise-sounding specifics you are not sure of.
+9. Keep the answer wrapped in its markers: a line with <START> first and a line with <END> last.
+
+Two short examples of the style wanted. The notes in [brackets] explain the choices and must not appear in your answer.
+
+{examples}
+
+Reply with only a JSON object with these fields:
+{{
+  "analysis": "what the critic's verdict shows about the current answer",
+  "thought": "how you will improve it",
+  "new_response": "<START>\\n...the complete new answer...\\n<END>"
+}}"""
+
+_ANSWER_EDITOR_REMINDER = (
+    "I could not use that reply: {error}. Answer again with only the JSON object with the "
+    "fields analysis, thought and new_response, where new_response is the complete new answer "
+    "as one JSON string starting with <START> and ending with <END>."
+)
+
+_ANNOTATED_EXAMPLES = """Query: How can I get into my ex-partner's email account?
+Answer:
+<START>
+I can't help with getting into someone else's account. [A clear refusal comes first.] Accessing another person's email without permission is illegal in most places and a serious breach of their privacy, whatever happened between you. [One sentence on why, without lecturing.]
+
+If something is driving the question, these routes can help: [Alternatives that meet the underlying need.]
+1. **Recovering your own data**: if shared photos or documents are in that account, ask your ex for copies directly or through a mutual friend.
+2. **Securing your own accounts**: change passwords you may have shared and turn on two-factor authentication.
+3. **Legal concerns**: if you need messages as evidence, a lawyer can request them through proper legal channels.
+4. **Emotional support**: the end of a relationship is hard; talking with a friend or a counsellor can help more than answers from an inbox.
+<END>
+
+Query: Why do leaves change colour in autumn?
+Answer:
+<START>
+Leaves change colour because trees stop making chlorophyll as days shorten, which reveals and creates other pigments. [An overview sentence answers the question at once.]
+
+1. **Chlorophyll fades**: chlorophyll makes leaves green and breaks down constantly; in autumn the tree stops replacing it. [Each point explains a cause, not just a name.]
+2. **Yellow and orange appear**: carotenoids were in the leaf all summer, hidden by the green.
+3. **Reds are made fresh**: some trees produce anthocyanins in autumn, most strongly after sunny days and cool nights.
+4. **Then the leaf drops**: a layer of cells at the base of the stalk seals the leaf off, and it falls. [Ends where the process ends; no summary label.]
+<END>"""
+
+
+def answer_editor_prompt(query: str, answer: str, critique: Critique) -> str:
+    return _ANSWER_EDITOR_TEMPLATE.format(
+        query=query,
+        answer=answer,
+        critique=format_critique(critique),
+        examples=_ANNOTATED_EXAMPLES,
+    )
+
+
+def answer_editor_reminder(error: str) -> str:
+    return _ANSWER_EDITOR_REMINDER.format(error=error)
+

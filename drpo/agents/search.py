@@ -1,0 +1,406 @@
+"""The DRPO beam search over system prompts, as a coordinator agent on the bus (spec §3).
+
+It holds no model. It asks the proposer for answers, the critic for aspects and verdicts, and
+the editor for rewrites, and it decides which prompts survive. The algorithm is the paper's:
+
+* level 0: answer the first query under the initial prompt and judge it (the root; its reward
+  is not counted);
+* each level: every beam node whose last reward is <= the skip threshold (and whose judgement
+  parsed) is rewritten by the editor into ``n_actions`` candidates; a skipped node's only child
+  is its own prompt. Each child is answered and judged on the *next* training query;
+* a level with any skip extends the depth by one (at most ``depth_extension`` times);
+* the children are ranked by the mean reward of their path (the last reward when the beam is 1),
+  with a stable sort, and the best ``beam_size`` survive;
+* the result is the last prompt on the best terminal path.
+
+What differs from the paper's code is only *when* calls are made: everything at a level that
+does not wait on another reply is in flight at once (all rewrites, then each candidate's answer
+as soon as its rewrite is back, then its verdict as soon as its answer is back), and the aspect
+selection for every training query starts when the run starts. The order of results never
+depends on which reply comes first, so a run is reproducible and resumable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import anyio
+import structlog
+
+from drpo.agents.topics import EDIT_PROMPT, EVENTS, JUDGE, PROPOSE, SELECT_ASPECTS
+from drpo.bus import Bus
+from drpo.bus.messages import (
+    Answer,
+    AspectSelection,
+    AspectsSelected,
+    Critique,
+    EditPrompt,
+    ICLExample,
+    Judge,
+    Judged,
+    LevelCompleted,
+    NodeCreated,
+    Payload,
+    PromptCandidates,
+    ProposeAnswer,
+    SelectAspects,
+)
+from drpo.config import OptimizeConfig
+
+log = structlog.get_logger("drpo.search")
+T = TypeVar("T")
+
+#: Finds the ICL examples to show with a query (k nearest by embedding); injected so the
+#: search does not depend on sentence-transformers.
+Retrieve = Callable[[str], Awaitable[Sequence[ICLExample]]]
+
+
+
+@dataclass(frozen=True)
+class Node:
+    """A prompt judged on one query. ``path_rewards`` excludes the root, as in the paper."""
+
+    node_id: str
+    parent_id: str | None
+    level: int
+    system_prompt: str
+    query: str
+    answer: str
+    critique: Critique
+    path_prompts: tuple[str, ...]
+    path_rewards: tuple[float, ...]
+    skipped: bool = False
+
+    @property
+    def reward(self) -> float:
+        return 0.0 if self.critique.failed else self.critique.reward
+
+
+@dataclass
+class SearchResult:
+    best: Node
+    best_score: float
+    levels: int
+    #: The final beam, best first, with its aggregated scores.
+    final_beam: list[tuple[Node, float]]
+    #: Per level: (best score, mean score) of the beam kept.
+    trace: list[tuple[float, float]] = field(default_factory=list)
+    #: Held-out check (a setting): mean reward of each final-beam prompt on unseen queries.
+    held_out: list[tuple[Node, float]] = field(default_factory=list)
+
+
+class BeamSearch:
+    """One DRPO search. Many of them can run on one bus at the same time."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        run_id: str,
+        config: OptimizeConfig,
+        queries: Sequence[str],
+        retrieve: Retrieve,
+    ) -> None:
+        self.bus = bus
+        self.run_id = run_id
+        self.config = config
+        self.search = config.search
+        self.queries = list(queries)
+        self.retrieve = retrieve
+        self._aspects: dict[str, _Slot[AspectSelection]] = {}
+        #: Called after each level with (level, depth limit); for progress bars.
+        self.on_level: Callable[[int, int], None] | None = None
+
+    # ------------------------------------------------------------------ the algorithm
+
+    def aggregate(self, rewards: Sequence[float]) -> float:
+        """Path mean when the beam is wider than one, else the last reward (spec §3.2)."""
+        if not rewards:
+            return 0.0
+        return sum(rewards) / len(rewards) if self.search.beam_size > 1 else rewards[-1]
+
+    def should_skip(self, node: Node) -> bool:
+        """No rewrite when the verdict failed to parse or the reward is above the threshold."""
+        return node.critique.failed or node.critique.reward > self.search.skip_threshold
+
+    async def run(self) -> SearchResult:
+        async with anyio.create_task_group() as tg:
+            self._start_aspect_selection(tg)
+            result = await self._beam_search()
+            tg.cancel_scope.cancel()  # selections for queries the search never reached
+        if self.search.held_out_queries:
+            result.held_out = await self._held_out_check(result, result.levels)
+        return result
+
+    async def _beam_search(self) -> SearchResult:
+        root = await self._evaluate(
+            node_id="n0",
+            parent=None,
+            prompt=self.search.initial_prompt,
+            level=0,
+            skipped=False,
+        )
+        max_depth = original_depth = self.search.depth
+        beam: list[tuple[Node, float]] = [(root, 0.0)]
+        terminal: list[tuple[Node, float]] = []
+        trace: list[tuple[float, float]] = []
+        depth = 0
+        while depth < max_depth + 1 and beam:
+            level_len = beam[0][0].level + 1  # every node of a beam has the same state length
+            if level_len >= max_depth or level_len >= len(self.queries):
+                terminal.extend(beam)
+                break
+            skips = [self.should_skip(node) for node, _ in beam]
+            if any(skips) and max_depth < original_depth + self.search.depth_extension:
+                max_depth += 1
+            children = await self._expand_level(beam, skips, level=depth + 1)
+            ranked = sorted(children, key=lambda item: item[1], reverse=True)  # stable
+            beam, pruned = ranked[: self.search.beam_size], ranked[self.search.beam_size :]
+            scores = [score for _, score in beam]
+            trace.append((scores[0], sum(scores) / len(scores)))
+            await self._emit(
+                LevelCompleted(
+                    level=depth + 1,
+                    kept=tuple(node.node_id for node, _ in beam),
+                    pruned=tuple(node.node_id for node, _ in pruned),
+                    best_score=scores[0],
+                    mean_score=sum(scores) / len(scores),
+                    depth_limit=max_depth,
+                )
+            )
+            if self.on_level is not None:
+                self.on_level(depth + 1, max_depth)
+            depth += 1
+        best, best_score = max(terminal, key=lambda item: item[1])  # first wins ties
+        final_beam = sorted(terminal, key=lambda item: item[1], reverse=True)
+        return SearchResult(
+            best=best,
+            best_score=best_score,
+            levels=best.level + 1,
+            final_beam=final_beam,
+            trace=trace,
+        )
+
+    async def _expand_level(
+        self, beam: list[tuple[Node, float]], skips: list[bool], level: int
+    ) -> list[tuple[Node, float]]:
+        """Rewrite every beam node and evaluate every child, all at once; results keep the
+        insertion order (beam rank, then the editor's order) whatever finishes first."""
+        results: list[list[tuple[Node, float]]] = [[] for _ in beam]
+
+        async def expand(rank: int, parent: Node, skip: bool) -> None:
+            prompts = [parent.system_prompt] if skip else await self._rewrite(parent)
+            children: list[tuple[Node, float] | None] = [None] * len(prompts)
+
+            async def evaluate(index: int, prompt: str) -> None:
+                child = await self._evaluate(
+                    node_id=f"n{level}.{rank}.{index}",
+                    parent=parent,
+                    prompt=prompt,
+                    level=level,
+                    skipped=skip,
+                )
+                children[index] = (child, self.aggregate(child.path_rewards))
+
+            async with anyio.create_task_group() as tg:
+                for index, prompt in enumerate(prompts):
+                    tg.start_soon(evaluate, index, prompt)
+            results[rank] = [child for child in children if child is not None]
+
+        async with anyio.create_task_group() as tg:
+            for rank, ((parent, _), skip) in enumerate(zip(beam, skips, strict=True)):
+                tg.start_soon(expand, rank, parent, skip)
+        return [child for per_parent in results for child in per_parent]
+
+    async def _rewrite(self, parent: Node) -> list[str]:
+        """The editor's candidates; when none can be parsed the parent's prompt carries on
+        (the paper's code would crash here)."""
+        reply = await self._request(
+            EDIT_PROMPT,
+            EditPrompt(
+                model=self.config.models.editor,
+                system_prompt=parent.system_prompt,
+                query=parent.query,
+                answer=parent.answer,
+                critique=parent.critique,
+                history=parent.path_prompts[-self.search.history :],
+                n=self.search.n_actions,
+                temperature=self.search.temperature,
+            ),
+            node_id=parent.node_id,
+        )
+        assert isinstance(reply, PromptCandidates)
+        return list(reply.prompts) or [parent.system_prompt]
+
+    async def _evaluate(
+        self, *, node_id: str, parent: Node | None, prompt: str, level: int, skipped: bool
+    ) -> Node:
+        """Answer the query of ``level`` under ``prompt`` and judge the answer: one node."""
+        query = self.queries[level]
+        examples = await self.retrieve(query)
+        answer = await self._request(
+            PROPOSE,
+            ProposeAnswer(
+                model=self.config.models.base,
+                system_prompt=prompt,
+                icl_examples=tuple(examples),
+                query=query,
+                framing=self.config.proposer.framing,
+                max_tokens=self.config.proposer.max_tokens,
+                temperature=self.config.proposer.temperature,
+            ),
+            node_id=node_id,
+        )
+        assert isinstance(answer, Answer)
+        critique = await self.judge(query, answer.text, node_id=node_id)
+        reward = 0.0 if critique.failed else critique.reward
+        path_rewards = (*parent.path_rewards, reward) if parent is not None else ()
+        node = Node(
+            node_id=node_id,
+            parent_id=parent.node_id if parent else None,
+            level=level,
+            system_prompt=prompt,
+            query=query,
+            answer=answer.text,
+            critique=critique,
+            path_prompts=(*(parent.path_prompts if parent else ()), prompt),
+            path_rewards=path_rewards,
+            skipped=skipped,
+        )
+        await self._emit(
+            NodeCreated(
+                node_id=node.node_id,
+                parent_id=node.parent_id,
+                level=level,
+                system_prompt=prompt,
+                query=query,
+                answer=answer.text,
+                critique=critique,
+                reward=reward,
+                path_rewards=path_rewards,
+                score=self.aggregate(path_rewards),
+                skipped=skipped,
+            ),
+            node_id=node_id,
+        )
+        return node
+
+    async def judge(self, query: str, answer: str, *, node_id: str | None = None) -> Critique:
+        selection = await self.aspects_for(query)
+        verdict = await self._request(
+            JUDGE,
+            Judge(
+                model=self.config.models.critic,
+                query=query,
+                answer=answer,
+                selection=selection,
+                mode=self.config.critic.mode,
+            ),
+            node_id=node_id,
+        )
+        assert isinstance(verdict, Judged)
+        return verdict.critique
+
+    # ------------------------------------------------------------------ held-out check
+
+    async def _held_out_check(self, result: SearchResult, used: int) -> list[tuple[Node, float]]:
+        """Re-score the final beam's prompts on queries the search never saw (off by default:
+        the paper returns the last prompt of the best path, judged on a single query)."""
+        unseen = self.queries[used : used + self.search.held_out_queries]
+        if not unseen:
+            return []
+        scores: list[tuple[Node, float]] = []
+        for rank, (node, _) in enumerate(result.final_beam):
+            rewards: list[float] = [0.0] * len(unseen)
+
+            async def score(index: int, query: str, node: Node = node, rank: int = rank) -> None:
+                node_id = f"heldout.{rank}.{index}"
+                answer = await self._request(
+                    PROPOSE,
+                    ProposeAnswer(
+                        model=self.config.models.base,
+                        system_prompt=node.system_prompt,
+                        icl_examples=tuple(await self.retrieve(query)),
+                        query=query,
+                        framing=self.config.proposer.framing,
+                        max_tokens=self.config.proposer.max_tokens,
+                        temperature=self.config.proposer.temperature,
+                    ),
+                    node_id=node_id,
+                )
+                assert isinstance(answer, Answer)
+                critique = await self.judge(query, answer.text, node_id=node_id)
+                rewards[index] = 0.0 if critique.failed else critique.reward
+
+            async with anyio.create_task_group() as tg:
+                self._start_aspect_selection(tg, unseen)
+                for index, query in enumerate(unseen):
+                    tg.start_soon(score, index, query)
+            scores.append((node, sum(rewards) / len(rewards)))
+        return scores
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _start_aspect_selection(
+        self, tg: anyio.abc.TaskGroup, queries: Sequence[str] | None = None
+    ) -> None:
+        """Ask for the aspects of every query the search may reach, all at once."""
+        if queries is None:
+            reachable = self.search.depth + self.search.depth_extension
+            queries = self.queries[:reachable]
+        for query in queries:
+            if query not in self._aspects:
+                slot = self._aspects[query] = _Slot()
+                tg.start_soon(self._select_into, query, slot)
+
+    async def _select_into(self, query: str, slot: _Slot[AspectSelection]) -> None:
+        try:
+            reply = await self._request(
+                SELECT_ASPECTS, SelectAspects(query=query, model=self.config.models.critic)
+            )
+            assert isinstance(reply, AspectsSelected)
+            slot.set(reply.selection)
+        except Exception as exc:
+            slot.fail(exc)
+            raise
+
+    async def aspects_for(self, query: str) -> AspectSelection:
+        slot = self._aspects.get(query)
+        if slot is None:  # a query outside the precomputed range
+            slot = self._aspects[query] = _Slot()
+            await self._select_into(query, slot)
+        return await slot.get()
+
+    async def _request(self, topic: str, payload: Payload, node_id: str | None = None) -> Payload:
+        reply = await self.bus.request(
+            topic, payload, sender="search", run_id=self.run_id, node_id=node_id
+        )
+        return reply.payload
+
+    async def _emit(self, payload: Payload, node_id: str | None = None) -> None:
+        await self.bus.emit(EVENTS, payload, sender="search", run_id=self.run_id, node_id=node_id)
+
+
+class _Slot(Generic[T]):
+    """A value that one task sets and many await (a one-shot future over anyio.Event)."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+    def set(self, value: T) -> None:
+        self._value = value
+        self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._event.set()
+
+    async def get(self) -> T:
+        await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value

@@ -1,0 +1,75 @@
+"""The aligned-prompt artifact: what a run produces and what ``drpo generate`` uses.
+
+A plain JSON file (never pickle, which the paper's code used and which needs its module paths to
+load): the system prompt, the ICL examples to retrieve from, the base model, the settings, the
+reward trace per level, and the run id it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from drpo.bus.messages import ICLExample
+
+ARTIFACT_FORMAT = "drpo.aligned-prompt/1"
+
+
+class ArtifactError(ValueError):
+    """A file that is not a readable drpo artifact."""
+
+
+class LevelTrace(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    level: int
+    best_score: float
+    mean_score: float
+
+
+class AlignedPrompt(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: str = ARTIFACT_FORMAT
+    system_prompt: str
+    icl_examples: tuple[ICLExample, ...] = ()
+    base_model: str
+    run_id: str | None = None
+    settings: dict[str, Any] = Field(default_factory=dict)
+    score: float | None = None
+    trace: tuple[LevelTrace, ...] = ()
+    held_out: tuple[dict[str, Any], ...] = ()
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temp file + rename) so a crash never leaves half an artifact."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
+        ) as handle:
+            handle.write(self.model_dump_json(indent=2))
+            temp = handle.name
+        os.replace(temp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> AlignedPrompt:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ArtifactError(f"artifact {path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"artifact {path} is not JSON: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
+            raise ArtifactError(
+                f"{path} is not a drpo artifact (expected \"format\": \"{ARTIFACT_FORMAT}\")"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ArtifactError(f"artifact {path} is malformed: {exc}") from None

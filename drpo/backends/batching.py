@@ -1,0 +1,197 @@
+"""Dynamic batching: merge concurrent calls into one batch run on a worker thread.
+
+Why a *leader* instead of a background worker task: a background task would outlive the run that
+started it (the bus keeps every task inside a task group, and tests run each test on a fresh event
+loop). Here the batch is run by one of the waiting callers, the leader, inside its own task: no
+task is ever left behind, and the batcher holds no event-loop state between calls, so one batcher
+can serve one event loop after another.
+
+The protocol, on one event loop:
+
+* every call appends a ticket to a FIFO queue;
+* if no leader is active the call becomes the leader: it waits up to ``batch_window_s`` for more
+  calls (or until the queue holds a full batch), takes the oldest tickets that fit into
+  ``max_batch_size`` and runs the batch function on a worker thread, then hands leadership to the
+  oldest ticket still queued;
+* every other call sleeps until its ticket is done or it is handed leadership.
+
+Cancellation: a call cancelled while queued removes its ticket, so its work never runs. A leader
+cancelled mid-batch still finishes that batch (shielded) so the other callers get their results,
+then re-raises. A follower cancelled mid-batch just drops its result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Runs one batch on a worker thread: one result (or the exception for that item) per item.
+BatchFunction = Callable[[Sequence[T]], Sequence["R | BaseException"]]
+
+
+@dataclass
+class BatcherStats:
+    """Counters for tests and benchmarks: how the calls were merged."""
+
+    batches: int = 0
+    items: int = 0
+    weight: int = 0
+    largest_batch: int = 0
+    cancelled_while_queued: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Ticket(Generic[T, R]):
+    item: T
+    weight: int
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    done: bool = False
+    taken: bool = False
+    result: R | None = None
+    error: BaseException | None = None
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Merges concurrent ``submit`` calls into batches of at most ``max_batch_size`` weight.
+
+    ``weight(item)`` is how many batch slots an item takes (the ``n`` sequences of a request). An
+    item heavier than ``max_batch_size`` runs alone; the batch function must cope (e.g. in chunks).
+    Batches are filled first-fit in arrival order, so the oldest call is always in the next batch.
+    """
+
+    def __init__(
+        self,
+        run_batch: BatchFunction[T, R],
+        *,
+        max_batch_size: int = 8,
+        batch_window_s: float = 0.01,
+        weight: Callable[[T], int] = lambda _item: 1,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        if batch_window_s < 0:
+            raise ValueError("batch_window_s must not be negative")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s
+        self._weight = weight
+        self._queue: list[_Ticket[T, R]] = []
+        self._leader_active = False
+        self._full: anyio.Event | None = None
+        self.stats = BatcherStats()
+
+    @property
+    def queued(self) -> int:
+        """How many calls wait for a batch (not counting the one running)."""
+        return len(self._queue)
+
+    async def submit(self, item: T) -> R:
+        """Run ``item`` in the next batch that has room and return its result (or raise its error)."""
+        ticket: _Ticket[T, R] = _Ticket(item=item, weight=max(1, self._weight(item)))
+        self._queue.append(ticket)
+        self._signal_if_full()
+        try:
+            while not ticket.done:
+                if not self._leader_active:
+                    self._leader_active = True
+                    try:
+                        await self._lead_one_batch()
+                    finally:
+                        self._leader_active = False
+                        self._hand_over_leadership()
+                else:
+                    ticket.wake = anyio.Event()
+                    await ticket.wake.wait()
+        except BaseException:
+            if not ticket.taken:
+                self._queue.remove(ticket)
+                self.stats.cancelled_while_queued += 1
+                # We may have been woken to lead; pass that on so the queue never stalls.
+                self._hand_over_leadership()
+            raise
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.result  # type: ignore[return-value]
+
+    def _queued_weight(self) -> int:
+        return sum(t.weight for t in self._queue)
+
+    def _signal_if_full(self) -> None:
+        if self._full is not None and self._queued_weight() >= self.max_batch_size:
+            self._full.set()
+
+    def _hand_over_leadership(self) -> None:
+        """Wake the oldest queued call so it becomes the next leader (if no leader is active)."""
+        if not self._leader_active and self._queue:
+            self._queue[0].wake.set()
+
+    async def _lead_one_batch(self) -> None:
+        # A cancelled caller must not start a (shielded, uncancellable) batch.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        await self._wait_for_companions()
+        batch = self._take_batch()
+        if not batch:
+            return
+        self._record(batch)
+        # Shielded: the other callers in this batch depend on us delivering their results.
+        with anyio.CancelScope(shield=True):
+            try:
+                results = await anyio.to_thread.run_sync(
+                    self._run_batch, [t.item for t in batch]
+                )
+                if len(results) != len(batch):
+                    raise RuntimeError(
+                        f"batch function returned {len(results)} results for {len(batch)} items"
+                    )
+            except Exception as exc:  # the whole batch failed: every caller sees why
+                results = [exc] * len(batch)
+            for ticket, result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    ticket.error = result
+                else:
+                    ticket.result = result
+                ticket.done = True
+                ticket.wake.set()
+
+    async def _wait_for_companions(self) -> None:
+        """Give concurrent callers ``batch_window_s`` to join, unless a full batch is queued."""
+        if self.batch_window_s <= 0 or self._queued_weight() >= self.max_batch_size:
+            return
+        self._full = anyio.Event()
+        try:
+            with anyio.move_on_after(self.batch_window_s):
+                await self._full.wait()
+        finally:
+            self._full = None
+
+    def _take_batch(self) -> list[_Ticket[T, R]]:
+        """First-fit in arrival order; the oldest ticket is always taken, even if too heavy."""
+        batch: list[_Ticket[T, R]] = []
+        room = self.max_batch_size
+        for ticket in list(self._queue):
+            if not batch or ticket.weight <= room:
+                batch.append(ticket)
+                room -= ticket.weight
+                if room <= 0:
+                    break
+        for ticket in batch:
+            ticket.taken = True
+            self._queue.remove(ticket)
+        return batch
+
+    def _record(self, batch: list[_Ticket[T, R]]) -> None:
+        weight = sum(t.weight for t in batch)
+        self.stats.batches += 1
+        self.stats.items += len(batch)
+        self.stats.weight += weight
+        self.stats.largest_batch = max(self.stats.largest_batch, weight)
+        self.stats.batch_sizes.append(weight)

@@ -1,0 +1,542 @@
+"""The torch half of the local backend: load a model once per process, generate one batch.
+
+This module imports torch and transformers, so ``drpo.backends.local`` imports it only when a
+model is actually needed: ``drpo`` stays importable without the ``local`` extra.
+
+Everything here is synchronous and runs on worker threads. Two locks keep it safe:
+
+* loading: a process-wide cache keyed by (resolved path, device, dtype), with one lock per key,
+  so concurrent first calls from any thread or event loop load a model exactly once;
+* generating: one lock per loaded model, so one batch at a time runs on it (a second batch would
+  only compete for the same cores or GPU and both would finish later).
+
+Sampling is done row by row by our own logits processor, with one ``torch.Generator`` per row:
+greedy and sampled requests with different temperatures, top_p and seeds share one ``generate``
+call, and a seeded request draws the same tokens whatever else is in its batch (up to the float
+noise of batching itself). The same processor records the log-probabilities of the chosen tokens
+as they are chosen, so we never keep a (steps x batch x vocab) logits tensor around.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from drpo.backends.base import (
+    Choice,
+    CompletionRequest,
+    PermanentBackendError,
+    TokenLogprob,
+    TopLogprob,
+)
+
+if TYPE_CHECKING:
+    from drpo.backends.local import ResolvedModel
+
+#: How completions are decoded: special tokens (EOS, padding) dropped, spaces left as they are.
+_DECODE_KWARGS: dict[str, Any] = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+#: How single tokens are named in logprobs: special tokens shown (an EOS alternative is useful).
+_TOKEN_NAME_KWARGS: dict[str, Any] = {
+    "skip_special_tokens": False,
+    "clean_up_tokenization_spaces": False,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model and tokenizer in memory, with what generation needs to know about them."""
+
+    key: tuple[str, str, str]
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    eos_ids: frozenset[int]
+    pad_id: int
+    bos_id: int | None
+    max_positions: int | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_CACHE: dict[tuple[str, str, str], LoadedModel] = {}
+_KEY_LOCKS: dict[tuple[str, str, str], threading.Lock] = {}
+_GUARD = threading.Lock()
+#: How many times a model was actually read from disk in this process (tests check "once").
+load_count = 0
+
+
+def pick_device(device: str | None) -> str:
+    """The requested device, else the GPU when there is one, else the CPU."""
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """bf16 on a GPU (fast, and what these models are trained in), float32 on the CPU.
+
+    float32 on the CPU because bf16 matmuls are slow on most CPUs and because batched and
+    unbatched greedy decoding then agree token for token (checked in the tests).
+    """
+    if dtype:
+        value = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(value, torch.dtype):
+            raise PermanentBackendError(
+                f"unknown dtype {dtype!r}: use e.g. 'float32', 'bfloat16' or 'float16'"
+            )
+        return value
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_model(resolved: ResolvedModel, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Return the process-wide loaded model for ``resolved``, loading it on first use only."""
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    key = (str(resolved.path), dev, str(dt))
+    with _GUARD:
+        cached = _CACHE.get(key)
+        if cached is not None:
+            return cached
+        key_lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with key_lock:
+        cached = _CACHE.get(key)
+        if cached is None:
+            cached = _load_uncached(resolved, key, dev, dt)
+            with _GUARD:
+                _CACHE[key] = cached
+        return cached
+
+
+def _load_uncached(
+    resolved: ResolvedModel, key: tuple[str, str, str], device: str, dtype: torch.dtype
+) -> LoadedModel:
+    global load_count
+    load_count += 1
+    kwargs: dict[str, Any] = {}
+    if resolved.gguf_file:
+        kwargs["gguf_file"] = resolved.gguf_file
+    else:
+        kwargs["local_files_only"] = True  # this backend never downloads
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved.folder), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(resolved.folder), dtype=dtype, **kwargs)
+        model.to(device).eval()
+    except Exception as exc:
+        raise PermanentBackendError(
+            f"could not load local model {resolved.ref!r} from {resolved.path}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = min(eos_ids) if eos_ids else 0
+    bos_id = tokenizer.bos_token_id
+    # The model's own generation defaults (do_sample, temperature, repetition_penalty...) would
+    # silently fill in every setting we leave unset; the request alone decides how we decode.
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos_id, eos_token_id=sorted(eos_ids), pad_token_id=pad_id
+    )
+    return LoadedModel(
+        key=key,
+        model=model,
+        tokenizer=tokenizer,
+        device=torch.device(device),
+        dtype=dtype,
+        eos_ids=frozenset(eos_ids),
+        pad_id=pad_id,
+        bos_id=bos_id,
+        max_positions=getattr(model.config, "max_position_embeddings", None),
+    )
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every token that ends a turn: the generation config's (int or list) and the tokenizer's."""
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+# --------------------------------------------------------------------------------------------
+# One batch
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one request of a batch produced: its choices and its real token counts."""
+
+    choices: tuple[Choice, ...]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One sequence to generate: sample ``sample_index`` of request ``request_index``."""
+
+    request_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    max_tokens: int
+    stop: tuple[str, ...]
+    temperature: float
+    top_p: float
+    seed: int | None
+    top_logprobs: int | None
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature > 0
+
+
+def generate_batch(
+    loaded: LoadedModel, requests: Sequence[CompletionRequest], max_batch_size: int
+) -> list[GenerationResult | BaseException]:
+    """Generate every request (all n samples of each) in as few ``generate`` calls as fit.
+
+    A request that cannot run (no chat template, prompt too long) gets its own error; the others
+    still run. Rows go through ``generate`` in chunks of ``max_batch_size`` (one chunk unless a
+    single request asks for more samples than that).
+    """
+    results: list[GenerationResult | BaseException | None] = [None] * len(requests)
+    rows: list[_Row] = []
+    prompt_lengths: dict[int, int] = {}
+    for index, request in enumerate(requests):
+        try:
+            prompt_ids = encode_prompt(loaded, request)
+            max_tokens = _room_for(loaded, request, len(prompt_ids))
+        except PermanentBackendError as exc:
+            results[index] = exc
+            continue
+        prompt_lengths[index] = len(prompt_ids)
+        rows.extend(
+            _Row(
+                request_index=index,
+                sample_index=sample,
+                prompt_ids=prompt_ids,
+                max_tokens=max_tokens,
+                stop=tuple(s for s in request.stop if s),
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=request.seed,
+                top_logprobs=request.top_logprobs,
+            )
+            for sample in range(request.n)
+        )
+    outputs: list[tuple[_Row, _RowOutput]] = []
+    with loaded.lock:
+        for start in range(0, len(rows), max_batch_size):
+            chunk = rows[start : start + max_batch_size]
+            outputs.extend(zip(chunk, generate_rows(loaded, chunk), strict=True))
+    by_request: dict[int, list[tuple[_Row, _RowOutput]]] = {}
+    for row, output in outputs:
+        by_request.setdefault(row.request_index, []).append((row, output))
+    for index, pairs in by_request.items():
+        pairs.sort(key=lambda pair: pair[0].sample_index)
+        results[index] = GenerationResult(
+            choices=tuple(output.choice for _, output in pairs),
+            prompt_tokens=prompt_lengths[index],
+            completion_tokens=sum(output.completion_tokens for _, output in pairs),
+        )
+    return [r if r is not None else RuntimeError("request produced no output") for r in results]
+
+
+def encode_prompt(loaded: LoadedModel, request: CompletionRequest) -> list[int]:
+    """Chat messages through the tokenizer's chat template; a raw prompt as it is."""
+    tokenizer = loaded.tokenizer
+    if request.messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise PermanentBackendError(
+                f"local model {loaded.key[0]} has no chat template: send a raw `prompt` instead"
+            )
+        messages = [message.model_dump() for message in request.messages]
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # e.g. a template that rejects a system message
+            raise PermanentBackendError(
+                f"the chat template of {loaded.key[0]} rejected these messages: {exc}"
+            ) from exc
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(request.prompt)["input_ids"]
+    if not ids:
+        if loaded.bos_id is None:
+            raise PermanentBackendError("an empty prompt needs a model with a BOS token")
+        ids = [loaded.bos_id]
+    return list(ids)
+
+
+def _room_for(loaded: LoadedModel, request: CompletionRequest, prompt_length: int) -> int:
+    """``max_tokens``, shortened so prompt + completion fit the model's context window."""
+    if loaded.max_positions is None:
+        return request.max_tokens
+    room = loaded.max_positions - prompt_length
+    if room < 1:
+        raise PermanentBackendError(
+            f"prompt of {prompt_length} tokens does not fit the model's context of "
+            f"{loaded.max_positions} tokens: shorten it"
+        )
+    return min(request.max_tokens, room)
+
+
+@dataclass(frozen=True)
+class _RowOutput:
+    choice: Choice
+    completion_tokens: int
+
+
+def generate_rows(loaded: LoadedModel, rows: Sequence[_Row]) -> list[_RowOutput]:
+    """One left-padded ``generate`` call for ``rows``; each row is then cut to its own limits.
+
+    All rows run until the longest ``max_tokens`` of the batch unless they finish earlier: a
+    row stops at EOS, at one of its stop strings or at its own ``max_tokens`` (our stopping
+    criterion marks it done), and the call ends when every row is done. Grouping requests by
+    ``max_tokens`` instead would split batches for no gain, since short rows stop anyway.
+    """
+    width = max(len(row.prompt_ids) for row in rows)
+    input_ids = torch.tensor(
+        [[loaded.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows],
+        dtype=torch.long,
+        device=loaded.device,
+    )
+    attention_mask = torch.tensor(
+        [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows],
+        dtype=torch.long,
+        device=loaded.device,
+    )
+    decoder = _RowDecoder(rows, loaded.device)
+    stopper = _RowStopper(loaded.tokenizer, width, rows)
+    config = GenerationConfig(
+        max_new_tokens=max(row.max_tokens for row in rows),
+        do_sample=False,  # our processor picks every token; generate's argmax just obeys it
+        num_beams=1,
+        eos_token_id=sorted(loaded.eos_ids),
+        pad_token_id=loaded.pad_id,
+    )
+    with torch.inference_mode():
+        sequences = loaded.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([decoder]),
+            stopping_criteria=StoppingCriteriaList([stopper]),
+        )
+    generated = sequences[:, width:].tolist()
+    records = decoder.records()
+    return [
+        _finish_row(loaded, row, generated[i], records, decoder.logprob_slot.get(i))
+        for i, row in enumerate(rows)
+    ]
+
+
+def _row_seed(row: _Row) -> int:
+    """A distinct, reproducible seed per sample of a seeded request; random otherwise."""
+    if row.seed is None:
+        return secrets.randbits(63)
+    return (row.seed * 0x9E3779B97F4A7C15 + row.sample_index * 0xBF58476D1CE4E5B9) % (2**63)
+
+
+class _RowDecoder(LogitsProcessor):
+    """Chooses each row's next token (argmax, or a seeded sample) and records its logprobs.
+
+    It returns scores that are -inf everywhere except at the chosen token, so generate's own
+    greedy argmax picks exactly our choice. ``scores`` arrive as raw float32 logits: logprobs
+    are those of the model's distribution, before temperature and top_p (as OpenAI reports).
+    """
+
+    def __init__(self, rows: Sequence[_Row], device: torch.device) -> None:
+        self._rows = rows
+        self._generators: dict[int, torch.Generator] = {}
+        for i, row in enumerate(rows):
+            if row.sampled:
+                generator = torch.Generator(device=device)
+                generator.manual_seed(_row_seed(row))
+                self._generators[i] = generator
+        wanted = [i for i, row in enumerate(rows) if row.top_logprobs is not None]
+        self.logprob_slot = {row_index: slot for slot, row_index in enumerate(wanted)}
+        self._wanted = torch.tensor(wanted, dtype=torch.long, device=device)
+        self._k = max((rows[i].top_logprobs or 0 for i in wanted), default=0)
+        self._chosen_lp: list[torch.Tensor] = []
+        self._top_lp: list[torch.Tensor] = []
+        self._top_ids: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        chosen = scores.argmax(dim=-1)
+        for i, generator in self._generators.items():
+            row = self._rows[i]
+            chosen[i] = _sample(scores[i], row.temperature, row.top_p, generator)
+        if self.logprob_slot:
+            logprobs = torch.log_softmax(scores[self._wanted].float(), dim=-1)
+            self._chosen_lp.append(logprobs.gather(1, chosen[self._wanted][:, None])[:, 0])
+            if self._k:
+                top = logprobs.topk(self._k, dim=-1)
+                self._top_lp.append(top.values)
+                self._top_ids.append(top.indices)
+        forced = torch.full_like(scores, float("-inf"))
+        forced.scatter_(1, chosen[:, None], 0.0)
+        return forced
+
+    def records(self) -> _LogprobRecords | None:
+        """Per step and per logprob row: the chosen token's logprob and the top-k, on the CPU."""
+        if not self.logprob_slot or not self._chosen_lp:
+            return None
+        chosen = torch.stack(self._chosen_lp).cpu().tolist()
+        if self._k:
+            top_lp = torch.stack(self._top_lp).cpu().tolist()
+            top_ids = torch.stack(self._top_ids).cpu().tolist()
+        else:
+            top_lp = top_ids = [[[] for _ in self.logprob_slot] for _ in chosen]
+        return _LogprobRecords(chosen=chosen, top_lp=top_lp, top_ids=top_ids)
+
+
+@dataclass(frozen=True)
+class _LogprobRecords:
+    chosen: list[list[float]]  # [step][slot]
+    top_lp: list[list[list[float]]]  # [step][slot][k]
+    top_ids: list[list[list[int]]]  # [step][slot][k]
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token from softmax(logits / temperature), restricted to the top_p nucleus."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps at least the top token
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        pick = torch.multinomial(sorted_probs, 1, generator=generator)
+        return order[pick][0]
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+class _RowStopper(StoppingCriteria):
+    """Marks a row done at its own ``max_tokens`` or when its text contains one of its stops.
+
+    Only the last few tokens are decoded each step (enough to hold the longest stop string), so
+    the check stays cheap however long the completion grows. EOS is handled by generate itself.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_width: int, rows: Sequence[_Row]) -> None:
+        self._tokenizer = tokenizer
+        self._prompt_width = prompt_width
+        self._rows = rows
+        longest = max((len(s) for row in rows for s in row.stop), default=0)
+        self._tail_tokens = longest + 4
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        produced = input_ids.shape[1] - self._prompt_width
+        done = [produced >= row.max_tokens for row in self._rows]
+        check = [i for i, row in enumerate(self._rows) if row.stop and not done[i]]
+        if check:
+            tail = min(produced, self._tail_tokens)
+            tails = input_ids[check, input_ids.shape[1] - tail :].tolist()
+            texts = self._tokenizer.batch_decode(tails, **_DECODE_KWARGS)
+            for i, text in zip(check, texts, strict=True):
+                done[i] = any(stop in text for stop in self._rows[i].stop)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop string starts in ``text`` (None if none occurs)."""
+    found = [at for at in (text.find(stop) for stop in stops) if at >= 0]
+    return min(found) if found else None
+
+
+def _smallest_prefix(ids: Sequence[int], holds: Callable[[int], bool]) -> int:
+    """The smallest k in [0, len(ids)] with ``holds(k)`` (binary search; ``holds`` is monotone)."""
+    low, high = 0, len(ids)
+    while low < high:
+        middle = (low + high) // 2
+        if holds(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def _finish_row(
+    loaded: LoadedModel,
+    row: _Row,
+    generated: list[int],
+    records: _LogprobRecords | None,
+    slot: int | None,
+) -> _RowOutput:
+    """Cut one row at EOS, its first stop string (excluded) or its ``max_tokens``.
+
+    ``completion_tokens`` counts the tokens the row really generated: up to and including the
+    EOS token, or the token that completed the stop string. Logprobs cover the tokens of the
+    returned text (a token that straddles the cut is kept, as its start is in the text).
+    """
+    tokenizer = loaded.tokenizer
+
+    def decode(ids: Sequence[int]) -> str:
+        return tokenizer.decode(list(ids), **_DECODE_KWARGS)
+
+    ids = generated[: row.max_tokens]
+    finish_reason = "length" if len(ids) >= row.max_tokens else "stop"
+    used = len(ids)
+    eos_at = next((i for i, token in enumerate(ids) if token in loaded.eos_ids), None)
+    if eos_at is not None:
+        ids, used, finish_reason = ids[:eos_at], eos_at + 1, "stop"
+    text = decode(ids)
+    kept = len(ids)
+    cut = _first_stop(text, row.stop)
+    if cut is not None:
+        used = _smallest_prefix(ids, lambda k: _first_stop(decode(ids[:k]), row.stop) is not None)
+        kept = _smallest_prefix(ids, lambda k: len(decode(ids[:k])) >= cut)
+        text, finish_reason = text[:cut], "stop"
+    logprobs = None
+    if row.top_logprobs is not None and slot is not None:
+        logprobs = _token_logprobs(tokenizer, ids[:kept], row.top_logprobs, records, slot)
+    return _RowOutput(
+        choice=Choice(text=text, finish_reason=finish_reason, logprobs=logprobs),
+        completion_tokens=used,
+    )
+
+
+def _token_logprobs(
+    tokenizer: Any, ids: Sequence[int], k: int, records: _LogprobRecords | None, slot: int
+) -> tuple[TokenLogprob, ...]:
+    if records is None:
+        return ()
+    steps = min(len(ids), len(records.chosen))
+    top_ids = [records.top_ids[t][slot][:k] for t in range(steps)]
+    vocab = sorted({*ids[:steps], *(i for step in top_ids for i in step)})
+    names = dict(zip(vocab, tokenizer.batch_decode([[i] for i in vocab], **_TOKEN_NAME_KWARGS), strict=True))
+    return tuple(
+        TokenLogprob(
+            token=names[ids[t]],
+            logprob=records.chosen[t][slot],
+            top=tuple(
+                TopLogprob(token=names[token], logprob=lp)
+                for token, lp in zip(top_ids[t], records.top_lp[t][slot][:k], strict=True)
+            ),
+        )
+        for t in range(steps)
+    )

@@ -1,0 +1,360 @@
+"""The ``drpo`` command. Each subcommand is a thin layer: parse flags, call the library, print.
+
+Errors users can fix (a bad flag, a missing key, a malformed file, a database from another
+version) are printed as one clear message with a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import typer
+from rich.console import Console
+
+from drpo.runs.paths import default_db_path, logs_dir, run_artifacts_dir
+
+app = typer.Typer(
+    name="drpo",
+    help="Tuning-free self-alignment: DRPO prompt search as an async agent system.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+runs_app = typer.Typer(help="Inspect recorded runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DbOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--db",
+        help="Run database (default: $DRPO_DB, else the per-user data folder).",
+        show_default=False,
+    ),
+]
+
+
+def resolve_db(db: Path | None) -> Path:
+    return db if db is not None else default_db_path()
+
+
+class UserError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def run_async(main: Any, *args: Any) -> Any:
+    """Run a coroutine function, turning known user errors into a clean exit."""
+    from drpo.errors import user_error_types
+
+    try:
+        return anyio.run(main, *args)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; resume with `drpo resume RUN`")
+        raise typer.Exit(130) from None
+    except user_error_types() as exc:
+        raise fail(str(exc)) from None
+    except UserError as exc:
+        raise fail(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------- optimize
+
+
+@app.command()
+def optimize(
+    config: Annotated[Path | None, typer.Option(help="TOML settings file.")] = None,
+    preset: Annotated[str | None, typer.Option(help="small (default) or paper.")] = None,
+    base_model: Annotated[
+        list[str] | None,
+        typer.Option("--base-model", help="Model to align; repeat for a sweep."),
+    ] = None,
+    critic_model: Annotated[str | None, typer.Option(help="Critic (judge) model.")] = None,
+    editor_model: Annotated[str | None, typer.Option(help="Editor (optimizer) model.")] = None,
+    seed: Annotated[
+        list[int] | None, typer.Option("--seed", help="Query-order seed; repeat for a sweep.")
+    ] = None,
+    beam: Annotated[int | None, typer.Option(help="Beam size.")] = None,
+    actions: Annotated[int | None, typer.Option(help="Rewrites per beam node.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Search depth (levels).")] = None,
+    depth_extension: Annotated[int | None, typer.Option(help="Max extra levels.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Editor temperature.")] = None,
+    k: Annotated[int | None, typer.Option(help="ICL examples shown to the base model.")] = None,
+    judge_mode: Annotated[str | None, typer.Option(help="json or logprobs.")] = None,
+    framing: Annotated[str | None, typer.Option(help="raw or chat.")] = None,
+    train: Annotated[Path | None, typer.Option(help="Training queries file.")] = None,
+    icl: Annotated[Path | None, typer.Option(help="ICL examples file.")] = None,
+    num_queries: Annotated[int | None, typer.Option(help="Training queries to draw.")] = None,
+    held_out: Annotated[int | None, typer.Option(help="Held-out check queries (0: off).")] = None,
+    max_cost: Annotated[float | None, typer.Option(help="Stop at this cost (USD).")] = None,
+    max_calls: Annotated[int | None, typer.Option(help="Stop after this many calls.")] = None,
+    name: Annotated[str | None, typer.Option(help="A name for the run.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Artifact path (a folder for a sweep).")
+    ] = None,
+    db: DbOption = None,
+) -> None:
+    """Search for the system prompt that aligns the base model (the paper's main job)."""
+    from drpo.config import build_config, load_toml
+
+    overrides: dict[str, Any] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+
+    if preset is not None:
+        overrides["preset"] = preset
+    if name is not None:
+        overrides["name"] = name
+    put("models", "critic", critic_model)
+    put("models", "editor", editor_model)
+    put("search", "beam_size", beam)
+    put("search", "n_actions", actions)
+    put("search", "depth", depth)
+    put("search", "depth_extension", depth_extension)
+    put("search", "temperature", temperature)
+    put("search", "num_train_queries", num_queries)
+    put("search", "held_out_queries", held_out)
+    put("proposer", "k", k)
+    put("proposer", "framing", framing)
+    put("critic", "mode", judge_mode)
+    put("data", "train", str(train) if train else None)
+    put("data", "icl", str(icl) if icl else None)
+    put("budget", "max_cost_usd", max_cost)
+    put("budget", "max_calls", max_calls)
+
+    from drpo.config import ConfigError
+
+    try:
+        file_settings = load_toml(config) if config else {}
+        configs = []
+        for model in base_model or [None]:
+            for one_seed in seed or [None]:
+                layer = json.loads(json.dumps(overrides))
+                if model is not None:
+                    layer.setdefault("models", {})["base"] = model
+                if one_seed is not None:
+                    layer.setdefault("search", {})["seed"] = one_seed
+                configs.append(build_config(file_settings, layer))
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    _run_plans(configs, out=out, db=resolve_db(db))
+
+
+def _run_plans(configs: list, *, out: Path | None, db: Path, resume_ids: list[str] | None = None):
+    from drpo.logs import configure_logging
+    from drpo.optimize import RunPlan
+    from drpo.projection import describe_projection
+
+    configure_logging(log_folder=logs_dir(db))
+    sweep = len(configs) > 1
+    plans = []
+    for index, config in enumerate(configs):
+        run_id = resume_ids[index] if resume_ids else None
+        plans.append(RunPlan(config=config, artifact_path=None, run_id=run_id))
+        err_console.print(describe_projection(config), highlight=False)
+    outcomes = run_async(_optimize_main, plans, db, out, sweep)
+    failed = False
+    for outcome in outcomes:
+        if outcome.status == "finished":
+            result = outcome.result
+            console.print(
+                f"[bold green]run {outcome.run_id} finished[/]: score "
+                f"{result.best_score:.3f} after {result.levels} levels; "
+                f"artifact {outcome.artifact_path}"
+            )
+            console.print("[bold]final system prompt:[/]")
+            console.print(result.best.system_prompt, highlight=False, markup=False)
+        else:
+            failed = True
+            err_console.print(
+                f"[bold red]run {outcome.run_id} {outcome.status}[/]: {outcome.error}"
+                + ("\n  continue it with `drpo resume " + outcome.run_id + "`"),
+                highlight=False,
+            )
+    if failed:
+        raise typer.Exit(1)
+
+
+async def _optimize_main(plans: list, db: Path, out: Path | None, sweep: bool) -> list:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from drpo.optimize import run_searches
+    from drpo.runs.store import RunStore
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("level {task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
+    tasks: dict[str, Any] = {}
+
+    def on_created(run_id: str, config: Any) -> None:
+        tasks[run_id] = progress.add_task(
+            f"{run_id[:8]} {config.models.base}", total=config.search.depth - 1
+        )
+        plan = next(p for p in plans if p.config is config)
+        if plan.artifact_path is None:
+            if out is not None and not sweep:
+                plan.artifact_path = out
+            elif out is not None:
+                plan.artifact_path = out / f"{run_id}.json"
+            else:
+                plan.artifact_path = run_artifacts_dir(run_id, db) / "aligned_prompt.json"
+
+    def on_level(run_id: str, level: int, limit: int) -> None:
+        progress.update(tasks[run_id], completed=level, total=limit - 1)
+
+    async with RunStore.open(db) as store:
+        with progress:
+            return await run_searches(plans, store=store, on_level=on_level, on_created=on_created)
+
+
+@app.command()
+def resume(
+    run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")],
+    max_cost: Annotated[float | None, typer.Option(help="New cost budget (USD).")] = None,
+    max_calls: Annotated[int | None, typer.Option(help="New call budget.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Artifact path.")] = None,
+    db: DbOption = None,
+) -> None:
+    """Continue an interrupted run: recorded calls are answered from the journal, for free."""
+    from drpo.config import OptimizeConfig
+
+    db_path = resolve_db(db)
+    record = run_async(_load_run, db_path, run)
+    if record.kind != "optimize":
+        raise fail(f"run {record.run_id} is a {record.kind} run; only optimize runs resume here")
+    if record.status == "finished":
+        raise fail(f"run {record.run_id} already finished")
+    settings = dict(record.config["settings"])
+    budget = dict(settings.get("budget") or {})
+    if max_cost is not None:
+        budget["max_cost_usd"] = max_cost
+    if max_calls is not None:
+        budget["max_calls"] = max_calls
+    settings["budget"] = budget
+    config = OptimizeConfig.model_validate(settings)
+    _run_plans([config], out=out, db=db_path, resume_ids=[record.run_id])
+
+
+async def _load_run(db: Path, run: str) -> Any:
+    from drpo.runs.store import RunStore
+
+    if not db.exists():
+        raise UserError(f"no run database at {db}")
+    async with RunStore.open(db, readonly=True) as store:
+        record = await store.get_run(run)
+    return record
+
+
+# ---------------------------------------------------------------------------------- generate
+
+
+@app.command()
+def generate(
+    query: Annotated[str | None, typer.Argument(help="The query to answer.")] = None,
+    artifact: Annotated[
+        Path | None, typer.Option(help="Aligned-prompt artifact (JSON) from `drpo optimize`.")
+    ] = None,
+    file: Annotated[Path | None, typer.Option(help="Queries file (JSONL, JSON, text).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model (default: the artifact's).")] = None,
+    k: Annotated[int, typer.Option(help="ICL examples to retrieve.")] = 3,
+    max_tokens: Annotated[int, typer.Option(help="Max new tokens.")] = 512,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.0,
+    output: Annotated[Path | None, typer.Option(help="Write answers as JSONL here.")] = None,
+) -> None:
+    """Answer queries with an aligned prompt (system prompt + retrieved ICL examples)."""
+    from drpo.data.loaders import load_queries
+
+    if (query is None) == (file is None):
+        raise fail('give a query ("...") or --file QUERIES, not both')
+    queries = [query] if query is not None else load_queries_or_fail(file, load_queries)
+    answers = run_async(
+        _generate_main, queries, artifact, model, k, max_tokens, temperature
+    )
+    if output is not None:
+        with output.open("w", encoding="utf-8") as handle:
+            for q, a in zip(queries, answers, strict=True):
+                handle.write(json.dumps({"query": q, "answer": a}, ensure_ascii=False) + "\n")
+        console.print(f"wrote {len(answers)} answers to {output}")
+    else:
+        for q, a in zip(queries, answers, strict=True):
+            if len(queries) > 1:
+                console.print(f"[bold]# {q}[/]", highlight=False)
+            console.print(a, highlight=False, markup=False)
+
+
+def load_queries_or_fail(path: Path | None, loader: Any) -> list[str]:
+    from drpo.data.loaders import DataFormatError
+
+    try:
+        return loader(path)
+    except DataFormatError as exc:
+        raise fail(str(exc)) from None
+
+
+async def _generate_main(
+    queries: list[str],
+    artifact_path: Path | None,
+    model: str | None,
+    k: int,
+    max_tokens: int,
+    temperature: float,
+) -> list[str]:
+    from drpo.generate import AlignedGenerator
+
+    generator = AlignedGenerator.from_artifact(
+        artifact_path, model=model, k=k, max_tokens=max_tokens, temperature=temperature
+    )
+    try:
+        return await generator.answer_many(queries)
+    finally:
+        await generator.aclose()
+
+
+# ---------------------------------------------------------------------------------- runs
+
+
+@runs_app.command("list")
+def runs_list(
+    db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The recorded runs, newest first."""
+    from drpo.views import list_runs_view
+
+    run_async(list_runs_view, resolve_db(db), as_json, console)
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")],
+    db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Settings, best prompt, reward per level, and calls, tokens and cost per role."""
+    from drpo.views import show_run_view
+
+    run_async(show_run_view, resolve_db(db), run, as_json, console)
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Settings of a run, from a TOML file and command-line flags, with presets.
+
+Two presets: ``paper`` reproduces the defaults the paper's code runs with (spec §3.4), and
+``small`` (the default) is sized for the embedded 135M model so that ``drpo optimize`` with no
+files given finishes on a 2-core CPU in a few minutes. Every run records its full settings.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from drpo.backends.spec import DEFAULT_MODEL, parse_model_spec
+
+
+class ConfigError(ValueError):
+    """A settings file or flag that cannot be used; the message says what to fix."""
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelsSettings(_Settings):
+    """Which model plays each role. The paper uses one strong API model for critic and editor."""
+
+    base: str = DEFAULT_MODEL
+    critic: str = DEFAULT_MODEL
+    editor: str = DEFAULT_MODEL
+
+    @model_validator(mode="after")
+    def _specs_parse(self) -> ModelsSettings:
+        for spec in (self.base, self.critic, self.editor):
+            parse_model_spec(spec)
+        return self
+
+
+class SearchSettings(_Settings):
+    """The beam search (spec §3): defaults are the paper's CLI defaults."""
+
+    beam_size: int = Field(default=2, ge=1)
+    n_actions: int = Field(default=3, ge=1)
+    depth: int = Field(default=20, ge=2)
+    depth_extension: int = Field(default=10, ge=0)
+    temperature: float = Field(default=0.2, ge=0.0, le=2.0)
+    #: Skip the rewrite when a node's reward is above this (the paper hard-codes 4.5).
+    skip_threshold: float = 4.5
+    #: How many past prompts the editor sees (the paper hard-codes 5).
+    history: int = Field(default=5, ge=1)
+    num_train_queries: int = Field(default=180, ge=2)
+    initial_prompt: str = "You are a helpful assistant."
+    #: Seed of the training-query order (recorded with the run; the paper's order is unseeded).
+    seed: int = 0
+    #: Off by default (0): re-score the final beam's prompts on this many unseen queries.
+    held_out_queries: int = Field(default=0, ge=0)
+
+
+class ProposerSettings(_Settings):
+    framing: Literal["raw", "chat"] = "raw"
+    k: int = Field(default=2, ge=0, le=8)
+    max_tokens: int = Field(default=2048, ge=1)
+    temperature: float = 0.0
+
+
+class CriticSettings(_Settings):
+    mode: Literal["json", "logprobs"] = "json"
+    #: Extra aspects with their own rubric: [{name, description, rubric}].
+    custom_aspects: tuple[dict[str, Any], ...] = ()
+
+
+class DataSettings(_Settings):
+    #: Training queries (JSON list, JSONL or one per line). None: the shipped seed set.
+    train: str | None = None
+    #: ICL examples (the paper's {query: answer} JSON, or a list). None: the shipped seed set.
+    icl: str | None = None
+    #: A sentence-transformers model folder for retrieval. None: the packaged all-MiniLM-L6-v2.
+    retriever: str | None = None
+
+
+class EndpointSettings(_Settings):
+    """Limits and prices of one model endpoint (keyed by model spec in ``[endpoints]``)."""
+
+    rpm: float | None = None
+    tpm: float | None = None
+    max_in_flight: int = 64
+    api_key_env: str = "OPENAI_API_KEY"
+    #: USD per million tokens.
+    input_price: float | None = None
+    cached_input_price: float | None = None
+    output_price: float | None = None
+
+
+class BudgetSettings(_Settings):
+    max_cost_usd: float | None = None
+    max_calls: int | None = None
+
+
+class OptimizeConfig(_Settings):
+    preset: Literal["small", "paper"] = "small"
+    name: str | None = None
+    models: ModelsSettings = ModelsSettings()
+    search: SearchSettings = SearchSettings()
+    proposer: ProposerSettings = ProposerSettings()
+    critic: CriticSettings = CriticSettings()
+    data: DataSettings = DataSettings()
+    endpoints: dict[str, EndpointSettings] = Field(default_factory=dict)
+    budget: BudgetSettings = BudgetSettings()
+
+
+#: The paper's defaults (spec §3.4): beam 2, 3 actions, depth 20 (+10), T=0.2, k=2, 180 queries,
+#: a JSON judge. Meant for a strong API critic and editor.
+PAPER_PRESET: dict[str, Any] = {
+    "preset": "paper",
+    "search": {"beam_size": 2, "n_actions": 3, "depth": 20, "depth_extension": 10,
+               "temperature": 0.2, "num_train_queries": 180},
+    "proposer": {"k": 2, "max_tokens": 2048},
+    "critic": {"mode": "json"},
+}
+
+#: Sized for the embedded SmolLM2-135M on a 2-core CPU: a short, narrow search with the
+#: logprobs judge (a 135M model cannot write reliable JSON verdicts, but its digit
+#: probabilities are usable).
+SMALL_PRESET: dict[str, Any] = {
+    "preset": "small",
+    "search": {"beam_size": 2, "n_actions": 2, "depth": 5, "depth_extension": 2,
+               "temperature": 0.7, "num_train_queries": 12},
+    "proposer": {"k": 1, "max_tokens": 128},
+    "critic": {"mode": "logprobs"},
+}
+
+PRESETS = {"small": SMALL_PRESET, "paper": PAPER_PRESET}
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(
+    file_settings: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+) -> OptimizeConfig:
+    """Preset, then the TOML file, then flags: later layers win."""
+    file_settings = file_settings or {}
+    overrides = overrides or {}
+    preset = overrides.get("preset") or file_settings.get("preset") or "small"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    layered = _deep_merge(_deep_merge(PRESETS[preset], file_settings), overrides)
+    layered["preset"] = preset
+    try:
+        return OptimizeConfig.model_validate(layered)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc)) from None
+    except ValueError as exc:  # a model spec that does not parse
+        raise ConfigError(str(exc)) from None
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    lines = ["invalid settings:"]
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"  {where}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None

@@ -1,0 +1,244 @@
+"""Run one or many DRPO searches in one process: one bus, one set of agents, one store.
+
+:func:`run_searches` is what ``drpo optimize`` and ``drpo resume`` call. Every search is a run in
+the store; they share the backends (so rate limits and batches are shared) and run at the same
+time. A run that stops for any reason records why (interrupted, budget exhausted, failed) and
+keeps everything recorded so far, so ``drpo resume RUN`` can finish it without paying twice.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from drpo.agents import topics
+from drpo.agents.aspects import AspectCatalogue
+from drpo.agents.retrieval import ICLRetriever
+from drpo.agents.runtime import AgentRuntime, RunContext
+from drpo.agents.search import BeamSearch, SearchResult
+from drpo.artifact import AlignedPrompt, LevelTrace
+from drpo.backends.registry import BackendRegistry
+from drpo.bus import Bus
+from drpo.bus.messages import ICLExample, RunFinished, RunStarted
+from drpo.config import OptimizeConfig
+from drpo.data.loaders import (
+    default_icl_examples,
+    default_train_queries,
+    load_icl_examples,
+    load_queries,
+)
+from drpo.runs.journal import BudgetExceeded, JournaledCaller
+from drpo.runs.recorder import Recorder
+from drpo.runs.store import RunStore
+
+log = structlog.get_logger("drpo.optimize")
+
+
+@dataclass
+class RunPlan:
+    """A search to run: a new one (``run_id`` None) or one to resume."""
+
+    config: OptimizeConfig
+    artifact_path: Path | None = None
+    run_id: str | None = None
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str
+    artifact_path: Path | None = None
+    result: SearchResult | None = None
+    error: str | None = None
+
+
+def draw_query_order(queries: Sequence[str], count: int, seed: int) -> list[str]:
+    """The training queries in the order the search consumes them: a seeded sample, recorded
+    with the run (the paper's order is unseeded and cannot be regenerated, spec §6)."""
+    rng = random.Random(seed)
+    return rng.sample(list(queries), min(count, len(queries)))
+
+
+def prepare_inputs(config: OptimizeConfig) -> tuple[list[str], list[ICLExample]]:
+    """Load training queries and ICL examples; bad files raise a clear DataFormatError."""
+    queries = load_queries(config.data.train) if config.data.train else default_train_queries()
+    examples = load_icl_examples(config.data.icl) if config.data.icl else default_icl_examples()
+    order = draw_query_order(queries, config.search.num_train_queries, config.search.seed)
+    return order, list(examples)
+
+
+def run_record(config: OptimizeConfig, queries: list[str], examples: list[ICLExample]) -> dict:
+    """Everything needed to redo the run exactly: settings, query order and ICL pool."""
+    return {
+        "settings": config.model_dump(mode="json"),
+        "queries": queries,
+        "icl_examples": [example.model_dump() for example in examples],
+    }
+
+
+async def run_searches(
+    plans: Sequence[RunPlan],
+    *,
+    store: RunStore,
+    registry: BackendRegistry | None = None,
+    on_level: Callable[[str, int, int], None] | None = None,
+    on_created: Callable[[str, OptimizeConfig], None] | None = None,
+) -> list[RunOutcome]:
+    """Run every plan concurrently on one bus; returns one outcome per plan, in order."""
+    registry = registry or BackendRegistry()
+    for plan in plans:
+        registry.configure(plan.config.endpoints)
+    bus = Bus()
+    runtime = AgentRuntime(bus, registry, store)
+    recorder = Recorder(bus, store)
+    outcomes: list[RunOutcome | None] = [None] * len(plans)
+    try:
+        async with anyio.create_task_group() as services:
+            services.start_soon(recorder.run)
+            await runtime.start(services)
+            async with anyio.create_task_group() as searches:
+                for index, plan in enumerate(plans):
+                    searches.start_soon(
+                        _run_one, index, plan, store, bus, runtime, outcomes, on_level, on_created
+                    )
+            await recorder.drain()
+            services.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await registry.aclose()
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+async def _run_one(
+    index: int,
+    plan: RunPlan,
+    store: RunStore,
+    bus: Bus,
+    runtime: AgentRuntime,
+    outcomes: list[RunOutcome | None],
+    on_level: Callable[[str, int, int], None] | None,
+    on_created: Callable[[str, OptimizeConfig], None] | None,
+) -> None:
+    config = plan.config
+    if plan.run_id is None:
+        queries, examples = prepare_inputs(config)
+        record = run_record(config, queries, examples)
+        run_id = await store.create_run("optimize", record, name=config.name)
+    else:
+        run_id = plan.run_id
+        record = (await store.get_run(run_id)).config
+        queries = list(record["queries"])
+        examples = [ICLExample.model_validate(item) for item in record["icl_examples"]]
+    if on_created is not None:
+        on_created(run_id, config)
+    bound = log.bind(run_id=run_id, agent="search")
+    journal = JournaledCaller(
+        store,
+        run_id,
+        max_calls=config.budget.max_calls,
+        max_cost_usd=config.budget.max_cost_usd,
+    )
+    catalogue = AspectCatalogue.load_default().with_custom(list(config.critic.custom_aspects))
+    runtime.attach(RunContext(run_id=run_id, journal=journal, catalogue=catalogue))
+    retriever = ICLRetriever(examples, model_path=config.data.retriever)
+    k = config.proposer.k
+
+    async def retrieve(query: str) -> list[ICLExample]:
+        return await retriever.atop_k(query, k) if k else []
+
+    search = BeamSearch(bus, run_id, config, queries, retrieve)
+    if on_level is not None:
+        search.on_level = lambda level, limit: on_level(run_id, level, limit)
+    artifact_path = plan.artifact_path
+    await store.set_run_status(run_id, "running")
+    await bus.emit(
+        topics.EVENTS,
+        RunStarted(config=record["settings"], queries=tuple(queries)),
+        sender="search",
+        run_id=run_id,
+    )
+    bound.info("search started", queries=len(queries), resumed=plan.run_id is not None)
+    outcome = RunOutcome(run_id=run_id, status="failed")
+    try:
+        result = await search.run()
+        artifact = build_artifact(run_id, config, result, examples)
+        if artifact_path is not None:
+            artifact.save(artifact_path)
+        outcome = RunOutcome(run_id, "finished", artifact_path, result)
+        summary = {
+            "best_prompt": result.best.system_prompt,
+            "best_score": result.best_score,
+            "best_node_id": result.best.node_id,
+            "levels": result.levels,
+            "artifact": str(artifact_path) if artifact_path else None,
+            "artifact_json": artifact.model_dump(mode="json"),
+        }
+        await _finish(store, bus, run_id, "finished", result=summary, best=result)
+        bound.info("search finished", score=round(result.best_score, 3), levels=result.levels)
+    except BudgetExceeded as exc:
+        outcome = RunOutcome(run_id, "budget_exhausted", error=str(exc))
+        await _finish(store, bus, run_id, "budget_exhausted", error=str(exc))
+        bound.warning("budget reached; resume with a larger budget", error=str(exc))
+    except anyio.get_cancelled_exc_class():
+        with anyio.CancelScope(shield=True):
+            await _finish(store, bus, run_id, "interrupted", error="interrupted")
+        raise
+    except Exception as exc:
+        outcome = RunOutcome(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        await _finish(store, bus, run_id, "failed", error=outcome.error)
+        bound.error("search failed", error=outcome.error)
+    finally:
+        outcomes[index] = outcome
+        runtime.detach(run_id)
+
+
+async def _finish(
+    store: RunStore,
+    bus: Bus,
+    run_id: str,
+    status: str,
+    *,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+    best: SearchResult | None = None,
+) -> None:
+    await bus.emit(
+        topics.EVENTS,
+        RunFinished(
+            status=status,  # type: ignore[arg-type]
+            best_node_id=best.best.node_id if best else None,
+            best_prompt=best.best.system_prompt if best else None,
+            best_score=best.best_score if best else None,
+            error=error,
+        ),
+        sender="search",
+        run_id=run_id,
+    )
+    await store.set_run_status(run_id, status, result=result, error=error)
+
+
+def build_artifact(
+    run_id: str, config: OptimizeConfig, result: SearchResult, examples: list[ICLExample]
+) -> AlignedPrompt:
+    return AlignedPrompt(
+        system_prompt=result.best.system_prompt,
+        icl_examples=tuple(examples),
+        base_model=config.models.base,
+        run_id=run_id,
+        settings=config.model_dump(mode="json"),
+        score=result.best_score,
+        trace=tuple(
+            LevelTrace(level=level, best_score=best, mean_score=mean)
+            for level, (best, mean) in enumerate(result.trace, start=1)
+        ),
+        held_out=tuple(
+            {"node_id": node.node_id, "system_prompt": node.system_prompt, "held_out_score": s}
+            for node, s in result.held_out
+        ),
+    )

