@@ -1,0 +1,708 @@
+"""The run store: one SQLite database with runs, every bus message, the call journal and caches.
+
+How it is put together, and why:
+
+* **WAL mode, ``synchronous=NORMAL``.** Readers never block the writer nor the writer them; a
+  commit is durable once it returns if the process dies (a power cut may lose the last few
+  commits, never corrupt the file).
+* **One writer task** (:class:`~drpo.runs.writer.BatchWriter`) fed by a bounded queue commits
+  whatever is queued in one transaction. ``await`` a write (``create_run``, ``record_call``,
+  ``append_messages(..., wait=True)``) and it returns after its commit; the recorder instead
+  only queues (``append_messages``) and calls :meth:`RunStore.flush` when it needs durability.
+* **Readers on their own read-only connections** (a small pool), so a transcript viewer or a
+  journal lookup never waits behind a batch, and can never write by accident.
+* **Opening never damages a file.** :func:`~drpo.runs.schema.probe_database` looks at the file
+  read-only first and refuses what it does not understand (see :mod:`drpo.runs.schema`).
+* **Structured concurrency.** The writer task lives in a task group owned by :meth:`RunStore.open`;
+  leaving the block commits what is queued and closes every connection, even when cancelled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+import anyio
+import anyio.to_thread
+
+from drpo.bus.messages import AspectSelection, Envelope
+from drpo.runs.paths import default_db_path
+from drpo.runs.schema import (
+    APPLICATION_ID,
+    DDL,
+    RUN_STATUSES,
+    SCHEMA_VERSION,
+    TERMINAL_STATUSES,
+    AmbiguousRunIdError,
+    NotADatabaseError,
+    NotADrpoDatabaseError,
+    Probe,
+    ReadOnlyPathError,
+    ReadOnlyStoreError,
+    RunNotFoundError,
+    SchemaVersionError,
+    StoreClosedError,
+    StoreError,
+    WriteFailedError,
+    check_writable,
+    probe_database,
+    read_only_uri,
+)
+from drpo.runs.writer import BatchWriter, WriteOp
+
+RunStatus = Literal["created", "running", "finished", "interrupted", "failed", "budget_exhausted"]
+BUSY_TIMEOUT_MS = 10_000
+
+
+# ------------------------------------------------------------------------------------ records
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """One row of ``runs``; ``config`` and ``result`` are decoded JSON."""
+
+    run_id: str
+    kind: str
+    name: str | None
+    config: dict[str, Any]
+    status: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+    result: Any
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A persisted envelope and its position (``seq``) in the database's global order."""
+
+    seq: int
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One entry of the call journal. ``request``/``response`` are JSON text, as stored.
+
+    ``tries`` counts how often the call was made (a failed call is made again on resume);
+    ``attempts`` sums the backend's own attempts over those tries; ``cost_usd`` sums their cost.
+    """
+
+    run_id: str
+    key: str
+    role: str
+    backend: str
+    model: str
+    request: str
+    status: Literal["ok", "error"]
+    response: str | None = None
+    error: str | None = None
+    node_id: str | None = None
+    endpoint: str = ""
+    sample_index: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    latency_s: float = 0.0
+    attempts: int = 1
+    cost_usd: float = 0.0
+    tries: int = 1
+    replayed: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    id: int | None = None
+
+
+@dataclass(slots=True)
+class RoleTotals:
+    """What one role's calls in a run amount to (new and earlier calls alike)."""
+
+    calls: int = 0  # backend invocations (tries), failed ones included
+    ok: int = 0  # journal entries with a result
+    errors: int = 0  # journal entries whose last try failed
+    replayed: int = 0  # answers served from the journal instead of a backend
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, other: RoleTotals) -> None:
+        for item in fields(self):
+            setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
+
+
+@dataclass(slots=True)
+class RunTotals:
+    """Per-role totals of a run's calls, and their sum in :attr:`total`."""
+
+    by_role: dict[str, RoleTotals] = field(default_factory=dict)
+
+    @property
+    def total(self) -> RoleTotals:
+        total = RoleTotals()
+        for totals in self.by_role.values():
+            total.add(totals)
+        return total
+
+
+def query_hash(query: str) -> str:
+    """The key of a query in the aspect cache: sha256 of its text."""
+    return hashlib.sha256(query.encode("utf-8")).hexdigest()
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def message_row(envelope: Envelope) -> tuple[Any, ...]:
+    """The ``messages`` row of an envelope (its JSON is the lossless record; the rest indexes it)."""
+    return (
+        envelope.run_id,
+        envelope.message_id,
+        envelope.topic,
+        envelope.payload.kind,
+        envelope.sender,
+        envelope.correlation_id,
+        envelope.causation_id,
+        envelope.node_id,
+        envelope.timestamp,
+        envelope.model_dump_json(),
+    )
+
+
+# ------------------------------------------------------------------------------------ SQL
+
+_INSERT_RUN = """
+INSERT INTO runs (run_id, kind, name, config, status, created_at, updated_at)
+VALUES (?, ?, ?, ?, 'created', ?, ?)
+"""
+_SET_STATUS = f"""
+UPDATE runs SET
+    status = :status,
+    updated_at = :now,
+    started_at = CASE WHEN :status = 'running' THEN coalesce(started_at, :now)
+                      ELSE started_at END,
+    finished_at = CASE WHEN :status IN {tuple(sorted(TERMINAL_STATUSES))!r} THEN :now
+                       WHEN :status = 'running' THEN NULL
+                       ELSE finished_at END,
+    result = coalesce(:result, result),
+    error = :error
+WHERE run_id = :run_id
+"""
+_INSERT_MESSAGE = """
+INSERT OR IGNORE INTO messages (run_id, message_id, topic, kind, sender, correlation_id,
+                                causation_id, node_id, timestamp, envelope)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+# A successful entry is final; an error entry is replaced by the next try of the same call.
+_UPSERT_CALL = """
+INSERT INTO calls (run_id, key, role, node_id, backend, endpoint, model, sample_index, request,
+                   response, status, error, prompt_tokens, completion_tokens, cached_tokens,
+                   latency_s, attempts, tries, cost_usd, created_at, updated_at, replayed)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, 0)
+ON CONFLICT (run_id, key) DO UPDATE SET
+    role = excluded.role,
+    node_id = excluded.node_id,
+    response = excluded.response,
+    status = excluded.status,
+    error = excluded.error,
+    prompt_tokens = excluded.prompt_tokens,
+    completion_tokens = excluded.completion_tokens,
+    cached_tokens = excluded.cached_tokens,
+    latency_s = excluded.latency_s,
+    attempts = calls.attempts + excluded.attempts,
+    tries = calls.tries + 1,
+    cost_usd = calls.cost_usd + excluded.cost_usd,
+    updated_at = excluded.updated_at
+WHERE calls.status <> 'ok'
+"""
+_MARK_REPLAYED = "UPDATE calls SET replayed = replayed + 1 WHERE run_id = ? AND key = ?"
+_PUT_ASPECTS = """
+INSERT OR REPLACE INTO aspect_cache (query_hash, critic_model, catalogue_version, selection,
+                                     created_at)
+VALUES (?, ?, ?, ?, ?)
+"""
+
+
+def _run_record(row: sqlite3.Row) -> RunRecord:
+    return RunRecord(
+        run_id=row["run_id"],
+        kind=row["kind"],
+        name=row["name"],
+        config=json.loads(row["config"]),
+        status=row["status"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        updated_at=row["updated_at"],
+        result=json.loads(row["result"]) if row["result"] is not None else None,
+        error=row["error"],
+    )
+
+
+def _call_record(row: sqlite3.Row) -> CallRecord:
+    return CallRecord(**{name: row[name] for name in row.keys()})  # noqa: SIM118
+
+
+# ------------------------------------------------------------------------------------ readers
+
+
+class _ReaderPool:
+    """A few read-only connections, opened on demand and reused.
+
+    Each connection has its own thread (aiosqlite), so reads run beside the writer. A connection
+    goes back to the pool outside any transaction, so that it never pins an old snapshot.
+    """
+
+    def __init__(self, uri: str, size: int) -> None:
+        self._uri = uri
+        self._idle: list[aiosqlite.Connection] = []
+        self._all: list[aiosqlite.Connection] = []
+        self._slots = anyio.Semaphore(size)
+        self._closed = False
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self._uri, uri=True, isolation_level=None)
+        self._all.append(conn)
+        conn.row_factory = sqlite3.Row
+        await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return conn
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[aiosqlite.Connection]:
+        if self._closed:
+            raise StoreClosedError("the run store is closed")
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else await self._connect()
+            try:
+                yield conn
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if conn.in_transaction:
+                        await conn.execute("ROLLBACK")
+                self._idle.append(conn)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        conns, self._all, self._idle = self._all, [], []
+        for conn in conns:
+            await conn.close()
+
+
+# ------------------------------------------------------------------------------------ the store
+
+
+class RunStore:
+    """Runs, messages, the call journal and the aspect cache in one SQLite file.
+
+    Use :meth:`open`; the constructor is internal.
+    """
+
+    def __init__(self, path: Path, *, writer: BatchWriter | None, readers: int) -> None:
+        self.path = path
+        self._writer = writer
+        self._readers = _ReaderPool(read_only_uri(path), readers)
+
+    @property
+    def readonly(self) -> bool:
+        return self._writer is None
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        path: Path | str | None = None,
+        *,
+        readonly: bool = False,
+        max_batch_rows: int = 5000,
+        queue_size: int = 1024,
+        readers: int = 4,
+    ) -> AsyncIterator[RunStore]:
+        """Open (creating it if needed) the database at ``path`` (default: :func:`default_db_path`).
+
+        ``readonly=True`` opens an existing database for viewing: nothing is ever written, and
+        every write method raises :class:`ReadOnlyStoreError`.
+
+        Raises :class:`NotADatabaseError` for a file that is not a drpo database,
+        :class:`SchemaVersionError` for one of another schema version and
+        :class:`ReadOnlyPathError` when the file or its folder cannot be written; in every case
+        the file is left untouched.
+        """
+        db = Path(path).expanduser() if path is not None else default_db_path()
+        if str(path) == ":memory:":
+            raise ValueError("the run store needs a file: readers use their own connections")
+        probe = await anyio.to_thread.run_sync(probe_database, db)
+        if readonly:
+            if not probe.exists or probe.new:
+                raise StoreError(f"there is no drpo database at {db} to open read-only")
+            store = cls(db, writer=None, readers=readers)
+            try:
+                yield store
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await store._readers.aclose()
+            return
+
+        await anyio.to_thread.run_sync(check_writable, db)
+        await anyio.to_thread.run_sync(lambda: db.parent.mkdir(parents=True, exist_ok=True))
+        conn = await aiosqlite.connect(str(db), isolation_level=None)
+        store = None
+        try:
+            await _prepare_writer_connection(conn, probe)
+            writer = BatchWriter(conn, max_batch_rows=max_batch_rows, queue_size=queue_size)
+            store = cls(db, writer=writer, readers=readers)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer.run)
+                try:
+                    yield store
+                    await writer.flush()  # report failed background writes on a clean exit
+                finally:
+                    writer.close()  # the writer commits what is queued, then its task ends
+        finally:
+            with anyio.CancelScope(shield=True):
+                if store is not None:
+                    await store._readers.aclose()
+                await conn.close()
+
+    def _require_writer(self) -> BatchWriter:
+        if self._writer is None:
+            raise ReadOnlyStoreError(
+                f"the run store {self.path} was opened read-only; open it without "
+                "readonly=True to write"
+            )
+        return self._writer
+
+    async def flush(self) -> None:
+        """Return once every write queued so far is committed (see :meth:`BatchWriter.flush`)."""
+        await self._require_writer().flush()
+
+    @property
+    def committed_rows(self) -> int:
+        """Rows committed by this store's writer since it opened (for benchmarks and progress)."""
+        return self._writer.committed_rows if self._writer is not None else 0
+
+    # ---------------------------------------------------------------- reading helpers
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        async with self._readers.connection() as conn:
+            return list(await conn.execute_fetchall(sql, params))
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A read-only connection inside one read transaction: every query in the block sees the
+        same committed state, however many batches the writer commits meanwhile."""
+        async with self._readers.connection() as conn:
+            await conn.execute("BEGIN")
+            yield conn
+
+    # ---------------------------------------------------------------- runs
+
+    async def create_run(
+        self,
+        kind: str,
+        config: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        run_id: str | None = None,
+    ) -> str:
+        """Create a run in status ``created``; returns its id once committed."""
+        writer = self._require_writer()
+        run_id = run_id or uuid.uuid4().hex
+        now = time.time()
+        await writer.write(_INSERT_RUN, [(run_id, kind, name, _dumps(dict(config or {})), now, now)])
+        return run_id
+
+    async def set_run_status(
+        self,
+        run_id: str,
+        status: RunStatus,
+        result: Any = None,
+        error: str | None = None,
+    ) -> None:
+        """Move a run to ``status`` (``running`` stamps ``started_at`` once and clears
+        ``finished_at``; terminal statuses stamp ``finished_at``). ``result`` is kept if None."""
+        writer = self._require_writer()
+        if status not in RUN_STATUSES:
+            raise ValueError(f"unknown run status {status!r}; use one of {', '.join(RUN_STATUSES)}")
+        run = await self.get_run(run_id)
+        params = {
+            "run_id": run.run_id,
+            "status": status,
+            "now": time.time(),
+            "result": _dumps(result) if result is not None else None,
+            "error": error,
+        }
+        await writer.write(_SET_STATUS, [params])
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """The run with this id, or with this unique id prefix (as users type them)."""
+        rows = await self._fetchall("SELECT * FROM runs WHERE run_id = ?", (run_id,))
+        if not rows and run_id:
+            rows = await self._fetchall(
+                "SELECT * FROM runs WHERE substr(run_id, 1, ?) = ? ORDER BY created_at LIMIT 5",
+                (len(run_id), run_id),
+            )
+        if not rows:
+            raise RunNotFoundError(f"no run with id {run_id!r} in {self.path}")
+        if len(rows) > 1:
+            ids = ", ".join(row["run_id"] for row in rows)
+            raise AmbiguousRunIdError(
+                f"run id prefix {run_id!r} matches several runs ({ids}); type more of it"
+            )
+        return _run_record(rows[0])
+
+    async def list_runs(
+        self, *, kind: str | None = None, status: str | None = None, limit: int | None = None
+    ) -> list[RunRecord]:
+        """Runs, newest first."""
+        where, params = _where(kind=kind, status=status)
+        sql = f"SELECT * FROM runs {where} ORDER BY created_at DESC, run_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_run_record(row) for row in await self._fetchall(sql, params)]
+
+    # ---------------------------------------------------------------- messages
+
+    async def append_messages(self, envelopes: Iterable[Envelope], *, wait: bool = False) -> int:
+        """Queue envelopes for the ``messages`` table, in order; returns how many.
+
+        Returns once they are queued; with ``wait=True``, once they are committed (else call
+        :meth:`flush`). An envelope already stored (same message id) is skipped.
+        """
+        rows = [message_row(envelope) for envelope in envelopes]
+        await self.append_message_rows(rows, wait=wait)
+        return len(rows)
+
+    async def append_message_rows(
+        self, rows: Sequence[tuple[Any, ...]], *, wait: bool = False
+    ) -> None:
+        """Like :meth:`append_messages`, for rows already made by :func:`message_row`."""
+        writer = self._require_writer()
+        if not rows:
+            return
+        if wait:
+            await writer.write(_INSERT_MESSAGE, rows)
+        else:
+            await writer.submit(WriteOp(_INSERT_MESSAGE, rows))
+
+    async def iter_messages(
+        self,
+        run_id: str,
+        *,
+        node_id: str | None = None,
+        after_seq: int | None = None,
+        kinds: Iterable[str] | None = None,
+        page_size: int = 500,
+    ) -> AsyncIterator[StoredMessage]:
+        """A run's messages in order (optionally one node's, after a position, of some kinds).
+
+        Reads a page at a time, each in its own short read, so a long iteration holds no
+        connection between pages and sees messages committed while it runs.
+        """
+        clauses = ["run_id = ?", "seq > ?"]
+        params: list[Any] = [run_id]
+        if node_id is not None:
+            clauses.append("node_id = ?")
+            params.append(node_id)
+        kind_list = list(kinds) if kinds is not None else None
+        if kind_list is not None:
+            if not kind_list:
+                return
+            clauses.append(f"kind IN ({', '.join('?' * len(kind_list))})")
+            params.extend(kind_list)
+        sql = (
+            f"SELECT seq, envelope FROM messages WHERE {' AND '.join(clauses)} "
+            "ORDER BY seq LIMIT ?"
+        )
+        last = after_seq if after_seq is not None else 0
+        while True:
+            page_params = [params[0], last, *params[1:], page_size]
+            rows = await self._fetchall(sql, page_params)
+            for row in rows:
+                yield StoredMessage(row[0], Envelope.model_validate_json(row[1]))
+            if len(rows) < page_size:
+                return
+            last = rows[-1][0]
+
+    async def count_messages(self, run_id: str | None = None) -> int:
+        """How many messages are stored (for one run, or in all)."""
+        if run_id is None:
+            rows = await self._fetchall("SELECT count(*) FROM messages")
+        else:
+            rows = await self._fetchall("SELECT count(*) FROM messages WHERE run_id = ?", (run_id,))
+        return int(rows[0][0])
+
+    # ---------------------------------------------------------------- the call journal
+
+    async def record_call(self, record: CallRecord) -> None:
+        """Write a journal entry and return once it is committed.
+
+        An ``ok`` entry is final; an ``error`` entry is replaced by a later try of the same key
+        (its ``tries``, ``attempts`` and ``cost_usd`` accumulate).
+        """
+        writer = self._require_writer()
+        now = time.time()
+        row = (
+            record.run_id,
+            record.key,
+            record.role,
+            record.node_id,
+            record.backend,
+            record.endpoint,
+            record.model,
+            record.sample_index,
+            record.request,
+            record.response,
+            record.status,
+            record.error,
+            record.prompt_tokens,
+            record.completion_tokens,
+            record.cached_tokens,
+            record.latency_s,
+            record.attempts,
+            record.cost_usd,
+            record.created_at or now,
+            now,
+        )
+        await writer.write(_UPSERT_CALL, [row])
+
+    async def mark_replayed(self, run_id: str, key: str) -> None:
+        """Count one more answer served from the journal entry (queued, not awaited)."""
+        await self._require_writer().submit(WriteOp(_MARK_REPLAYED, [(run_id, key)]))
+
+    async def get_call(self, run_id: str, key: str) -> CallRecord | None:
+        rows = await self._fetchall("SELECT * FROM calls WHERE run_id = ? AND key = ?", (run_id, key))
+        return _call_record(rows[0]) if rows else None
+
+    async def ok_call_keys(self, run_id: str) -> set[str]:
+        """Keys of the run's successful journal entries (what a resumed run can replay)."""
+        rows = await self._fetchall(
+            "SELECT key FROM calls WHERE run_id = ? AND status = 'ok'", (run_id,)
+        )
+        return {row[0] for row in rows}
+
+    async def list_calls(
+        self, run_id: str, *, role: str | None = None, status: str | None = None
+    ) -> list[CallRecord]:
+        """A run's journal entries in the order they were first made."""
+        where, params = _where(run_id=run_id, role=role, status=status)
+        rows = await self._fetchall(f"SELECT * FROM calls {where} ORDER BY id", params)
+        return [_call_record(row) for row in rows]
+
+    async def run_totals(self, run_id: str) -> RunTotals:
+        """Calls, tokens and cost per role of a run, from the journal."""
+        rows = await self._fetchall(
+            """
+            SELECT role, sum(tries), sum(status = 'ok'), sum(status = 'error'), sum(replayed),
+                   sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens), sum(cost_usd)
+            FROM calls WHERE run_id = ? GROUP BY role ORDER BY role
+            """,
+            (run_id,),
+        )
+        return RunTotals({row[0]: RoleTotals(*row[1:]) for row in rows})
+
+    # ---------------------------------------------------------------- the aspect cache
+
+    async def get_aspect_selection(
+        self, query_hash: str, critic_model: str, catalogue_version: str
+    ) -> AspectSelection | None:
+        """A cached aspect selection for this query, critic model and aspect catalogue."""
+        rows = await self._fetchall(
+            "SELECT selection FROM aspect_cache WHERE query_hash = ? AND critic_model = ? "
+            "AND catalogue_version = ?",
+            (query_hash, critic_model, catalogue_version),
+        )
+        return AspectSelection.model_validate_json(rows[0][0]) if rows else None
+
+    async def put_aspect_selection(
+        self,
+        query_hash: str,
+        critic_model: str,
+        catalogue_version: str,
+        selection: AspectSelection,
+    ) -> None:
+        """Cache an aspect selection (replacing an older one); returns once committed."""
+        await self._require_writer().write(
+            _PUT_ASPECTS,
+            [(query_hash, critic_model, catalogue_version, selection.model_dump_json(), time.time())],
+        )
+
+
+def _where(**equals: Any) -> tuple[str, list[Any]]:
+    """``WHERE a = ? AND b = ?`` for the arguments that are not None."""
+    used = {name: value for name, value in equals.items() if value is not None}
+    if not used:
+        return "", []
+    return "WHERE " + " AND ".join(f"{name} = ?" for name in used), list(used.values())
+
+
+async def _prepare_writer_connection(conn: aiosqlite.Connection, probe: Probe) -> None:
+    """Switch to WAL, and create the schema if the file has none yet.
+
+    The version is read again inside the write transaction: another process may have created
+    the schema between the probe and now.
+    """
+    await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    async with conn.execute("PRAGMA journal_mode = WAL") as cursor:
+        row = await cursor.fetchone()
+    if row is None or str(row[0]).lower() != "wal":
+        raise StoreError(f"could not switch {probe.path} to WAL mode (got {row!r})")
+    await conn.execute("PRAGMA synchronous = NORMAL")
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        async with conn.execute("PRAGMA user_version") as cursor:
+            version = (await cursor.fetchone() or (0,))[0]
+        if version == 0:
+            for statement in DDL.split(";"):
+                if statement.strip():
+                    await conn.execute(statement)
+            now = time.time()
+            await conn.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [("schema_version", str(SCHEMA_VERSION)), ("created_at", str(now))],
+            )
+            await conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version != SCHEMA_VERSION:
+            raise SchemaVersionError(probe.path, version)
+        await conn.execute("COMMIT")
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await conn.execute("ROLLBACK")
+        raise
+
+
+__all__ = [
+    "AmbiguousRunIdError",
+    "CallRecord",
+    "NotADatabaseError",
+    "NotADrpoDatabaseError",
+    "ReadOnlyPathError",
+    "ReadOnlyStoreError",
+    "RoleTotals",
+    "RunNotFoundError",
+    "RunRecord",
+    "RunStatus",
+    "RunStore",
+    "RunTotals",
+    "SchemaVersionError",
+    "StoreClosedError",
+    "StoreError",
+    "StoredMessage",
+    "WriteFailedError",
+    "message_row",
+    "query_hash",
+]
