@@ -67,7 +67,7 @@ class AlignedPrompt(BaseModel):
             raise ArtifactError(f"artifact {path} is not JSON: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
             raise ArtifactError(
-                f"{path} is not a drpo artifact (expected \"format\": \"{ARTIFACT_FORMAT}\")"
+                f'{path} is not a drpo artifact (expected "format": "{ARTIFACT_FORMAT}")'
             )
         try:
             return cls.model_validate(data)

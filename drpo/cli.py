@@ -98,9 +98,7 @@ def optimize(
     max_cost: Annotated[float | None, typer.Option(help="Stop at this cost (USD).")] = None,
     max_calls: Annotated[int | None, typer.Option(help="Stop after this many calls.")] = None,
     name: Annotated[str | None, typer.Option(help="A name for the run.")] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Artifact path (a folder for a sweep).")
-    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Artifact path (a folder for a sweep).")] = None,
     db: DbOption = None,
 ) -> None:
     """Search for the system prompt that aligns the base model (the paper's main job)."""
@@ -254,11 +252,72 @@ def resume(
 async def _load_run(db: Path, run: str) -> Any:
     from drpo.runs.store import RunStore
 
-    if not db.exists():
+    if not await anyio.Path(db).exists():
         raise UserError(f"no run database at {db}")
     async with RunStore.open(db, readonly=True) as store:
         record = await store.get_run(run)
     return record
+
+
+# ---------------------------------------------------------------------------------- icl
+
+
+@app.command()
+def icl(
+    examples: Annotated[
+        Path | None, typer.Option("--icl", help="ICL examples file (default: the shipped seeds).")
+    ] = None,
+    critic_model: Annotated[str, typer.Option(help="Critic (judge) model.")] = "local:smollm2",
+    editor_model: Annotated[str, typer.Option(help="Editor model.")] = "local:smollm2",
+    rounds: Annotated[int, typer.Option(help="Rewrite rounds per example.")] = 5,
+    judge_mode: Annotated[str, typer.Option(help="json or logprobs.")] = "json",
+    limit: Annotated[int | None, typer.Option(help="Only the first N examples.")] = None,
+    max_calls: Annotated[int | None, typer.Option(help="Stop after this many calls.")] = None,
+    max_cost: Annotated[float | None, typer.Option(help="Stop at this cost (USD).")] = None,
+    out: Annotated[Path, typer.Option(help="Where to write the optimized examples.")] = Path(
+        "icl_examples.optimized.json"
+    ),
+    db: DbOption = None,
+) -> None:
+    """Optimize the answers of the ICL examples (the paper's offline ICL stage)."""
+    from drpo.data.loaders import default_icl_examples, load_icl_examples
+    from drpo.icl import ICLConfig
+
+    try:
+        config = ICLConfig(
+            critic=critic_model,
+            editor=editor_model,
+            rounds=rounds,
+            mode=judge_mode,
+            max_calls=max_calls,
+            max_cost_usd=max_cost,
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    pool = load_queries_or_fail(examples, load_icl_examples) if examples else default_icl_examples()
+    pool = list(pool)[:limit] if limit else list(pool)
+    db_path = resolve_db(db)
+    run_id, status, traces = run_async(_icl_main, pool, config, out, db_path)
+    for trace in traces:
+        console.print(
+            f"{trace.initial_total:5.1f} -> {trace.best_total:5.1f} / {trace.max_total:4.0f}  "
+            f"({trace.accepted} accepted of {trace.rounds})  {trace.query[:60]}",
+            highlight=False,
+        )
+    if status != "finished":
+        raise fail(f"run {run_id} {status}", code=1)
+    console.print(f"[bold green]run {run_id} finished[/]: wrote {len(pool)} examples to {out}")
+
+
+async def _icl_main(pool: list, config: Any, out: Path, db: Path) -> tuple:
+    from drpo.icl import run_icl
+    from drpo.logs import configure_logging
+    from drpo.runs.store import RunStore
+    from drpo.session import agent_session
+
+    configure_logging(log_folder=logs_dir(db))
+    async with RunStore.open(db) as store, agent_session(store) as session:
+        return await run_icl(session, pool, config, out)
 
 
 # ---------------------------------------------------------------------------------- generate
@@ -283,9 +342,7 @@ def generate(
     if (query is None) == (file is None):
         raise fail('give a query ("...") or --file QUERIES, not both')
     queries = [query] if query is not None else load_queries_or_fail(file, load_queries)
-    answers = run_async(
-        _generate_main, queries, artifact, model, k, max_tokens, temperature
-    )
+    answers = run_async(_generate_main, queries, artifact, model, k, max_tokens, temperature)
     if output is not None:
         with output.open("w", encoding="utf-8") as handle:
             for q, a in zip(queries, answers, strict=True):

@@ -114,8 +114,14 @@ class OptimizeConfig(_Settings):
 #: a JSON judge. Meant for a strong API critic and editor.
 PAPER_PRESET: dict[str, Any] = {
     "preset": "paper",
-    "search": {"beam_size": 2, "n_actions": 3, "depth": 20, "depth_extension": 10,
-               "temperature": 0.2, "num_train_queries": 180},
+    "search": {
+        "beam_size": 2,
+        "n_actions": 3,
+        "depth": 20,
+        "depth_extension": 10,
+        "temperature": 0.2,
+        "num_train_queries": 180,
+    },
     "proposer": {"k": 2, "max_tokens": 2048},
     "critic": {"mode": "json"},
 }
@@ -125,8 +131,14 @@ PAPER_PRESET: dict[str, Any] = {
 #: probabilities are usable).
 SMALL_PRESET: dict[str, Any] = {
     "preset": "small",
-    "search": {"beam_size": 2, "n_actions": 2, "depth": 5, "depth_extension": 2,
-               "temperature": 0.7, "num_train_queries": 12},
+    "search": {
+        "beam_size": 2,
+        "n_actions": 2,
+        "depth": 5,
+        "depth_extension": 2,
+        "temperature": 0.7,
+        "num_train_queries": 12,
+    },
     "proposer": {"k": 1, "max_tokens": 128},
     "critic": {"mode": "logprobs"},
 }

@@ -59,8 +59,15 @@ class AlignedGenerator:
         registry = BackendRegistry()
         if path is None:
             backend = registry.get(model or DEFAULT_MODEL)
-            return cls(backend, DEFAULT_SYSTEM_PROMPT, (), k=0, max_tokens=max_tokens,
-                       temperature=temperature, registry=registry)
+            return cls(
+                backend,
+                DEFAULT_SYSTEM_PROMPT,
+                (),
+                k=0,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                registry=registry,
+            )
         artifact = AlignedPrompt.load(path)
         framing = str(artifact.settings.get("proposer", {}).get("framing", "raw"))
         backend = registry.get(model or artifact.base_model)

@@ -20,7 +20,7 @@ import structlog
 from drpo.agents import topics
 from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.retrieval import ICLRetriever
-from drpo.agents.runtime import AgentRuntime, RunContext
+from drpo.agents.runtime import RunContext
 from drpo.agents.search import BeamSearch, SearchResult
 from drpo.artifact import AlignedPrompt, LevelTrace
 from drpo.backends.registry import BackendRegistry
@@ -34,8 +34,8 @@ from drpo.data.loaders import (
     load_queries,
 )
 from drpo.runs.journal import BudgetExceeded, JournaledCaller
-from drpo.runs.recorder import Recorder
 from drpo.runs.store import RunStore
+from drpo.session import Session, agent_session
 
 log = structlog.get_logger("drpo.optimize")
 
@@ -94,38 +94,24 @@ async def run_searches(
     registry = registry or BackendRegistry()
     for plan in plans:
         registry.configure(plan.config.endpoints)
-    bus = Bus()
-    runtime = AgentRuntime(bus, registry, store)
-    recorder = Recorder(bus, store)
     outcomes: list[RunOutcome | None] = [None] * len(plans)
-    try:
-        async with anyio.create_task_group() as services:
-            services.start_soon(recorder.run)
-            await runtime.start(services)
-            async with anyio.create_task_group() as searches:
-                for index, plan in enumerate(plans):
-                    searches.start_soon(
-                        _run_one, index, plan, store, bus, runtime, outcomes, on_level, on_created
-                    )
-            await recorder.drain()
-            services.cancel_scope.cancel()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await registry.aclose()
+    async with agent_session(store, registry) as session:
+        async with anyio.create_task_group() as searches:
+            for index, plan in enumerate(plans):
+                searches.start_soon(_run_one, index, plan, session, outcomes, on_level, on_created)
     return [outcome for outcome in outcomes if outcome is not None]
 
 
 async def _run_one(
     index: int,
     plan: RunPlan,
-    store: RunStore,
-    bus: Bus,
-    runtime: AgentRuntime,
+    session: Session,
     outcomes: list[RunOutcome | None],
     on_level: Callable[[str, int, int], None] | None,
     on_created: Callable[[str, OptimizeConfig], None] | None,
 ) -> None:
     config = plan.config
+    store, bus, runtime = session.store, session.bus, session.runtime
     if plan.run_id is None:
         queries, examples = prepare_inputs(config)
         record = run_record(config, queries, examples)

@@ -81,8 +81,9 @@ class ScriptedAgents:
     async def edit(self, env: Envelope) -> PromptCandidates:
         await self._track("edit")
         self.edited.append(env.payload.system_prompt)
-        return PromptCandidates(prompts=tuple(self.candidates(env.payload.system_prompt,
-                                                              env.payload.n)))
+        return PromptCandidates(
+            prompts=tuple(self.candidates(env.payload.system_prompt, env.payload.n))
+        )
 
     async def serve(self, bus: Bus, tg: anyio.abc.TaskGroup) -> None:
         for topic, handler in (
@@ -160,9 +161,7 @@ async def test_beam_keeps_best_path_means_and_final_pick_is_last_prompt_of_best_
         return 1.0 + int(prompt.rsplit("/", 1)[1])
 
     agents = ScriptedAgents(reward)
-    result, events = await run_search(
-        agents, beam_size=2, n_actions=3, depth=5, depth_extension=0
-    )
+    result, events = await run_search(agents, beam_size=2, n_actions=3, depth=5, depth_extension=0)
     assert result.best.system_prompt == "You are a helpful assistant./2/2/2/2"
     assert result.best_score == pytest.approx(3.0)
     assert result.best.path_rewards == (3.0, 3.0, 3.0, 3.0)
@@ -180,9 +179,7 @@ async def test_beam_keeps_best_path_means_and_final_pick_is_last_prompt_of_best_
 async def test_ties_keep_insertion_order():
     # every node scores the same: the stable sort keeps parent rank, then candidate order
     agents = ScriptedAgents(lambda prompt, query: 2.0)
-    result, events = await run_search(
-        agents, beam_size=2, n_actions=3, depth=4, depth_extension=0
-    )
+    result, events = await run_search(agents, beam_size=2, n_actions=3, depth=4, depth_extension=0)
     levels = [e for e in events if e.kind == "level_completed"]
     assert levels[0].kept == ("n1.0.0", "n1.0.1")
     assert levels[1].kept == ("n2.0.0", "n2.0.1")
@@ -207,9 +204,7 @@ async def test_skip_rule_and_depth_extension():
     # a prompt scoring above 4.5 is not rewritten: its only child is itself; each level with a
     # skip extends the depth by one, at most depth_extension times
     agents = ScriptedAgents(lambda prompt, query: 5.0)
-    result, events = await run_search(
-        agents, beam_size=2, n_actions=3, depth=4, depth_extension=3
-    )
+    result, events = await run_search(agents, beam_size=2, n_actions=3, depth=4, depth_extension=3)
     assert agents.calls["edit"] == 0
     assert result.levels == 4 + 3
     assert result.best.system_prompt == "You are a helpful assistant."
@@ -225,9 +220,7 @@ async def test_failed_judgement_scores_zero_and_forces_a_skip():
     agents = ScriptedAgents(
         lambda prompt, query: 3.0, fail_judgement=lambda prompt, query: query == "q0"
     )
-    result, events = await run_search(
-        agents, beam_size=2, n_actions=3, depth=4, depth_extension=1
-    )
+    result, events = await run_search(agents, beam_size=2, n_actions=3, depth=4, depth_extension=1)
     nodes = {e.node_id: e for e in events if e.kind == "node_created"}
     assert nodes["n0"].critique.failed and nodes["n0"].reward == 0.0
     assert nodes["n1.0.0"].skipped

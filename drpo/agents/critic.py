@@ -42,7 +42,7 @@ Variant = Literal["search", "icl"]
 CRITIC_SETTINGS = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 2048, "seed": 0}
 
 #: Used when the critic's selection cannot be read even after a reminder: the three aspects the
-#: original's critic chose most often (spec §2.2), padded from the catalogue if a variant needs more.
+#: original's critic chose most often (spec §2.2), padded from the catalogue when more are needed.
 DEFAULT_SELECTION = ("Helpfulness", "Clarity", "Factuality")
 
 #: Keys added to ``AspectSelection.analysis`` to record what the critic had to repair.

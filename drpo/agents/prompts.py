@@ -4,7 +4,11 @@ The structure follows the original DRPO code (spec §1-§4): the same roles, JSO
 layout, but none of its wording. Keeping the texts in one module lets a reviewer read exactly what
 each model is told, and lets the builders stay small functions of their inputs, which is what
 makes the call journal's content keys stable across runs.
+
+Prompt paragraphs are deliberately not wrapped at 100 columns: a model sees every line break.
 """
+
+# ruff: noqa: E501
 
 from __future__ import annotations
 
@@ -285,9 +289,9 @@ def prompt_history(history: Sequence[str], current: str, limit: int = HISTORY_LI
 
 
 def format_history(versions: Sequence[str]) -> str:
-    blocks = [
-        f"---Version {i}---\n{text}" for i, text in enumerate(versions[:-1], start=1)
-    ] + [f"---Current Version---\n{versions[-1]}"]
+    blocks = [f"---Version {i}---\n{text}" for i, text in enumerate(versions[:-1], start=1)] + [
+        f"---Current Version---\n{versions[-1]}"
+    ]
     return "\n\n".join(blocks)
 
 
@@ -402,4 +406,3 @@ def answer_editor_prompt(query: str, answer: str, critique: Critique) -> str:
 
 def answer_editor_reminder(error: str) -> str:
     return _ANSWER_EDITOR_REMINDER.format(error=error)
-

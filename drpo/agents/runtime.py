@@ -104,7 +104,7 @@ class AgentRuntime:
             task_group.start_soon(self._serve, topic, handler, sender, task_group, ready)
             await ready.wait()
 
-    async def _serve(self, topic, handler, sender, task_group, ready) -> None:  # noqa: ANN001
+    async def _serve(self, topic, handler, sender, task_group, ready) -> None:
         await self.bus.serve(topic, handler, sender=sender, task_group=task_group, ready=ready)
 
     async def _propose(self, envelope: Envelope) -> Answer:
@@ -120,14 +120,14 @@ class AgentRuntime:
             message.model,
             context.catalogue.version,
         )
-        cached = await self.store.get_cached_aspects(*cache_key)
+        cached = await self.store.get_aspect_selection(*cache_key)
         if cached is not None:
             return AspectsSelected(selection=cached)
         call, _ = self._bind(envelope, message.model, "critic")
         selection = await critic.select_aspects(
             call, message.query, context.catalogue, variant=message.variant
         )
-        await self.store.put_cached_aspects(*cache_key, selection)
+        await self.store.put_aspect_selection(*cache_key, selection)
         return AspectsSelected(selection=selection)
 
     async def _judge(self, envelope: Envelope) -> Judged:

@@ -57,7 +57,6 @@ T = TypeVar("T")
 Retrieve = Callable[[str], Awaitable[Sequence[ICLExample]]]
 
 
-
 @dataclass(frozen=True)
 class Node:
     """A prompt judged on one query. ``path_rewards`` excludes the root, as in the paper."""
@@ -314,7 +313,13 @@ class BeamSearch:
         for rank, (node, _) in enumerate(result.final_beam):
             rewards: list[float] = [0.0] * len(unseen)
 
-            async def score(index: int, query: str, node: Node = node, rank: int = rank) -> None:
+            async def score(
+                index: int,
+                query: str,
+                node: Node = node,
+                rank: int = rank,
+                rewards: list[float] = rewards,
+            ) -> None:
                 node_id = f"heldout.{rank}.{index}"
                 answer = await self._request(
                     PROPOSE,

@@ -46,7 +46,7 @@ class SchemaVersionError(StoreError):
         if found > supported:
             advice = (
                 "it was written by a newer drpo; upgrade drpo (pip install -U drpo) to open it, "
-                f"or set DRPO_DB to another file to start a separate database"
+                "or set DRPO_DB to another file to start a separate database"
             )
         else:
             advice = (

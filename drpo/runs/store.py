@@ -252,7 +252,7 @@ def _run_record(row: sqlite3.Row) -> RunRecord:
 
 
 def _call_record(row: sqlite3.Row) -> CallRecord:
-    return CallRecord(**{name: row[name] for name in row.keys()})  # noqa: SIM118
+    return CallRecord(**{name: row[name] for name in row.keys()})
 
 
 # ------------------------------------------------------------------------------------ readers
@@ -341,9 +341,7 @@ class RunStore:
         :class:`ReadOnlyPathError` when the file or its folder cannot be written; in every case
         the file is left untouched.
         """
-        db = Path(path).expanduser() if path is not None else default_db_path()
-        if str(path) == ":memory:":
-            raise ValueError("the run store needs a file: readers use their own connections")
+        db = _db_path(path)
         probe = await anyio.to_thread.run_sync(probe_database, db)
         if readonly:
             if not probe.exists or probe.new:
@@ -421,7 +419,9 @@ class RunStore:
         writer = self._require_writer()
         run_id = run_id or uuid.uuid4().hex
         now = time.time()
-        await writer.write(_INSERT_RUN, [(run_id, kind, name, _dumps(dict(config or {})), now, now)])
+        await writer.write(
+            _INSERT_RUN, [(run_id, kind, name, _dumps(dict(config or {})), now, now)]
+        )
         return run_id
 
     async def set_run_status(
@@ -524,8 +524,7 @@ class RunStore:
             clauses.append(f"kind IN ({', '.join('?' * len(kind_list))})")
             params.extend(kind_list)
         sql = (
-            f"SELECT seq, envelope FROM messages WHERE {' AND '.join(clauses)} "
-            "ORDER BY seq LIMIT ?"
+            f"SELECT seq, envelope FROM messages WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT ?"
         )
         last = after_seq if after_seq is not None else 0
         while True:
@@ -584,7 +583,9 @@ class RunStore:
         await self._require_writer().submit(WriteOp(_MARK_REPLAYED, [(run_id, key)]))
 
     async def get_call(self, run_id: str, key: str) -> CallRecord | None:
-        rows = await self._fetchall("SELECT * FROM calls WHERE run_id = ? AND key = ?", (run_id, key))
+        rows = await self._fetchall(
+            "SELECT * FROM calls WHERE run_id = ? AND key = ?", (run_id, key)
+        )
         return _call_record(rows[0]) if rows else None
 
     async def ok_call_keys(self, run_id: str) -> set[str]:
@@ -637,8 +638,22 @@ class RunStore:
         """Cache an aspect selection (replacing an older one); returns once committed."""
         await self._require_writer().write(
             _PUT_ASPECTS,
-            [(query_hash, critic_model, catalogue_version, selection.model_dump_json(), time.time())],
+            [
+                (
+                    query_hash,
+                    critic_model,
+                    catalogue_version,
+                    selection.model_dump_json(),
+                    time.time(),
+                )
+            ],
         )
+
+
+def _db_path(path: Path | str | None) -> Path:
+    if path is not None and str(path) == ":memory:":
+        raise ValueError("the run store needs a file: its readers use their own connections")
+    return Path(path).expanduser() if path is not None else default_db_path()
 
 
 def _where(**equals: Any) -> tuple[str, list[Any]]:

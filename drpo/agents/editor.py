@@ -1,0 +1,143 @@
+"""The editor (optimizer): rewrites the system prompt from feedback, and in the ICL stage an answer.
+
+The prompt rewrite follows spec §2.5: the optimizer sees the current prompt and up to four earlier
+ones, the query, the answer and the judge's verdict, and returns ``{analysis, thought,
+new_system_prompt}`` at the original settings (T from the search config, top_p 0.95, 2048 tokens).
+The original asked for all n candidates in one request and crashed on any unparsable one; here
+backends that cannot return n samples get n concurrent requests with distinct seeds, and a
+candidate that cannot be read is asked for once more with a format reminder, then dropped and
+counted, so the search carries on with the candidates it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+
+from drpo.agents.parsing import ParseError, parse_text_field
+from drpo.agents.prompts import (
+    answer_editor_prompt,
+    answer_editor_reminder,
+    optimizer_prompt,
+    optimizer_reminder,
+)
+from drpo.agents.proposer import Call, clean_answer, wrap_answer
+from drpo.backends.base import ChatMessage, CompletionRequest
+from drpo.bus.messages import EditAnswer, EditPrompt
+
+#: The optimizer's settings besides temperature and n (spec §1.1).
+OPTIMIZER_SETTINGS = {"top_p": 0.95, "max_tokens": 2048}
+#: The ICL-stage answer editor is greedy (spec §4).
+ANSWER_EDITOR_SETTINGS = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 2048, "seed": 0}
+
+PROMPT_FIELDS = ("new_system_prompt", "system_prompt", "new_prompt")
+ANSWER_FIELDS = ("new_response", "response", "new_answer")
+
+
+def _user(content: str) -> ChatMessage:
+    return ChatMessage(role="user", content=content)
+
+
+def _with_reminder(
+    base: Sequence[ChatMessage], reply: str | None, reminder: str
+) -> tuple[ChatMessage, ...]:
+    """The retry conversation: the unusable reply (when there was one) and a format reminder."""
+    if reply is None:
+        return tuple(base)
+    return (*base, ChatMessage(role="assistant", content=reply), _user(reminder))
+
+
+def read_prompt_candidate(text: str) -> str:
+    """The new system prompt in an optimizer reply; ParseError when there is none."""
+    return parse_text_field(text, *PROMPT_FIELDS)
+
+
+def read_answer_rewrite(text: str) -> str:
+    """The rewritten answer in an answer-editor reply, wrapped in ``<START>``/``<END>``;
+    ParseError when there is none or it is empty inside its markers."""
+    answer = parse_text_field(text, *ANSWER_FIELDS)
+    if not clean_answer(answer):
+        raise ParseError("the new_response field is empty inside its markers", text)
+    return wrap_answer(answer)
+
+
+async def rewrite_prompt(call: Call, msg: EditPrompt, *, supports_n: bool) -> tuple[list[str], int]:
+    """``msg.n`` rewritten system prompts, in sample order, and how many had to be dropped.
+
+    With ``supports_n`` one request returns all samples (seed 0, as in the original); otherwise
+    sample i is its own request with seed i, so the samples differ and the requests have distinct
+    journal keys. Every unreadable or missing sample is retried once, concurrently.
+    """
+    if msg.n < 1:
+        return [], 0
+    base = (
+        _user(
+            optimizer_prompt(msg.system_prompt, msg.query, msg.answer, msg.critique, msg.history)
+        ),
+    )
+
+    def request(messages: Sequence[ChatMessage], *, n: int, seed: int) -> CompletionRequest:
+        return CompletionRequest(
+            messages=tuple(messages),
+            n=n,
+            seed=seed,
+            temperature=msg.temperature,
+            **OPTIMIZER_SETTINGS,
+        )
+
+    replies: list[str | None] = [None] * msg.n
+    if supports_n:
+        completion = await call(request(base, n=msg.n, seed=0))
+        for i, choice in enumerate(completion.choices[: msg.n]):
+            replies[i] = choice.text
+    else:
+
+        async def sample(i: int) -> None:
+            replies[i] = (await call(request(base, n=1, seed=i))).text
+
+        async with anyio.create_task_group() as group:
+            for i in range(msg.n):
+                group.start_soon(sample, i)
+
+    candidates: list[str | None] = [None] * msg.n
+    errors: dict[int, str] = {}
+    for i, reply in enumerate(replies):
+        if reply is None:
+            errors[i] = "the backend returned fewer samples than requested"
+            continue
+        try:
+            candidates[i] = read_prompt_candidate(reply)
+        except ParseError as error:
+            errors[i] = error.reason
+
+    async def retry(i: int) -> None:
+        messages = _with_reminder(base, replies[i], optimizer_reminder(errors[i]))
+        # A seed no first-round request used, so a retry never repeats a first-round request.
+        reply = (await call(request(messages, n=1, seed=msg.n + i))).text
+        try:
+            candidates[i] = read_prompt_candidate(reply)
+        except ParseError:
+            candidates[i] = None
+
+    async with anyio.create_task_group() as group:
+        for i in errors:
+            group.start_soon(retry, i)
+    kept = [c for c in candidates if c is not None]
+    return kept, msg.n - len(kept)
+
+
+async def rewrite_answer(call: Call, msg: EditAnswer) -> str | None:
+    """The ICL stage's rewrite of an example answer, wrapped in ``<START>``/``<END>``; None when
+    the editor's reply cannot be read even after one retry with a format reminder."""
+    base = (_user(answer_editor_prompt(msg.query, msg.answer, msg.critique)),)
+    reply = (await call(CompletionRequest(messages=base, **ANSWER_EDITOR_SETTINGS))).text
+    try:
+        return read_answer_rewrite(reply)
+    except ParseError as error:
+        messages = _with_reminder(base, reply, answer_editor_reminder(error.reason))
+    reply = (await call(CompletionRequest(messages=messages, **ANSWER_EDITOR_SETTINGS))).text
+    try:
+        return read_answer_rewrite(reply)
+    except ParseError:
+        return None

@@ -1,0 +1,602 @@
+"""The OpenAI-compatible API backend (OpenAI, vLLM, SGLang, TGI, ``transformers serve``, ...).
+
+Built for thousands of concurrent calls through the official ``openai`` SDK:
+
+* one tuned httpx2 connection pool per backend, and the SDK's own retries turned off, so there is
+  exactly ONE retry loop (ours) and every attempt passes through the shared rate limiter;
+* transient failures (connection errors, timeouts, 408, 409, 429, 5xx, malformed or empty
+  replies) are retried with full-jitter exponential backoff, and a server's ``retry-after-ms`` or
+  ``Retry-After`` is obeyed however long it is: the call waits, it does not fail;
+* failures no retry can fix (bad key, no access, unknown model, invalid request, exhausted quota,
+  a request over the context limit) raise ``PermanentBackendError`` at once, with a message that
+  says what to change;
+* the API key is read once from the environment and never appears in an error message, a repr or
+  a log line: server messages are redacted and SDK exceptions (whose request objects carry the
+  key in a header) are not chained onto ours.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import httpx2
+import openai
+from openai import (
+    APIConnectionError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    AsyncOpenAI,
+)
+
+from drpo.backends.base import (
+    Choice,
+    Completion,
+    CompletionRequest,
+    PermanentBackendError,
+    TokenLogprob,
+    TopLogprob,
+    TransientBackendError,
+    Usage,
+)
+from drpo.backends.pricing import PriceTable
+from drpo.backends.ratelimit import (
+    SYSTEM_CLOCK,
+    Clock,
+    RateLimiter,
+    RateLimits,
+    Reservation,
+    shared_limiter,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+#: Sent to loopback servers that need no key (vLLM, ``transformers serve``) when none is set.
+PLACEHOLDER_KEY = "EMPTY"
+#: Statuses worth another try besides 5xx: timeout, conflict, rate limited.
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+#: Server text quoted in our errors is cut here; it is for humans, not for parsing.
+_MAX_QUOTED_CHARS = 300
+_REDACTED = "[redacted]"
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class OpenAIPermanentError(PermanentBackendError):
+    """A call the endpoint will never accept; ``status_code`` is None when no HTTP reply came."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, attempts: int = 1):
+        super().__init__(message)
+        self.status_code = status_code
+        self.attempts = attempts
+
+
+class OpenAITransientError(TransientBackendError):
+    """Every allowed attempt failed with a retryable error; ``last_cause`` says the last one."""
+
+    def __init__(self, message: str, *, last_cause: str, attempts: int):
+        super().__init__(message)
+        self.last_cause = last_cause
+        self.attempts = attempts
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """An attempt failed in a way another attempt may fix; ``cause`` is safe to show."""
+
+    cause: str
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class _Success:
+    choices: tuple[Choice, ...]
+    usage: Usage
+    model: str
+
+
+class _MalformedResponse(Exception):
+    """The reply parsed as HTTP 200 but is not a usable completion."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small pure helpers
+
+
+def is_loopback_url(base_url: str) -> bool:
+    """True for servers on this machine, which may legitimately need no API key."""
+    host = urlsplit(base_url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_api_key(env_var: str, base_url: str) -> str:
+    """The key from ``env_var``; a loopback server may go without one, anything else may not."""
+    key = os.environ.get(env_var, "").strip()
+    if key:
+        return key
+    if is_loopback_url(base_url):
+        return PLACEHOLDER_KEY
+    raise OpenAIPermanentError(
+        f"no API key for {base_url}: set the environment variable {env_var} "
+        "(keys are read only from the environment, never from config files)"
+    )
+
+
+def estimate_tokens(request: CompletionRequest) -> int:
+    """Tokens a request may use, known before the call: prompt chars / 4 + max_tokens * n."""
+    if request.messages is not None:
+        chars = sum(len(message.content) for message in request.messages)
+    else:
+        chars = len(request.prompt or "")
+    return math.ceil(chars / 4) + request.max_tokens * request.n
+
+
+def parse_retry_after(headers: Mapping[str, str], wall_now: float) -> float | None:
+    """Seconds the server asks us to wait: ``retry-after-ms``, else ``Retry-After`` (seconds or
+    an HTTP date). None when neither header is there or readable; never negative."""
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        try:
+            value = float(millis) / 1000
+            if math.isfinite(value):
+                return max(0.0, value)
+        except ValueError:
+            pass
+    text = headers.get("retry-after")
+    if text is None:
+        return None
+    try:
+        value = float(text)
+        return max(0.0, value) if math.isfinite(value) else None
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - wall_now)
+
+
+def full_jitter_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """AWS-style full jitter: uniform in [0, min(max, base * 2**(attempt-1))], so many callers
+    that failed together do not retry together."""
+    ceiling = min(max_s, base_s * 2.0 ** max(0, attempt - 1))
+    return rng.uniform(0.0, ceiling)
+
+
+def _error_fields(err: APIStatusError) -> tuple[str, str, str]:
+    """(code, type, message) of an error reply, whatever shape its body has."""
+    body = err.body
+    code = err.code or ""
+    kind = err.type or ""
+    if isinstance(body, Mapping):
+        message = body.get("message") or body.get("detail") or body.get("error") or ""
+        if not isinstance(message, str):
+            message = str(message)
+        code = code or str(body.get("code") or "")
+        kind = kind or str(body.get("type") or "")
+    elif isinstance(body, str):
+        message = body
+    else:
+        message = "" if body is None else str(body)
+    return code, kind, message
+
+
+_CONTEXT_WORDS = ("context length", "context_length", "context window", "maximum context")
+
+
+# --------------------------------------------------------------------------------------------
+# Mapping SDK objects to our types
+
+
+def _chat_params(model: str, request: CompletionRequest) -> dict[str, Any]:
+    assert request.messages is not None
+    params: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "max_tokens": request.max_tokens,
+        "n": request.n,
+    }
+    if request.stop:
+        params["stop"] = list(request.stop)
+    if request.seed is not None:
+        params["seed"] = request.seed
+    if request.top_logprobs is not None:
+        params["logprobs"] = True
+        params["top_logprobs"] = request.top_logprobs
+    return params
+
+
+def _text_params(model: str, request: CompletionRequest) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "model": model,
+        "prompt": request.prompt,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "max_tokens": request.max_tokens,
+        "n": request.n,
+    }
+    if request.stop:
+        params["stop"] = list(request.stop)
+    if request.seed is not None:
+        params["seed"] = request.seed
+    if request.top_logprobs is not None:
+        params["logprobs"] = request.top_logprobs
+    return params
+
+
+def _sorted_choices(raw: Any) -> list[Any]:
+    if not isinstance(raw, list):
+        raise _MalformedResponse("no list of choices")
+    return sorted(raw, key=lambda c: getattr(c, "index", None) or 0)
+
+
+def _chat_logprobs(choice: Any) -> tuple[TokenLogprob, ...] | None:
+    logprobs = getattr(choice, "logprobs", None)
+    content = getattr(logprobs, "content", None) if logprobs is not None else None
+    if content is None:
+        return None
+    return tuple(
+        TokenLogprob(
+            token=item.token,
+            logprob=item.logprob,
+            top=tuple(
+                TopLogprob(token=alt.token, logprob=alt.logprob)
+                for alt in (item.top_logprobs or ())
+            ),
+        )
+        for item in content
+    )
+
+
+def _text_logprobs(choice: Any) -> tuple[TokenLogprob, ...] | None:
+    logprobs = getattr(choice, "logprobs", None)
+    if logprobs is None or logprobs.tokens is None:
+        return None
+    values = logprobs.token_logprobs or [None] * len(logprobs.tokens)
+    tops = logprobs.top_logprobs or [None] * len(logprobs.tokens)
+    return tuple(
+        TokenLogprob(
+            token=token,
+            logprob=0.0 if value is None else float(value),
+            top=tuple(
+                TopLogprob(token=alt, logprob=float(alt_value))
+                for alt, alt_value in sorted((top or {}).items(), key=lambda kv: -kv[1])
+            ),
+        )
+        for token, value, top in zip(logprobs.tokens, values, tops, strict=True)
+    )
+
+
+def _map_usage(raw: Any) -> Usage:
+    if raw is None:
+        return Usage()
+    details = getattr(raw, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None) if details is not None else None
+    return Usage(
+        prompt_tokens=int(raw.prompt_tokens or 0),
+        completion_tokens=int(raw.completion_tokens or 0),
+        cached_tokens=int(cached or 0),
+    )
+
+
+def map_response(parsed: Any, *, chat: bool, fallback_model: str) -> _Success:
+    """Turn an SDK ``ChatCompletion`` / ``Completion`` into our types, or raise
+    ``_MalformedResponse`` (the SDK does not validate, so any missing field surfaces here)."""
+    if isinstance(parsed, str | bytes) or parsed is None:
+        raise _MalformedResponse("the body is not a JSON object")
+    try:
+        choices = []
+        for choice in _sorted_choices(parsed.choices):
+            if chat:
+                text = choice.message.content or ""
+                logprobs = _chat_logprobs(choice)
+            else:
+                text = choice.text or ""
+                logprobs = _text_logprobs(choice)
+            choices.append(Choice(text=text, finish_reason=choice.finish_reason, logprobs=logprobs))
+        usage = _map_usage(getattr(parsed, "usage", None))
+    except _MalformedResponse:
+        raise
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        raise _MalformedResponse(f"unexpected shape ({type(exc).__name__})") from None
+    if not choices:
+        raise _MalformedResponse("empty choice list")
+    model = getattr(parsed, "model", None)
+    return _Success(
+        tuple(choices), usage, model if isinstance(model, str) and model else fallback_model
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+
+
+def _http_client(limits: RateLimits, timeout_s: float, *, trust_env: bool) -> httpx2.AsyncClient:
+    """One pool sized above the in-flight cap, so a call never queues for a connection, and
+    keep-alive long enough that a steady load reuses its connections."""
+    pool = max(2 * limits.max_in_flight, 100)
+    return openai.DefaultAsyncHttpxClient(
+        limits=httpx2.Limits(
+            max_connections=pool,
+            max_keepalive_connections=pool,
+            keepalive_expiry=30.0,
+        ),
+        timeout=httpx2.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
+        trust_env=trust_env,
+    )
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible ``/v1`` endpoint as a ``Backend``.
+
+    ``limits`` are shared with every other backend of the same base URL, model and key (see
+    ``drpo.backends.ratelimit``). ``timeout_s`` bounds each attempt; ``max_attempts`` counts the
+    first try. ``clock`` is for tests: it injects virtual time into waits and backoff.
+    """
+
+    name = "openai"
+    supports_n = True
+    supports_logprobs = True
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        limits: RateLimits | None = None,
+        prices: PriceTable | None = None,
+        timeout_s: float = 600.0,
+        max_attempts: int = 10,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 60.0,
+        clock: Clock | None = None,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        self.model = model
+        self._endpoint = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._api_key_env = api_key_env
+        key = read_api_key(api_key_env, self._endpoint)
+        self._using_placeholder_key = key == PLACEHOLDER_KEY
+        self._redact = _redactor(key)
+        self._clock: Clock = clock or SYSTEM_CLOCK
+        self._limiter: RateLimiter = shared_limiter(
+            self._endpoint, model, key, limits, clock=self._clock
+        )
+        self._prices = prices or PriceTable.default()
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._rng = random.Random()
+        self._http = _http_client(
+            self._limiter.limits, timeout_s, trust_env=not is_loopback_url(self._endpoint)
+        )
+        self._client = AsyncOpenAI(
+            api_key=key,
+            base_url=self._endpoint,
+            max_retries=0,
+            timeout=httpx2.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
+            http_client=self._http,
+        )
+
+    # ---- Backend protocol ---------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    @property
+    def limiter(self) -> RateLimiter:
+        """The limiter shared with every backend of this endpoint, model and key."""
+        return self._limiter
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        """One completion, retried as needed; raises Permanent/TransientBackendError."""
+        started = self._clock.now()
+        estimate = estimate_tokens(request)
+        last: _Retry | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            outcome = await self._attempt(request, estimate)
+            if isinstance(outcome, _Success):
+                return Completion(
+                    choices=outcome.choices,
+                    model=outcome.model,
+                    usage=outcome.usage,
+                    latency_s=max(0.0, self._clock.now() - started),
+                    attempts=attempt,
+                    cost_usd=self._prices.cost(self.model, outcome.usage),
+                )
+            if isinstance(outcome, OpenAIPermanentError):
+                outcome.attempts = attempt
+                raise outcome
+            last = outcome
+            if attempt < self.max_attempts:
+                await self._wait_before_retry(attempt, outcome)
+        assert last is not None
+        raise OpenAITransientError(
+            f"{self.model} at {self._endpoint} failed after {self.max_attempts} attempts; "
+            f"last error: {last.cause}",
+            last_cause=last.cause,
+            attempts=self.max_attempts,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+        await self._http.aclose()
+
+    async def __aenter__(self) -> OpenAIBackend:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(model={self.model!r}, endpoint={self._endpoint!r})"
+
+    # ---- one attempt ----------------------------------------------------------------------
+
+    async def _attempt(
+        self, request: CompletionRequest, estimate: int
+    ) -> _Success | _Retry | OpenAIPermanentError:
+        """Send once through the limiter and say what happened; never raises for API errors."""
+        async with self._limiter.slot(estimate) as reservation:
+            try:
+                with anyio.fail_after(self.timeout_s):
+                    raw = await self._send(request)
+            except APIStatusError as err:
+                return self._after_status_error(err)
+            except (APITimeoutError, TimeoutError):
+                return _Retry(f"no reply within {self.timeout_s:g} s")
+            except APIConnectionError as err:
+                detail = type(err.__cause__).__name__ if err.__cause__ else "unknown"
+                return _Retry(f"connection error ({detail})")
+            except APIResponseValidationError:
+                return _Retry("malformed response (failed validation)")
+            self._limiter.observe_headers(raw.headers)
+            return self._parse(raw, request.is_chat, reservation)
+
+    async def _send(self, request: CompletionRequest) -> Any:
+        if request.is_chat:
+            return await self._client.chat.completions.with_raw_response.create(
+                **_chat_params(self.model, request)
+            )
+        return await self._client.completions.with_raw_response.create(
+            **_text_params(self.model, request)
+        )
+
+    def _parse(self, raw: Any, chat: bool, reservation: Reservation) -> _Success | _Retry:
+        try:
+            parsed = raw.parse()
+            success = map_response(parsed, chat=chat, fallback_model=self.model)
+        except _MalformedResponse as exc:
+            return _Retry(f"malformed response: {exc}")
+        except (ValueError, TypeError, AttributeError) as exc:
+            # JSON that does not decode (ValueError) or a body of the wrong type.
+            return _Retry(f"malformed response ({type(exc).__name__})")
+        reservation.reconcile(success.usage.total_tokens)
+        return success
+
+    def _after_status_error(self, err: APIStatusError) -> _Retry | OpenAIPermanentError:
+        """Classify an HTTP error reply; a rate-limit 429 with a wait also holds the limiter."""
+        headers = err.response.headers
+        self._limiter.observe_headers(headers)
+        outcome = self._classify(err)
+        if isinstance(outcome, _Retry) and err.status_code == 429 and outcome.retry_after_s:
+            self._limiter.pause(outcome.retry_after_s)
+        return outcome
+
+    def _classify(self, err: APIStatusError) -> _Retry | OpenAIPermanentError:
+        status = err.status_code
+        code, kind, raw_message = _error_fields(err)
+        said = self._quote(raw_message)
+        where = f"{self.model!r} at {self._endpoint}"
+
+        def permanent(text: str) -> OpenAIPermanentError:
+            return OpenAIPermanentError(text, status_code=status)
+
+        if "insufficient_quota" in (code, kind):
+            return permanent(
+                f"the API key's quota is exhausted (HTTP {status} insufficient_quota) for "
+                f"{where}: add credit or raise the spending limit; retrying will not help. "
+                f"Server said: {said}"
+            )
+        if code == "context_length_exceeded" or (
+            status in (400, 413) and any(w in raw_message.lower() for w in _CONTEXT_WORDS)
+        ):
+            return permanent(
+                f"the request is larger than the context limit of {where} (HTTP {status} "
+                f"context_length_exceeded): shorten the prompt or lower max_tokens. "
+                f"Server said: {said}"
+            )
+        if status in RETRYABLE_STATUSES or status >= 500:
+            retry_after = parse_retry_after(err.response.headers, self._clock.wall())
+            return _Retry(f"HTTP {status}: {said}", retry_after)
+        if status == 401:
+            hint = (
+                f"the server needs a key: set {self._api_key_env}"
+                if self._using_placeholder_key
+                else f"check the key in {self._api_key_env}"
+            )
+            return permanent(
+                f"{self._endpoint} rejected the API key (HTTP 401): {hint}. Server said: {said}"
+            )
+        if status == 403:
+            return permanent(
+                f"permission denied for {where} (HTTP 403): the key has no access to this model "
+                f"or project. Server said: {said}"
+            )
+        if status == 404:
+            return permanent(
+                f"unknown model {self.model!r} or wrong base URL {self._endpoint!r} (HTTP 404): "
+                f"check the model name and that the base URL ends in /v1. Server said: {said}"
+            )
+        if status == 413:
+            return permanent(
+                f"the request is too large for {where} (HTTP 413). Server said: {said}"
+            )
+        if status in (400, 422):
+            return permanent(f"{where} rejected the request as invalid (HTTP {status}): {said}")
+        return permanent(f"{where} refused the request (HTTP {status}): {said}")
+
+    def _quote(self, message: str) -> str:
+        """Server text made safe to show: the key removed, and cut to a readable length."""
+        text = self._redact(message.strip()) or "(no message)"
+        if len(text) > _MAX_QUOTED_CHARS:
+            text = text[:_MAX_QUOTED_CHARS] + "..."
+        return text
+
+    # ---- waiting ------------------------------------------------------------------------
+
+    def backoff_delay(self, attempt: int, retry_after_s: float | None) -> float:
+        """The server's wait if it gave one (however long), else full-jitter backoff."""
+        if retry_after_s is not None:
+            return retry_after_s
+        return full_jitter_delay(attempt, self.backoff_base_s, self.backoff_max_s, self._rng)
+
+    async def _wait_before_retry(self, attempt: int, outcome: _Retry) -> None:
+        delay = self.backoff_delay(attempt, outcome.retry_after_s)
+        level = logging.WARNING if delay >= 30 else logging.DEBUG
+        log.log(
+            level,
+            "retrying %s at %s in %.2f s (attempt %d of %d failed: %s)",
+            self.model,
+            self._endpoint,
+            delay,
+            attempt,
+            self.max_attempts,
+            outcome.cause,
+        )
+        if delay > 0:
+            await self._clock.sleep(delay)
+
+
+def _redactor(key: str) -> Callable[[str], str]:
+    """A function that removes ``key`` from text (the placeholder key is not a secret)."""
+    if not key or key == PLACEHOLDER_KEY:
+        return lambda text: text
+    return lambda text: text.replace(key, _REDACTED)

@@ -1,0 +1,275 @@
+"""The call journal: every model call of a run, written before anything uses its result.
+
+This is what makes a run durable. A resumed run replays its search from the start; every call it
+makes again is answered from the journal instead of the backend, so a run killed at any moment
+resumes to the same result and pays for no call twice. That needs three things:
+
+* **A content key** (:func:`content_key`) that names a call by what was asked (backend, endpoint,
+  model, request) and by its ``sample_index``: how many times this same request was asked before
+  in the run. Asking the same thing twice at temperature 0.7 must give two samples, and a replay
+  must hand them back in the same order. The index is assigned when :meth:`JournaledCaller.complete`
+  is entered, before it awaits anything, so concurrent identical requests are numbered in call
+  order, which a replayed search reproduces.
+* **Write before use.** A new call's journal entry is committed before ``complete`` returns.
+* **Failures are not results.** A failed call is journaled with status ``error`` (for the record
+  and the budget) and is made again on replay.
+
+Budgets (``max_calls``, ``max_cost_usd``) cover the whole run: what the journal says was spent
+before this caller started plus the new calls it makes; replayed answers are free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
+from typing import Any
+
+import anyio
+
+from drpo.backends.base import Backend, Completion, CompletionRequest
+from drpo.runs.store import CallRecord, RunStore
+
+#: Part of every key, so that a future change of the key's recipe cannot match old entries.
+KEY_FORMAT = "drpo.call/1"
+
+
+class BudgetExceeded(Exception):
+    """A run reached its call or cost budget; no new call was made."""
+
+    def __init__(self, what: str, limit: float, spent: float, run_id: str) -> None:
+        self.what, self.limit, self.spent, self.run_id = what, limit, spent, run_id
+        unit = "$" if what == "cost" else ""
+        super().__init__(
+            f"run {run_id} reached its {what} budget ({unit}{spent:g} of {unit}{limit:g}); "
+            "resume it with a larger budget to continue (recorded calls are replayed for free)"
+        )
+
+
+class JournaledCompletion(Completion):
+    """A :class:`Completion` that says whether it came from the journal, and under which key."""
+
+    replayed: bool = False
+    journal_key: str = ""
+
+
+_COMPLETION_FIELDS = frozenset(Completion.model_fields)
+
+
+def _request_identity(
+    backend_name: str, endpoint: str, model: str, request: CompletionRequest
+) -> str:
+    """Canonical JSON of what was asked, without the sample index.
+
+    Fields left at their default are omitted, so adding a field with a default to
+    ``CompletionRequest`` later does not change the keys of journals written before.
+    """
+    return json.dumps(
+        {
+            "format": KEY_FORMAT,
+            "backend": backend_name,
+            "endpoint": endpoint,
+            "model": model,
+            "request": request.model_dump(mode="json", exclude_defaults=True),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+def _key_of(identity: str, sample_index: int) -> str:
+    return hashlib.sha256(f"{identity}#{sample_index}".encode()).hexdigest()
+
+
+def content_key(
+    backend_name: str,
+    endpoint: str,
+    model: str,
+    request: CompletionRequest,
+    sample_index: int,
+) -> str:
+    """The journal key of a call: sha256 over canonical JSON of what was asked, and the index of
+    this sample among identical requests of the run."""
+    return _key_of(_request_identity(backend_name, endpoint, model, request), sample_index)
+
+
+@dataclass(slots=True)
+class RoleCounters:
+    """Progress of one role in this caller: new calls, replayed answers, failures, spend."""
+
+    calls: int = 0
+    replayed: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class JournaledCaller:
+    """Makes a run's model calls through the journal. Share one instance per run.
+
+    Sample indices are counted per instance, and budgets are enforced per instance: every agent
+    of a run should call through the same one.
+    """
+
+    def __init__(
+        self,
+        store: RunStore,
+        run_id: str,
+        *,
+        max_calls: int | None = None,
+        max_cost_usd: float | None = None,
+    ) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.max_calls = max_calls
+        self.max_cost_usd = max_cost_usd
+        self._asked: Counter[str] = Counter()
+        self._loaded = False
+        self._load_lock = anyio.Lock()
+        self._replayable: set[str] = set()
+        #: Spend of the run before this caller started (from the journal).
+        self.prior_calls = 0
+        self.prior_cost_usd = 0.0
+        self._new_calls = 0  # started by this caller, including those still in flight
+        self._new_cost_usd = 0.0
+        self.counters: dict[str, RoleCounters] = {}
+
+    # ---------------------------------------------------------------- state
+
+    async def _load(self) -> None:
+        """Read what the run already has: replayable keys and what was spent."""
+        async with self._load_lock:
+            if self._loaded:
+                return
+            self._replayable = await self.store.ok_call_keys(self.run_id)
+            spent = (await self.store.run_totals(self.run_id)).total
+            self.prior_calls, self.prior_cost_usd = spent.calls, spent.cost_usd
+            self._loaded = True
+
+    @property
+    def calls_spent(self) -> int:
+        """Backend calls charged to the run: before this caller, and by it (in flight included)."""
+        return self.prior_calls + self._new_calls
+
+    @property
+    def cost_spent_usd(self) -> float:
+        return self.prior_cost_usd + self._new_cost_usd
+
+    def _counters(self, role: str) -> RoleCounters:
+        counters = self.counters.get(role)
+        if counters is None:
+            counters = self.counters[role] = RoleCounters()
+        return counters
+
+    def totals(self) -> RoleCounters:
+        """The sum of :attr:`counters` over roles."""
+        total = RoleCounters()
+        for counters in self.counters.values():
+            for item in dataclass_fields(counters):
+                setattr(total, item.name, getattr(total, item.name) + getattr(counters, item.name))
+        return total
+
+    def _check_budget(self) -> None:
+        if self.max_calls is not None and self.calls_spent >= self.max_calls:
+            raise BudgetExceeded("calls", self.max_calls, self.calls_spent, self.run_id)
+        if self.max_cost_usd is not None and self.cost_spent_usd >= self.max_cost_usd:
+            raise BudgetExceeded("cost", self.max_cost_usd, self.cost_spent_usd, self.run_id)
+
+    # ---------------------------------------------------------------- calling
+
+    async def complete(
+        self, backend: Backend, request: CompletionRequest, *, role: str, node_id: str | None = None
+    ) -> JournaledCompletion:
+        """Answer ``request`` from the journal if this run already made this call, else call
+        ``backend`` and journal the result (committed) before returning it.
+
+        Raises :class:`BudgetExceeded` instead of making a new call over budget, and re-raises
+        the backend's error after journaling it.
+        """
+        # Numbered before the first await, so concurrent identical requests keep call order.
+        identity = _request_identity(backend.name, backend.endpoint, backend.model, request)
+        sample_index = self._asked[identity]
+        self._asked[identity] += 1
+        key = _key_of(identity, sample_index)
+
+        if not self._loaded:
+            await self._load()
+        if key in self._replayable:
+            record = await self.store.get_call(self.run_id, key)
+            if record is not None and record.status == "ok" and record.response is not None:
+                return await self._replay(record, role)
+
+        self._check_budget()
+        self._new_calls += 1  # reserved now, so concurrent calls cannot overshoot max_calls
+        started = time.perf_counter()
+        request_json = request.model_dump_json()
+        base = {
+            "run_id": self.run_id,
+            "key": key,
+            "role": role,
+            "node_id": node_id,
+            "backend": backend.name,
+            "endpoint": backend.endpoint,
+            "model": backend.model,
+            "sample_index": sample_index,
+            "request": request_json,
+        }
+        counters = self._counters(role)
+        try:
+            completion = await backend.complete(request)
+        except anyio.get_cancelled_exc_class():
+            self._new_calls -= 1  # never finished: not charged, and made again on resume
+            raise
+        except Exception as exc:
+            counters.calls += 1
+            counters.errors += 1
+            with anyio.CancelScope(shield=True):
+                await self.store.record_call(
+                    CallRecord(
+                        **base,
+                        status="error",
+                        error=f"{type(exc).__name__}: {exc}",
+                        latency_s=time.perf_counter() - started,
+                        attempts=int(getattr(exc, "attempts", 1) or 1),
+                    )
+                )
+            raise
+        usage = completion.usage
+        self._new_cost_usd += completion.cost_usd
+        counters.calls += 1
+        counters.prompt_tokens += usage.prompt_tokens
+        counters.completion_tokens += usage.completion_tokens
+        counters.cached_tokens += usage.cached_tokens
+        counters.cost_usd += completion.cost_usd
+        response_json = completion.model_dump_json(include=set(_COMPLETION_FIELDS))
+        # Shielded: once paid for, the result is written even if the caller is being cancelled.
+        with anyio.CancelScope(shield=True):
+            await self.store.record_call(
+                CallRecord(
+                    **base,
+                    status="ok",
+                    response=response_json,
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    cached_tokens=usage.cached_tokens,
+                    latency_s=completion.latency_s,
+                    attempts=completion.attempts,
+                    cost_usd=completion.cost_usd,
+                )
+            )
+        fields = {name: getattr(completion, name) for name in _COMPLETION_FIELDS}
+        return JournaledCompletion(**fields, replayed=False, journal_key=key)
+
+    async def _replay(self, record: CallRecord, role: str) -> JournaledCompletion:
+        assert record.response is not None
+        self._counters(role).replayed += 1
+        await self.store.mark_replayed(self.run_id, record.key)
+        data: dict[str, Any] = json.loads(record.response)
+        data.update(replayed=True, journal_key=record.key, latency_s=record.latency_s)
+        return JournaledCompletion.model_validate(data)
