@@ -13,9 +13,18 @@ from typing import Annotated, Any
 
 import anyio
 import typer
-from rich.console import Console
 
-from drpo.runs.paths import default_db_path, logs_dir, run_artifacts_dir
+from drpo.cli_support import (
+    DbOption,
+    UserError,
+    console,
+    err_console,
+    fail,
+    resolve_db,
+    run_async,
+)
+from drpo.inspect.cli import runs_app
+from drpo.runs.paths import logs_dir, run_artifacts_dir
 
 app = typer.Typer(
     name="drpo",
@@ -23,48 +32,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-runs_app = typer.Typer(help="Inspect recorded runs.", no_args_is_help=True)
+
 app.add_typer(runs_app, name="runs")
-
-console = Console()
-err_console = Console(stderr=True)
-
-DbOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--db",
-        help="Run database (default: $DRPO_DB, else the per-user data folder).",
-        show_default=False,
-    ),
-]
-
-
-def resolve_db(db: Path | None) -> Path:
-    return db if db is not None else default_db_path()
-
-
-class UserError(Exception):
-    """An error the user can fix; printed without a traceback."""
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
-
-
-def run_async(main: Any, *args: Any) -> Any:
-    """Run a coroutine function, turning known user errors into a clean exit."""
-    from drpo.errors import user_error_types
-
-    try:
-        return anyio.run(main, *args)
-    except KeyboardInterrupt:
-        err_console.print("interrupted; resume with `drpo resume RUN`")
-        raise typer.Exit(130) from None
-    except user_error_types() as exc:
-        raise fail(str(exc)) from None
-    except UserError as exc:
-        raise fail(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------- optimize
@@ -381,32 +350,6 @@ async def _generate_main(
         return await generator.answer_many(queries)
     finally:
         await generator.aclose()
-
-
-# ---------------------------------------------------------------------------------- runs
-
-
-@runs_app.command("list")
-def runs_list(
-    db: DbOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """The recorded runs, newest first."""
-    from drpo.views import list_runs_view
-
-    run_async(list_runs_view, resolve_db(db), as_json, console)
-
-
-@runs_app.command("show")
-def runs_show(
-    run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")],
-    db: DbOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """Settings, best prompt, reward per level, and calls, tokens and cost per role."""
-    from drpo.views import show_run_view
-
-    run_async(show_run_view, resolve_db(db), run, as_json, console)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -39,7 +39,7 @@ async def agent_session(
     recorder = Recorder(bus, store)
     try:
         async with anyio.create_task_group() as services:
-            services.start_soon(recorder.run)
+            await services.start(recorder.run)  # the tap exists before anyone publishes
             await runtime.start(services)
             yield Session(bus=bus, runtime=runtime, registry=registry, store=store)
             await recorder.drain()

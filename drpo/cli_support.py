@@ -1,0 +1,52 @@
+"""What every ``drpo`` subcommand shares: consoles, the --db option, and clean error exits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import typer
+from rich.console import Console
+
+from drpo.runs.paths import default_db_path
+
+console = Console()
+err_console = Console(stderr=True)
+
+DbOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--db",
+        help="Run database (default: $DRPO_DB, else the per-user data folder).",
+        show_default=False,
+    ),
+]
+
+
+def resolve_db(db: Path | None) -> Path:
+    return db if db is not None else default_db_path()
+
+
+class UserError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def run_async(main: Any, *args: Any) -> Any:
+    """Run a coroutine function, turning known user errors into a clean exit."""
+    from drpo.errors import user_error_types
+
+    try:
+        return anyio.run(main, *args)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; resume with `drpo resume RUN`")
+        raise typer.Exit(130) from None
+    except user_error_types() as exc:
+        raise fail(str(exc)) from None
+    except UserError as exc:
+        raise fail(str(exc)) from None
