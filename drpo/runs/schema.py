@@ -17,7 +17,7 @@ from pathlib import Path
 
 #: Bump when the schema changes; add a migration from the previous version when you do.
 SCHEMA_VERSION = 1
-#: ``PRAGMA application_id`` of drpo databases ("DRPO" in ASCII), so other SQLite files are told apart.
+#: ``PRAGMA application_id`` of drpo databases ("DRPO" in ASCII): tells other SQLite files apart.
 APPLICATION_ID = 0x4452504F
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -179,32 +179,37 @@ def read_only_uri(path: Path) -> str:
     return f"{path.resolve().as_uri()}?mode=ro"
 
 
-def probe_database(path: Path) -> Probe:
-    """Check, without writing anything, that ``path`` is absent, empty, or a drpo database whose
-    schema this drpo understands. Raises a :class:`StoreError` subclass otherwise.
-
-    Blocking (file I/O and sqlite3): call it from a worker thread.
-    """
-    if not path.exists():
-        return Probe(path, exists=False)
-    if path.is_dir():
-        raise NotADatabaseError(f"{path} is a folder, not a database file")
-    with path.open("rb") as handle:
-        header = handle.read(len(SQLITE_HEADER))
-    if not header:
-        return Probe(path, exists=True)  # an empty file is an empty SQLite database
-    if header != SQLITE_HEADER:
+def _header_ids(path: Path, header: bytes) -> tuple[int, int]:
+    """``(application_id, user_version)`` from the 100-byte database header, after checking that
+    the header is an SQLite header at all. Reading them here, rather than through SQLite, creates
+    no ``-wal``/``-shm`` files beside the database."""
+    if not header.startswith(SQLITE_HEADER):
         raise NotADatabaseError(
             f"{path} is not an SQLite database (its first bytes are {header[:16]!r}); "
             "point DRPO_DB (or --db) at a drpo database, or at a new file. "
             "The file was not modified."
         )
+    page_size = int.from_bytes(header[16:18], "big")
+    if (
+        len(header) < 100
+        or header[21:24] != b"\x40\x20\x20"
+        or not (page_size == 1 or (512 <= page_size <= 32768 and page_size & (page_size - 1) == 0))
+    ):
+        raise NotADatabaseError(
+            f"{path} starts like an SQLite database but its header is damaged; "
+            "it cannot be opened. The file was not modified."
+        )
+    application_id = int.from_bytes(header[68:72], "big", signed=True)
+    user_version = int.from_bytes(header[60:64], "big", signed=True)
+    return application_id, user_version
+
+
+def _list_tables(path: Path) -> list[str]:
+    """The tables of a database that has no application id: blank, or another program's."""
     try:
         conn = sqlite3.connect(read_only_uri(path), uri=True)
         try:
-            application_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = [
+            return [
                 row[0]
                 for row in conn.execute(
                     "SELECT name FROM sqlite_master WHERE type = 'table' "
@@ -218,17 +223,39 @@ def probe_database(path: Path) -> Probe:
             f"{path} cannot be read as an SQLite database ({exc}); it may be damaged. "
             "The file was not modified."
         ) from exc
-    if application_id == 0 and version == 0 and not tables:
-        return Probe(path, exists=True)  # a blank SQLite file: make it a drpo database
-    if application_id != APPLICATION_ID:
-        raise NotADrpoDatabaseError(
-            f"{path} is an SQLite database of another application "
-            f"(application_id={application_id}, tables: {', '.join(sorted(tables)) or 'none'}); "
-            "point DRPO_DB (or --db) at a drpo database or a new file. The file was not modified."
-        )
-    if version != SCHEMA_VERSION:
-        raise SchemaVersionError(path, version)
-    return Probe(path, exists=True, version=version)
+
+
+def probe_database(path: Path) -> Probe:
+    """Check, without writing anything, that ``path`` is absent, empty, or a drpo database whose
+    schema this drpo understands. Raises a :class:`StoreError` subclass otherwise.
+
+    The version is read from the file's header: in WAL mode a newer version could still sit in
+    the ``-wal`` file, which is why the writer checks it again inside its first transaction.
+    Blocking (file I/O and sqlite3): call it from a worker thread.
+    """
+    if not path.exists():
+        return Probe(path, exists=False)
+    if path.is_dir():
+        raise NotADatabaseError(f"{path} is a folder, not a database file")
+    with path.open("rb") as handle:
+        header = handle.read(100)
+    if not header:
+        return Probe(path, exists=True)  # an empty file is an empty SQLite database
+    application_id, version = _header_ids(path, header)
+    if application_id == APPLICATION_ID:
+        if version != SCHEMA_VERSION:
+            raise SchemaVersionError(path, version)
+        return Probe(path, exists=True, version=version)
+    tables = _list_tables(path) if application_id == 0 and version == 0 else None
+    if tables == []:
+        return Probe(path, exists=True)  # a blank SQLite file: it becomes a drpo database
+    raise NotADrpoDatabaseError(
+        f"{path} is an SQLite database of another application (application_id="
+        f"{application_id}, user_version={version}"
+        + (f", tables: {', '.join(sorted(tables))}" if tables else "")
+        + "); point DRPO_DB (or --db) at a drpo database or a new file. "
+        "The file was not modified."
+    )
 
 
 def _has_write_bit(path: Path) -> bool:
