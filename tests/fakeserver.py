@@ -52,6 +52,7 @@ from email.utils import formatdate
 from typing import Any, Literal
 
 import anyio
+import anyio.lowlevel
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -98,6 +99,8 @@ class Fault:
     latency_s: float | None = None
     #: A hang gives up (answers 504) after this long even if the client is still waiting.
     hang_s: float = 30.0
+    #: The error message of a plain status fault (``400``, ``500``, ...) instead of the default.
+    message: str | None = None
 
 
 OK = Fault()
@@ -195,8 +198,9 @@ def _shape_text(text: str, stop: Sequence[str], max_tokens: int | None) -> tuple
     if cut >= 0:
         text = text[:cut]
     tokens = _tokens(text)
-    if cut < 0 and text[len("".join(tokens)) :]:
-        tokens.append(text[len("".join(tokens)) :])  # trailing whitespace
+    trailing = text[len("".join(tokens)) :]
+    if trailing:
+        tokens.append(trailing)  # whitespace after the last word is part of the text too
     if max_tokens is not None and len(tokens) > max_tokens:
         tokens = tokens[:max_tokens]
         finish = "length"
@@ -533,7 +537,9 @@ class FakeOpenAIServer:
             return self._error(404, headers, message, "model_not_found")
         if limited_for is not None:
             headers["retry-after"] = f"{max(0.0, limited_for):.3f}"
-            return self._error(429, headers, "Rate limit reached for requests", "rate_limit_exceeded")
+            return self._error(
+                429, headers, "Rate limit reached for requests", "rate_limit_exceeded"
+            )
         return await self._fault_reply(request, info, fault, headers, sent_key)
 
     @staticmethod
@@ -562,7 +568,9 @@ class FakeOpenAIServer:
         if kind in ("429", "503") or fault.retry_after_s is not None:
             self._retry_after_headers(fault, headers)
         if kind == "429":
-            return self._error(429, headers, "Rate limit reached for requests", "rate_limit_exceeded")
+            return self._error(
+                429, headers, "Rate limit reached for requests", "rate_limit_exceeded"
+            )
         if kind == "quota":
             message = "You exceeded your current quota, please check your plan and billing details."
             return self._error(429, headers, message, "insufficient_quota", "insufficient_quota")
@@ -578,13 +586,15 @@ class FakeOpenAIServer:
             message = f"The model `{info.body.get('model')}` does not exist."
             return self._error(404, headers, message, "model_not_found")
         if kind in ("400", "403", "408", "409", "422", "500", "502", "503"):
-            return self._error(int(kind), headers, f"injected HTTP {kind}", None)
+            return self._error(int(kind), headers, fault.message or f"injected HTTP {kind}", None)
         if kind == "hang":
             return await self._hang(request, fault)
         if kind == "drop":
             return _DroppedResponse()
         if kind == "malformed":
-            truncated = b'{"id": "broken", "object": "chat.completion", "choices": [{"index": 0, "mes'
+            truncated = (
+                b'{"id": "broken", "object": "chat.completion", "choices": [{"index": 0, "mes'
+            )
             return Response(truncated, 200, headers=headers, media_type="application/json")
         if kind == "empty":
             reply = self._reply_body(info, [])
@@ -650,9 +660,7 @@ class FakeOpenAIServer:
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {
-                    "cached_tokens": min(self.cached_tokens, prompt_tokens)
-                },
+                "prompt_tokens_details": {"cached_tokens": min(self.cached_tokens, prompt_tokens)},
             },
         }
 
@@ -724,3 +732,48 @@ def serve_fake_openai(**settings: Any) -> Iterator[FakeOpenAIServer]:
         yield server
     finally:
         server.stop()
+
+
+class VirtualClock:
+    """A ``drpo.backends.ratelimit.Clock`` whose time moves only when someone sleeps.
+
+    For tests of long waits (a 150 s ``Retry-After``) that must not take real time; every sleep
+    is recorded in ``sleeps``. Meant for one caller at a time: concurrent sleepers each advance it.
+    """
+
+    def __init__(self, start_s: float = 1000.0) -> None:
+        self._start_s = start_s
+        self._t = start_s
+        self._wall0 = time.time()
+        self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        return self._t
+
+    def wall(self) -> float:
+        return self._wall0 + (self._t - self._start_s)
+
+    def advance(self, seconds: float) -> None:
+        self._t += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self._t += max(0.0, seconds)
+        await anyio.lowlevel.checkpoint()
+
+
+class RecordingClock:
+    """The real clock, remembering every sleep it was asked for (what was requested, not timed)."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await anyio.sleep(seconds)

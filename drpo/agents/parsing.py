@@ -82,7 +82,7 @@ def extract_json(text: str, *, allow_list: bool = False, repair_truncated: bool 
             continue
         if isinstance(value, wanted):
             return value
-    kind = "a JSON object or list" if allow_list else "a JSON object"
+    kind = "JSON object or list" if allow_list else "JSON object"
     raise ParseError(f"no {kind} found", text)
 
 
@@ -428,6 +428,8 @@ def parse_text_field(text: str, *names: str, newlines: bool = True) -> str:
     try:
         value = get_field(extract_json(text, repair_truncated=False), *names)
     except ParseError:
+        pass
+    if value is None:  # invalid JSON, or only an inner object without the field parsed
         value = _cut_field(text, names)
     if isinstance(value, list):
         value = "\n".join(str(v) for v in value)

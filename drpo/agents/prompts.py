@@ -8,8 +8,6 @@ makes the call journal's content keys stable across runs.
 Prompt paragraphs are deliberately not wrapped at 100 columns: a model sees every line break.
 """
 
-# ruff: noqa: E501
-
 from __future__ import annotations
 
 import json

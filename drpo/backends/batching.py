@@ -111,6 +111,8 @@ class DynamicBatcher(Generic[T, R]):
                 else:
                     ticket.wake = anyio.Event()
                     await ticket.wake.wait()
+            # A leader cancelled while its (shielded) batch ran learns it here, not later.
+            await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             if not ticket.taken:
                 self._queue.remove(ticket)
@@ -145,9 +147,7 @@ class DynamicBatcher(Generic[T, R]):
         # Shielded: the other callers in this batch depend on us delivering their results.
         with anyio.CancelScope(shield=True):
             try:
-                results = await anyio.to_thread.run_sync(
-                    self._run_batch, [t.item for t in batch]
-                )
+                results = await anyio.to_thread.run_sync(self._run_batch, [t.item for t in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(
                         f"batch function returned {len(results)} results for {len(batch)} items"

@@ -177,6 +177,11 @@ class LocalBackend:
         """How calls were merged so far (batches, sizes, calls cancelled while queued)."""
         return self._batcher.stats
 
+    @property
+    def queued(self) -> int:
+        """How many calls wait for the next batch."""
+        return self._batcher.queued
+
     def load(self) -> LoadedModel:
         """Load the model now, blocking (or take it from the process-wide cache)."""
         if self._loaded is None:

@@ -48,7 +48,10 @@ if TYPE_CHECKING:
     from drpo.backends.local import ResolvedModel
 
 #: How completions are decoded: special tokens (EOS, padding) dropped, spaces left as they are.
-_DECODE_KWARGS: dict[str, Any] = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+_DECODE_KWARGS: dict[str, Any] = {
+    "skip_special_tokens": True,
+    "clean_up_tokenization_spaces": False,
+}
 #: How single tokens are named in logprobs: special tokens shown (an EOS alternative is useful).
 _TOKEN_NAME_KWARGS: dict[str, Any] = {
     "skip_special_tokens": False,
@@ -107,7 +110,9 @@ def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-def load_model(resolved: ResolvedModel, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+def load_model(
+    resolved: ResolvedModel, device: str | None = None, dtype: str | None = None
+) -> LoadedModel:
     """Return the process-wide loaded model for ``resolved``, loading it on first use only."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -423,7 +428,9 @@ class _LogprobRecords:
     top_ids: list[list[list[int]]]  # [step][slot][k]
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
     """One token from softmax(logits / temperature), restricted to the top_p nucleus."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
@@ -528,7 +535,9 @@ def _token_logprobs(
     steps = min(len(ids), len(records.chosen))
     top_ids = [records.top_ids[t][slot][:k] for t in range(steps)]
     vocab = sorted({*ids[:steps], *(i for step in top_ids for i in step)})
-    names = dict(zip(vocab, tokenizer.batch_decode([[i] for i in vocab], **_TOKEN_NAME_KWARGS), strict=True))
+    names = dict(
+        zip(vocab, tokenizer.batch_decode([[i] for i in vocab], **_TOKEN_NAME_KWARGS), strict=True)
+    )
     return tuple(
         TokenLogprob(
             token=names[ids[t]],

@@ -333,11 +333,15 @@ class RateLimiter:
                 start = self._tokens.earliest(estimated_tokens, start, capacity)
                 entry = self._tokens.add(start, estimated_tokens)
             if rpm is not None:
-                spacing = self._limits.window_s / (rpm * (1 - self._limits.headroom))
-                self._next_request_s = start + spacing
+                self._next_request_s = start + self._spacing(rpm)
             self._last_start_s = start
             self._granted += 1
             return Reservation(start, estimated_tokens, entry, self._lock if entry else None)
+
+    def _spacing(self, rpm: float) -> float:
+        """Seconds between starts; rounded up a hair so that float error in the running sum
+        can never fit ``rpm + 1`` starts into one window even with zero headroom."""
+        return self._limits.window_s / (rpm * (1 - self._limits.headroom)) * (1 + 1e-9)
 
     def _in_flight_cap(self) -> anyio.CapacityLimiter:
         """The cap for the running event loop (a new loop, e.g. a new test, gets a new one)."""

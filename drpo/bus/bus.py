@@ -63,9 +63,16 @@ class RemoteError(BusError):
 class Subscription:
     """The receiving end of one subscriber: an async iterator of envelopes, closed on exit."""
 
-    def __init__(self, bus: Bus, topic: str | None, receive: MemoryObjectReceiveStream) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        topic: str | None,
+        send: MemoryObjectSendStream[Envelope],
+        receive: MemoryObjectReceiveStream[Envelope],
+    ) -> None:
         self._bus = bus
         self.topic = topic
+        self._send = send
         self._receive = receive
 
     def __aiter__(self) -> AsyncIterator[Envelope]:
@@ -76,7 +83,7 @@ class Subscription:
             return self._receive.receive_nowait()
         except anyio.WouldBlock:
             pass
-        except anyio.EndOfStream:
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise StopAsyncIteration from None
         try:
             return await self._receive.receive()
@@ -86,7 +93,15 @@ class Subscription:
     async def receive(self) -> Envelope:
         return await self.__anext__()
 
+    def receive_nowait(self) -> Envelope:
+        """The next buffered envelope; raises ``anyio.WouldBlock`` when none is waiting (lets
+        a consumer such as the recorder take a whole batch without yielding)."""
+        return self._receive.receive_nowait()
+
     def close(self) -> None:
+        """Stop receiving: the bus forgets this subscriber, so requests no longer reach it."""
+        self._bus._unregister(self.topic, self._send)
+        self._send.close()
         self._receive.close()
 
     async def __aenter__(self) -> Subscription:
@@ -133,7 +148,7 @@ class Bus:
         )
         self._declared.add(topic)
         self._subscribers.setdefault(topic, []).append(send)
-        return Subscription(self, topic, receive)
+        return Subscription(self, topic, send, receive)
 
     def tap(self, *, buffer_size: int | None = None) -> Subscription:
         """A subscription to every envelope published on the bus, in publish order."""
@@ -141,7 +156,12 @@ class Bus:
             buffer_size if buffer_size is not None else self.buffer_size
         )
         self._taps.append(send)
-        return Subscription(self, None, receive)
+        return Subscription(self, None, send, receive)
+
+    def _unregister(self, topic: str | None, stream: MemoryObjectSendStream[Envelope]) -> None:
+        streams = self._taps if topic is None else self._subscribers.get(topic, [])
+        if stream in streams:
+            streams.remove(stream)
 
     def has_subscribers(self, topic: str) -> bool:
         return bool(self._subscribers.get(topic))
@@ -156,23 +176,28 @@ class Bus:
                 f"no one declared or subscribed to topic {topic!r}; "
                 "call bus.declare(topic) or subscribe first"
             )
-        self.published_count += 1
         await self._deliver(self._taps, envelope)
+        self.published_count += 1  # counted once the taps (the recorder) have it
         await self._deliver(self._subscribers.get(topic), envelope)
 
     async def _deliver(
         self, streams: list[MemoryObjectSendStream[Envelope]] | None, envelope: Envelope
-    ) -> None:
+    ) -> int:
+        """Send to each stream, waiting on full buffers; returns how many accepted it."""
         if not streams:
-            return
+            return 0
+        delivered = 0
         for stream in tuple(streams):
             try:
                 try:
                     stream.send_nowait(envelope)
                 except anyio.WouldBlock:
                     await stream.send(envelope)  # backpressure: wait for the slow consumer
+                delivered += 1
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                streams.remove(stream)  # that subscriber has gone away
+                if stream in streams:
+                    streams.remove(stream)  # that subscriber has gone away
+        return delivered
 
     async def emit(
         self,
@@ -226,7 +251,10 @@ class Bus:
         )
         pending = self._pending[envelope.message_id] = _Pending()
         try:
-            await self.publish(envelope)
+            await self._deliver(self._taps, envelope)
+            self.published_count += 1
+            if not await self._deliver(self._subscribers.get(topic), envelope):
+                raise NoServerError(f"no agent serves topic {topic!r} any more")
             with anyio.fail_after(timeout if timeout is not None else math.inf):
                 await pending.done.wait()
         finally:
@@ -321,6 +349,10 @@ class Bus:
                         causation_id=envelope.message_id,
                     )
                     return
+            if result is None and envelope.message_id in self._pending:
+                result = Failure(
+                    error_type="NoReply", message=f"the {envelope.topic} handler gave no reply"
+                )
             if result is not None:
                 await self.reply(envelope, result, sender=sender)
         finally:
@@ -336,3 +368,11 @@ class Bus:
                 stream.close()
         self._subscribers.clear()
         self._taps.clear()
+        for message_id, pending in list(self._pending.items()):
+            pending.reply = Envelope(
+                payload=Failure(error_type="BusClosed", message="the bus was closed"),
+                topic=REPLIES_TOPIC,
+                sender="bus",
+                correlation_id=message_id,
+            )
+            pending.done.set()

@@ -7,8 +7,8 @@ equals ``env``: the round trip is lossless, which is what makes transcripts and 
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -222,7 +222,8 @@ PAYLOAD_TYPES: tuple[type[BaseModel], ...] = Payload.__origin__.__args__  # type
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits as hex, like uuid4().hex but about twice as fast (it is on every message)."""
+    return os.urandom(16).hex()
 
 
 class Envelope(_Value):

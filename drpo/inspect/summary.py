@@ -42,6 +42,13 @@ class RunSummary:
     by_role: dict[str, RoleTotals] = field(default_factory=dict)
 
     @property
+    def total(self) -> RoleTotals:
+        total = RoleTotals()
+        for totals in self.by_role.values():
+            total.add(totals)
+        return total
+
+    @property
     def cost_usd(self) -> float:
         return sum(totals.cost_usd for totals in self.by_role.values())
 
@@ -53,6 +60,7 @@ class RunSummary:
         data = asdict(self)
         data["cost_usd"] = self.cost_usd
         data["calls"] = self.calls
+        data["totals"] = asdict(self.total)
         return data
 
 

@@ -1,122 +1,185 @@
-"""Console views of runs (``drpo runs ...``): rich tables for people, ``--json`` for scripts."""
+"""Console views of runs (``drpo runs list`` and ``drpo runs show``): rich tables for people,
+``--json`` for scripts. The other views live beside this module: :mod:`drpo.inspect.tree`,
+:mod:`drpo.inspect.transcript`, :mod:`drpo.inspect.calls` and :mod:`drpo.inspect.report`.
+
+Model and user text is printed as :class:`rich.text.Text`, never parsed as rich markup.
+"""
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, datetime
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
+from drpo.inspect.common import (
+    JSON_FORMAT,
+    duration,
+    open_readonly,
+    print_json,
+    require_db,
+    score,
+    when,
+)
 from drpo.inspect.summary import RunSummary, summarize_run
-from drpo.runs.store import RunStore, StoreError
+
+# Kept for callers of the earlier private names.
+_when, _score, _require_db = when, score, require_db
 
 
-def _when(timestamp: float | None) -> str:
-    if not timestamp:
+def progress(s: RunSummary) -> str:
+    """Levels done out of the levels the search will run (its depth limit minus the root)."""
+    if s.kind != "optimize":
         return "-"
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    total = max(0, (s.depth_limit or 1) - 1)
+    queries = s.settings.get("search", {}).get("num_train_queries")
+    if isinstance(queries, int) and queries > 0:
+        total = min(total, queries - 1)
+    return f"{s.levels_done}/{total}" if total else str(s.levels_done)
 
 
-def _score(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def models_text(s: RunSummary) -> str:
+    models = [s.base_model, s.critic_model, s.editor_model]
+    if not any(models):
+        return "-"
+    if len(set(models)) == 1:
+        return str(models[0])
+    critic_editor = (
+        str(s.critic_model)
+        if s.critic_model == s.editor_model
+        else f"{s.critic_model} / {s.editor_model}"
+    )
+    return f"{s.base_model} (critic/editor {critic_editor})"
 
 
-def _require_db(db: Path) -> None:
-    if not db.exists():
-        raise StoreError(f"no run database at {db} (run `drpo optimize` first, or pass --db)")
-
-
-async def list_runs_view(db: Path, as_json: bool, console: Console) -> None:
-    _require_db(db)
-    async with RunStore.open(db, readonly=True) as store:
-        summaries = [await summarize_run(store, record) for record in await store.list_runs()]
+async def list_runs_view(
+    db: Path,
+    as_json: bool,
+    console: Console,
+    *,
+    kind: str | None = None,
+    status: str | None = None,
+    limit: int | None = None,
+) -> None:
+    async with open_readonly(db) as store:
+        records = await store.list_runs(kind=kind, status=status, limit=limit)
+        summaries = [await summarize_run(store, record) for record in records]
     if as_json:
-        console.print_json(json.dumps([s.to_json() for s in summaries], default=str))
+        print_json(console, [s.to_json() | {"progress": progress(s)} for s in summaries])
+        return
+    if not summaries:
+        console.print(Text(f"no runs in {db}"))
         return
     table = Table(title=f"runs in {db}")
-    for column in (
-        "run",
-        "kind",
-        "status",
-        "base model",
-        "progress",
-        "best",
-        "cost $",
-        "started",
-        "finished",
+    for column, justify in (
+        ("run", "left"),
+        ("name", "left"),
+        ("kind", "left"),
+        ("status", "left"),
+        ("models", "left"),
+        ("progress", "right"),
+        ("best", "right"),
+        ("calls", "right"),
+        ("cost $", "right"),
+        ("started", "left"),
+        ("finished", "left"),
     ):
-        table.add_column(column)
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for s in summaries:
-        progress = f"{s.levels_done}/{(s.depth_limit or 1) - 1}" if s.kind == "optimize" else "-"
         table.add_row(
             s.run_id[:12],
+            Text(s.name or "-"),
             s.kind,
-            s.status,
-            s.base_model or "-",
-            progress,
-            _score(s.best_score),
+            Text(s.status, style=_status_style(s.status)),
+            Text(models_text(s)),
+            progress(s),
+            score(s.best_score),
+            str(s.calls),
             f"{s.cost_usd:.4f}",
-            _when(s.started_at),
-            _when(s.finished_at),
+            when(s.started_at),
+            when(s.finished_at),
         )
     console.print(table)
 
 
+def _status_style(status: str) -> str:
+    return {
+        "finished": "green",
+        "running": "yellow",
+        "created": "dim",
+        "failed": "bold red",
+        "interrupted": "red",
+        "budget_exhausted": "red",
+    }.get(status, "")
+
+
 async def show_run_view(db: Path, run: str, as_json: bool, console: Console) -> None:
-    _require_db(db)
-    async with RunStore.open(db, readonly=True) as store:
+    async with open_readonly(db) as store:
         summary = await summarize_run(store, await store.get_run(run))
     if as_json:
-        console.print_json(json.dumps(summary.to_json(), default=str))
+        print_json(console, summary.to_json() | {"format": JSON_FORMAT, "progress": progress(summary)})
         return
     render_summary(summary, console)
 
 
 def render_summary(s: RunSummary, console: Console) -> None:
+    head = Text()
+    head.append(f"run {s.run_id}", style="bold")
+    if s.name:
+        head.append(" · ")
+        head.append(s.name)
+    head.append(f" ({s.kind}) status ")
+    head.append(s.status, style=_status_style(s.status) or "bold")
+    if s.error:
+        head.append(f", error: {s.error}", style="red")
+    console.print(head)
     console.print(
-        f"[bold]run {s.run_id}[/] ({s.kind}) status [bold]{s.status}[/]"
-        + (f", error: {s.error}" if s.error else ""),
-        highlight=False,
-    )
-    console.print(
-        f"models: base {s.base_model}, critic {s.critic_model}, editor {s.editor_model}; "
-        f"started {_when(s.started_at)}, finished {_when(s.finished_at)}",
-        highlight=False,
+        Text(
+            f"models: base {s.base_model}, critic {s.critic_model}, editor {s.editor_model}\n"
+            f"created {when(s.created_at)}, started {when(s.started_at)}, finished "
+            f"{when(s.finished_at)} (UTC; took {duration(s.started_at, s.finished_at)}); "
+            f"progress {progress(s)} levels"
+        )
     )
     search = s.settings.get("search", {})
-    console.print(
-        "settings: " + ", ".join(f"{k}={v}" for k, v in search.items() if k != "initial_prompt"),
-        highlight=False,
-    )
+    if search:
+        console.print(
+            Text(
+                "settings: "
+                + ", ".join(f"{k}={v}" for k, v in search.items() if k != "initial_prompt")
+            )
+        )
     if s.best_prompt:
-        console.print(Panel(s.best_prompt, title=f"best prompt (score {_score(s.best_score)})"))
+        console.print(
+            Panel(Text(s.best_prompt), title=f"best prompt (score {score(s.best_score)})")
+        )
     if s.levels:
         levels = Table(title="reward per level")
         for column in ("level", "best (path mean)", "beam mean", "depth limit"):
             levels.add_column(column, justify="right")
         for p in s.levels:
             levels.add_row(
-                str(p.level), _score(p.best_score), _score(p.mean_score), str(p.depth_limit)
+                str(p.level), score(p.best_score), score(p.mean_score), str(p.depth_limit)
             )
         console.print(levels)
-    roles = Table(title="calls per role")
-    for column in (
-        "role",
-        "calls",
-        "replayed",
-        "errors",
-        "prompt tok",
-        "completion tok",
-        "cached tok",
-        "cost $",
+    roles = Table(title="calls per role", show_footer=True)
+    total = s.total
+    for column, footer in (
+        ("role", "total"),
+        ("calls", str(total.calls)),
+        ("replayed", str(total.replayed)),
+        ("errors", str(total.errors)),
+        ("prompt tok", str(total.prompt_tokens)),
+        ("completion tok", str(total.completion_tokens)),
+        ("cached tok", str(total.cached_tokens)),
+        ("cost $", f"{total.cost_usd:.4f}"),
     ):
-        roles.add_column(column, justify="right")
+        roles.add_column(column, justify="right", footer=footer)
     for role, t in sorted(s.by_role.items()):
         roles.add_row(
-            role,
+            Text(role),
             str(t.calls),
             str(t.replayed),
             str(t.errors),
@@ -125,4 +188,4 @@ def render_summary(s: RunSummary, console: Console) -> None:
             str(t.cached_tokens),
             f"{t.cost_usd:.4f}",
         )
-    console.print(roles)
+    console.print(Group(roles) if s.by_role else Text("no model calls recorded yet", style="dim"))

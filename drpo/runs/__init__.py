@@ -12,6 +12,7 @@ from drpo.runs.recorder import Recorder, RecorderStoppedError, recording
 from drpo.runs.schema import (
     SCHEMA_VERSION,
     AmbiguousRunIdError,
+    DatabaseNotFoundError,
     NotADatabaseError,
     NotADrpoDatabaseError,
     ReadOnlyPathError,
@@ -37,6 +38,7 @@ __all__ = [
     "AmbiguousRunIdError",
     "BudgetExceeded",
     "CallRecord",
+    "DatabaseNotFoundError",
     "JournaledCaller",
     "JournaledCompletion",
     "NotADatabaseError",

@@ -34,6 +34,10 @@ class NotADatabaseError(StoreError):
     """The file is not an SQLite database (or is damaged beyond reading)."""
 
 
+class DatabaseNotFoundError(StoreError, FileNotFoundError):
+    """A database opened read-only does not exist (a viewer never creates one)."""
+
+
 class NotADrpoDatabaseError(NotADatabaseError):
     """The file is an SQLite database, but another application's."""
 

@@ -43,6 +43,7 @@ from drpo.runs.schema import (
     SCHEMA_VERSION,
     TERMINAL_STATUSES,
     AmbiguousRunIdError,
+    DatabaseNotFoundError,
     NotADatabaseError,
     NotADrpoDatabaseError,
     Probe,
@@ -201,9 +202,10 @@ UPDATE runs SET
 WHERE run_id = :run_id
 """
 _INSERT_MESSAGE = """
-INSERT OR IGNORE INTO messages (run_id, message_id, topic, kind, sender, correlation_id,
-                                causation_id, node_id, timestamp, envelope)
+INSERT INTO messages (run_id, message_id, topic, kind, sender, correlation_id, causation_id,
+                      node_id, timestamp, envelope)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (message_id) DO NOTHING
 """
 # A successful entry is final; an error entry is replaced by the next try of the same call.
 _UPSERT_CALL = """
@@ -345,7 +347,7 @@ class RunStore:
         probe = await anyio.to_thread.run_sync(probe_database, db)
         if readonly:
             if not probe.exists or probe.new:
-                raise StoreError(f"there is no drpo database at {db} to open read-only")
+                raise DatabaseNotFoundError(f"there is no drpo database at {db} to open read-only")
             store = cls(db, writer=None, readers=readers)
             try:
                 yield store
@@ -362,13 +364,23 @@ class RunStore:
             await _prepare_writer_connection(conn, probe)
             writer = BatchWriter(conn, max_batch_rows=max_batch_rows, queue_size=queue_size)
             store = cls(db, writer=writer, readers=readers)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(writer.run)
-                try:
-                    yield store
-                    await writer.flush()  # report failed background writes on a clean exit
-                finally:
-                    writer.close()  # the writer commits what is queued, then its task ends
+            error: BaseException | None = None
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(writer.run)
+                    try:
+                        yield store
+                        await writer.flush()  # report failed background writes on a clean exit
+                    finally:
+                        writer.close()  # the writer commits what is queued, then its task ends
+            except BaseExceptionGroup as group:
+                # The writer task never raises, so the group holds the block's own exception:
+                # hand it back as it was raised, not wrapped in a group.
+                if len(group.exceptions) != 1:
+                    raise
+                error = group.exceptions[0]
+            if error is not None:
+                raise error
         finally:
             with anyio.CancelScope(shield=True):
                 if store is not None:
@@ -703,6 +715,7 @@ async def _prepare_writer_connection(conn: aiosqlite.Connection, probe: Probe) -
 __all__ = [
     "AmbiguousRunIdError",
     "CallRecord",
+    "DatabaseNotFoundError",
     "NotADatabaseError",
     "NotADrpoDatabaseError",
     "ReadOnlyPathError",

@@ -16,7 +16,7 @@ and raised by the next :meth:`BatchWriter.flush`, so nothing fails silently.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,8 @@ from drpo.runs.schema import StoreClosedError, WriteFailedError
 
 log = structlog.get_logger("drpo.runs")
 
-Row = Sequence[Any]
+#: One statement's parameters: positional (a tuple) or named (a mapping).
+Row = Sequence[Any] | Mapping[str, Any]
 
 
 @dataclass(eq=False, slots=True)

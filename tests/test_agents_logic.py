@@ -1,0 +1,513 @@
+"""The agents' logic with scripted model calls: request layout, settings, retries and fallbacks."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from drpo.agents import critic, editor, proposer
+from drpo.agents.aspects import AspectCatalogue
+from drpo.backends.base import Choice, Completion, CompletionRequest, TokenLogprob, TopLogprob
+from drpo.bus.messages import (
+    AspectScore,
+    AspectSelection,
+    Critique,
+    EditAnswer,
+    EditPrompt,
+    ICLExample,
+    ProposeAnswer,
+)
+
+CATALOGUE = AspectCatalogue.load_default()
+QUERY = "How do tides work?"
+
+Reply = str | list[str] | Completion | Callable[[CompletionRequest], Any]
+
+
+class Scripted:
+    """A fake model call: answers requests with scripted replies, in order, and records them.
+
+    A reply is a text, a list of texts (one choice each), a Completion, or a function of the
+    request returning one of those (sync or async).
+    """
+
+    def __init__(self, *replies: Reply) -> None:
+        self.replies = list(replies)
+        self.requests: list[CompletionRequest] = []
+
+    async def __call__(self, request: CompletionRequest) -> Completion:
+        self.requests.append(request)
+        if not self.replies:
+            raise AssertionError(f"unexpected extra call: {request}")
+        reply = self.replies.pop(0)
+        if callable(reply):
+            reply = reply(request)
+            if hasattr(reply, "__await__"):
+                reply = await reply
+        return as_completion(reply)
+
+
+def as_completion(reply: str | list[str] | Completion) -> Completion:
+    if isinstance(reply, Completion):
+        return reply
+    texts = [reply] if isinstance(reply, str) else reply
+    return Completion(choices=tuple(Choice(text=t) for t in texts), model="fake")
+
+
+def selection_json(*aspects: str, reasoning: str = "because") -> str:
+    return json.dumps(
+        {
+            "query_analysis": {"main_topic": "tides", "user_intent": "learn"},
+            "aspects_selection": {"reasoning": reasoning, "selected_aspects": list(aspects)},
+        }
+    )
+
+
+def verdict_json(**scores: Any) -> str:
+    return json.dumps({k: {"rationale": f"why {k}", "score": v} for k, v in scores.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# proposer
+
+EXAMPLES = (
+    ICLExample(query="What is 2+2?", answer="<START>\n4\n<END>"),
+    ICLExample(query="Name a colour.", answer="Blue."),  # not wrapped: the proposer wraps it
+)
+
+
+def test_raw_prompt_layout_is_the_search_frame_with_one_header_spelling() -> None:
+    request = proposer.build_answer_request(
+        "Be helpful.", EXAMPLES, QUERY, framing="raw", max_tokens=300, temperature=0.0
+    )
+    assert request.prompt == (
+        "# instructions\n\nBe helpful.\n\n"
+        "# Query:\nWhat is 2+2?\n\n# Answer:\n<START>\n4\n<END>\n\n"
+        "# Query:\nName a colour.\n\n# Answer:\n<START>\nBlue.\n<END>\n\n"
+        "# Query:\nHow do tides work?\n\n# Answer:\n<START>"
+    )
+    assert "#Query" not in request.prompt and "#Answer" not in request.prompt
+    assert request.stop == ("<END>", "<END", "<|eot_id|>")
+    assert (request.max_tokens, request.temperature, request.messages) == (300, 0.0, None)
+
+
+def test_raw_prompt_without_examples_has_no_empty_block() -> None:
+    request = proposer.build_answer_request("Be helpful.", (), QUERY)
+    assert request.prompt == (
+        "# instructions\n\nBe helpful.\n\n# Query:\nHow do tides work?\n\n# Answer:\n<START>"
+    )
+
+
+def test_chat_framing_puts_prompt_and_examples_in_the_system_message() -> None:
+    request = proposer.build_answer_request("Be helpful.", EXAMPLES[:1], QUERY, framing="chat")
+    system, user = request.messages
+    assert system.role == "system" and user.role == "user"
+    assert system.content == (
+        "Be helpful.\n\n# Query:\nWhat is 2+2?\n\n# Answer:\n<START>\n4\n<END>"
+    )
+    assert "# instructions" not in system.content
+    assert user.content == "# Query:\nHow do tides work?\n\n# Answer:\n<START>"
+    assert request.prompt is None and request.stop == proposer.STOP_STRINGS
+
+
+def test_unknown_framing_is_an_error() -> None:
+    with pytest.raises(ValueError, match="framing"):
+        proposer.build_answer_request("p", (), QUERY, framing="xml")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "clean"),
+    [
+        ("  The moon pulls the sea.  ", "The moon pulls the sea."),
+        ("<START>\nThe moon.\n<END>", "The moon."),
+        ("\nThe moon.\n<END", "The moon."),
+        ("The moon.\n\n# Query:\nWhat else?\n\n# Answer:\nMore", "The moon."),
+        ("The moon.\n#Query:\nWhat else?", "The moon."),
+        ("<START>", ""),
+    ],
+)
+def test_clean_answer(text: str, clean: str) -> None:
+    assert proposer.clean_answer(text) == clean
+
+
+@pytest.mark.anyio
+async def test_propose_sends_the_message_settings_and_cleans_the_answer() -> None:
+    call = Scripted(" The moon's gravity pulls the oceans.\n<END>")
+    msg = ProposeAnswer(
+        model="m", system_prompt="Be helpful.", icl_examples=EXAMPLES, query=QUERY,
+        framing="chat", max_tokens=128, temperature=0.7,
+    )  # fmt: skip
+    assert await proposer.propose(call, msg) == "The moon's gravity pulls the oceans."
+    (request,) = call.requests
+    assert request.is_chat and request.max_tokens == 128 and request.temperature == 0.7
+
+
+# --------------------------------------------------------------------------------------------
+# aspect selection
+
+
+@pytest.mark.anyio
+async def test_select_aspects_first_try_uses_the_papers_settings() -> None:
+    call = Scripted(selection_json("Clarity", "Factuality", "Depth", reasoning="science"))
+    selection = await critic.select_aspects(call, QUERY, CATALOGUE)
+    assert selection.aspects == ("Clarity", "Factuality", "Depth")
+    assert selection.reasoning == "science" and selection.query == QUERY
+    assert selection.analysis == {"main_topic": "tides", "user_intent": "learn"}
+    (request,) = call.requests
+    assert (request.temperature, request.seed, request.max_tokens, request.top_p) == (
+        0.0, 0, 2048, 1.0,
+    )  # fmt: skip
+    assert [m.role for m in request.messages] == ["user"]
+    assert QUERY in request.messages[0].content
+
+
+@pytest.mark.anyio
+async def test_select_aspects_retries_once_with_a_reminder() -> None:
+    bad = "I think Clarity and Depth matter most."
+    call = Scripted(bad, "```json\n" + selection_json("clarity", "Depth") + "\n```")
+    selection = await critic.select_aspects(call, QUERY, CATALOGUE)
+    assert selection.aspects == ("Clarity", "Depth")
+    assert critic.FALLBACK_KEY not in selection.analysis
+    retry = call.requests[1]
+    assert [m.role for m in retry.messages] == ["user", "assistant", "user"]
+    assert retry.messages[1].content == bad
+    assert "no JSON object found" in retry.messages[2].content
+    assert "Helpfulness" in retry.messages[2].content  # the reminder lists the valid names
+
+
+@pytest.mark.anyio
+async def test_select_aspects_falls_back_to_the_default_after_two_failures() -> None:
+    call = Scripted("no idea", "still no idea")
+    selection = await critic.select_aspects(call, QUERY, CATALOGUE)
+    assert selection.aspects == ("Helpfulness", "Clarity", "Factuality")
+    assert selection.analysis[critic.FALLBACK_KEY] == "true"
+    assert "no JSON object" in selection.analysis[critic.ERROR_KEY]
+    assert selection.reasoning.startswith("Default aspects")
+    assert len(call.requests) == 2
+
+
+@pytest.mark.anyio
+async def test_select_aspects_drops_unknown_names_and_caps_the_count() -> None:
+    names = ("Humor", "Clarity", "Depth", "Safety", "Empathy", "Creativity", "Conciseness")
+    selection = await critic.select_aspects(Scripted(selection_json(*names)), QUERY, CATALOGUE)
+    assert selection.aspects == ("Clarity", "Depth", "Safety", "Empathy", "Creativity")
+    assert selection.analysis[critic.DROPPED_KEY] == "Humor"
+
+
+@pytest.mark.anyio
+async def test_too_few_known_aspects_retry_then_pad_from_the_defaults() -> None:
+    call = Scripted(selection_json("Humor", "Depth"), selection_json("Depth", "Wit"))
+    selection = await critic.select_aspects(call, QUERY, CATALOGUE)
+    assert selection.aspects == ("Depth", "Helpfulness")
+    assert selection.analysis[critic.PADDED_KEY] == "Helpfulness"
+    assert selection.analysis[critic.DROPPED_KEY] == "Humor, Wit"
+    assert "at least 2" in call.requests[1].messages[2].content
+
+
+@pytest.mark.anyio
+async def test_the_icl_variant_needs_three_to_six_aspects() -> None:
+    call = Scripted(selection_json("Clarity", "Depth"), selection_json(*CATALOGUE.names))
+    selection = await critic.select_aspects(call, QUERY, CATALOGUE, variant="icl")
+    assert len(call.requests) == 2  # two aspects are too few for the critic variant
+    assert selection.aspects == CATALOGUE.names[:6]
+    assert "exacting critic" in call.requests[0].messages[0].content
+
+
+@pytest.mark.anyio
+async def test_backend_errors_are_not_swallowed() -> None:
+    def boom(request: CompletionRequest) -> str:
+        raise RuntimeError("backend down")
+
+    with pytest.raises(RuntimeError, match="backend down"):
+        await critic.select_aspects(Scripted(boom), QUERY, CATALOGUE)
+
+
+# --------------------------------------------------------------------------------------------
+# judging with JSON verdicts
+
+SELECTION = AspectSelection(
+    query=QUERY, aspects=("Clarity", "Factuality", "Depth"), reasoning="a science question"
+)
+
+
+@pytest.mark.anyio
+async def test_judge_json_reward_is_the_mean_score() -> None:
+    call = Scripted(verdict_json(Clarity="5", Factuality=4, Depth="4.5/5"))
+    critique = await critic.judge(call, QUERY, "The moon.", SELECTION, CATALOGUE)
+    assert not critique.failed and critique.error is None
+    assert critique.reward == pytest.approx(4.5)
+    assert critique.scores["Clarity"] == AspectScore(score=5.0, rationale="why Clarity")
+    (request,) = call.requests
+    prompt = request.messages[0].content
+    assert "a science question" in prompt and "The moon." in prompt
+    assert '"Depth": {"rationale": "...", "score": <1-5>}' in prompt
+    assert "Safety" not in prompt  # only the selected rubrics
+    assert (request.temperature, request.seed, request.max_tokens) == (0.0, 0, 2048)
+
+
+@pytest.mark.anyio
+async def test_judge_json_retries_then_fails_with_reward_zero() -> None:
+    call = Scripted("It is a fine answer.", "Really, it is fine.")
+    critique = await critic.judge(call, QUERY, "The moon.", SELECTION, CATALOGUE)
+    assert critique.failed and critique.reward == 0.0 and critique.scores == {}
+    assert "after a retry" in critique.error
+    retry = call.requests[1]
+    assert [m.role for m in retry.messages] == ["user", "assistant", "user"]
+    assert "Clarity, Factuality, Depth" in retry.messages[2].content
+
+
+@pytest.mark.anyio
+async def test_judge_json_retry_succeeds() -> None:
+    call = Scripted("Clarity: 5", verdict_json(Clarity=5, Factuality=3, Depth=4))
+    critique = await critic.judge(call, QUERY, "The moon.", SELECTION, CATALOGUE)
+    assert not critique.failed and critique.reward == pytest.approx(4.0)
+
+
+@pytest.mark.anyio
+async def test_judge_json_missing_aspect_is_asked_again_then_the_best_is_kept() -> None:
+    call = Scripted(verdict_json(Clarity=5, Factuality=3), verdict_json(Clarity=4))
+    critique = await critic.judge(call, QUERY, "The moon.", SELECTION, CATALOGUE)
+    assert "no usable score for Depth" in call.requests[1].messages[2].content
+    assert set(critique.scores) == {"Clarity", "Factuality"}  # the first reply had more
+    assert critique.reward == pytest.approx(4.0)
+    assert not critique.failed and critique.error == "no score for Depth"
+
+
+@pytest.mark.anyio
+async def test_judge_resolves_selected_aliases_and_fails_without_known_aspects() -> None:
+    aliased = AspectSelection(query=QUERY, aspects=("Compliance with Instructions",))
+    call = Scripted(verdict_json(Compliance=3))
+    critique = await critic.judge(call, QUERY, "a", aliased, CATALOGUE)
+    assert critique.scores["Compliance"].score == 3.0
+    unknown = AspectSelection(query=QUERY, aspects=("Humor",))
+    critique = await critic.judge(Scripted(), QUERY, "a", unknown, CATALOGUE)
+    assert critique.failed and "Humor" in critique.error
+
+
+@pytest.mark.anyio
+async def test_the_icl_judge_is_the_strict_critic() -> None:
+    call = Scripted(verdict_json(Clarity=2, Factuality=2, Depth=2))
+    await critic.judge(call, QUERY, "a", SELECTION, CATALOGUE, variant="icl")
+    assert "demanding critic" in call.requests[0].messages[0].content
+
+
+# --------------------------------------------------------------------------------------------
+# judging by digit probabilities
+
+
+def digit_completion(top: dict[str, float], chosen: str | None = None) -> Completion:
+    """A one-token completion whose top alternatives have the given probabilities."""
+    chosen = chosen if chosen is not None else max(top, key=top.get)
+    alternatives = tuple(TopLogprob(token=t, logprob=math.log(p)) for t, p in top.items())
+    token = TokenLogprob(token=chosen, logprob=math.log(top.get(chosen, 0.01)), top=alternatives)
+    return Completion(choices=(Choice(text=chosen, logprobs=(token,)),), model="fake")
+
+
+def test_digit_distribution_adds_spaced_tokens_and_normalises() -> None:
+    completion = digit_completion({" 4": 0.6, "5": 0.2, "4": 0.1, "The": 0.1})
+    distribution = critic.digit_distribution(completion.choices[0])
+    assert distribution[4] == pytest.approx(0.7 / 0.9)
+    assert distribution[5] == pytest.approx(0.2 / 0.9)
+    assert distribution[1] == distribution[2] == distribution[3] == 0.0
+    assert critic.expected_score(distribution) == pytest.approx((4 * 0.7 + 5 * 0.2) / 0.9)
+
+
+def test_digit_distribution_counts_the_chosen_token_and_ignores_other_numbers() -> None:
+    completion = digit_completion({"10": 0.5, "0": 0.3}, chosen="\u25812")
+    assert critic.digit_distribution(completion.choices[0]) == {1: 0, 2: 1.0, 3: 0, 4: 0, 5: 0}
+    empty = digit_completion({"Great": 0.9, "10": 0.1})
+    assert critic.digit_distribution(empty.choices[0]) == {}
+    assert critic.digit_distribution(Choice(text="4")) == {}  # no logprobs at all
+
+
+@pytest.mark.anyio
+async def test_judge_logprobs_scores_every_aspect_concurrently() -> None:
+    tops = {
+        "Clarity": {"5": 0.5, "4": 0.5},
+        "Factuality": {"3": 1.0},
+        "Depth": {" 2": 0.25, " 4": 0.75},
+    }
+    all_sent = anyio.Event()
+    seen: list[CompletionRequest] = []
+
+    async def reply(request: CompletionRequest) -> Completion:
+        seen.append(request)
+        if len(seen) == len(tops):
+            all_sent.set()
+        await all_sent.wait()  # would hang forever if the aspects were scored one by one
+        name = next(n for n in tops if f"Quality: {n}." in request.messages[0].content)
+        return digit_completion(tops[name])
+
+    call = Scripted(reply, reply, reply)
+    with anyio.fail_after(5):
+        critique = await critic.judge(
+            call, QUERY, "The moon.", SELECTION, CATALOGUE, mode="logprobs"
+        )
+    assert {k: v.score for k, v in critique.scores.items()} == pytest.approx(
+        {"Clarity": 4.5, "Factuality": 3.0, "Depth": 3.5}
+    )
+    assert critique.reward == pytest.approx(11 / 3) and not critique.failed
+    assert "p(5)=0.50" in critique.scores["Clarity"].rationale
+    for request in seen:
+        assert (request.max_tokens, request.top_logprobs, request.temperature) == (1, 20, 0.0)
+        content = request.messages[0].content
+        assert content.endswith("Score (1-5):")
+        assert content.index("5: ") < content.index("Score (1-5):")  # rubric, then the cue
+
+
+@pytest.mark.anyio
+async def test_judge_logprobs_aspect_without_digit_mass_fails_alone() -> None:
+    def reply(request: CompletionRequest) -> Completion:
+        if "Quality: Depth." in request.messages[0].content:
+            return digit_completion({"Sure": 1.0})
+        return digit_completion({"4": 1.0})
+
+    critique = await critic.judge(
+        Scripted(reply, reply, reply), QUERY, "a", SELECTION, CATALOGUE, mode="logprobs"
+    )
+    assert set(critique.scores) == {"Clarity", "Factuality"} and critique.reward == 4.0
+    assert "Depth" in critique.error and not critique.failed
+
+    nothing = Scripted(*[lambda r: as_completion("4")] * 3)  # a backend without logprobs
+    critique = await critic.judge(nothing, QUERY, "a", SELECTION, CATALOGUE, mode="logprobs")
+    assert critique.failed and critique.reward == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# rewriting the system prompt
+
+CRITIQUE = Critique.from_scores(
+    {"Clarity": AspectScore(score=3, rationale="rambling"), "Depth": AspectScore(score=4.5)}
+)
+
+
+def edit_message(n: int = 3, history: tuple[str, ...] = ()) -> EditPrompt:
+    return EditPrompt(
+        model="m", system_prompt="Current prompt.", query=QUERY, answer="The moon.",
+        critique=CRITIQUE, history=history, n=n, temperature=0.2,
+    )  # fmt: skip
+
+
+def candidate(text: str) -> str:
+    return json.dumps({"analysis": "a", "thought": "t", "new_system_prompt": text})
+
+
+@pytest.mark.anyio
+async def test_rewrite_prompt_asks_for_n_samples_in_one_request_when_supported() -> None:
+    call = Scripted([candidate("P1.\\n- Be clear."), candidate("P2."), candidate("P3.")])
+    prompts, dropped = await editor.rewrite_prompt(call, edit_message(), supports_n=True)
+    assert prompts == ["P1.\n- Be clear.", "P2.", "P3."] and dropped == 0
+    (request,) = call.requests
+    assert (request.n, request.seed, request.temperature, request.top_p, request.max_tokens) == (
+        3, 0, 0.2, 0.95, 2048,
+    )  # fmt: skip
+    prompt = request.messages[0].content
+    assert '"rationale": "rambling"' in prompt and '"score": 4.5' in prompt
+    assert "---Current Version---\nCurrent prompt." in prompt
+    assert "at most 2 new bullet points" in prompt and "at most 8 bullet points" in prompt
+
+
+@pytest.mark.anyio
+async def test_rewrite_prompt_fans_out_concurrently_with_distinct_seeds() -> None:
+    all_sent = anyio.Event()
+    seen: list[CompletionRequest] = []
+
+    async def reply(request: CompletionRequest) -> str:
+        seen.append(request)
+        if len(seen) == 3:
+            all_sent.set()
+        await all_sent.wait()
+        return candidate(f"P{request.seed}.")
+
+    with anyio.fail_after(5):
+        prompts, dropped = await editor.rewrite_prompt(
+            Scripted(reply, reply, reply), edit_message(), supports_n=False
+        )
+    assert prompts == ["P0.", "P1.", "P2."] and dropped == 0
+    assert sorted(r.seed for r in seen) == [0, 1, 2] and {r.n for r in seen} == {1}
+
+
+@pytest.mark.anyio
+async def test_unreadable_candidates_are_retried_once_then_dropped() -> None:
+    first = [candidate("Good."), "I would change the prompt a lot.", "{broken"]
+
+    def retry(request: CompletionRequest) -> str:
+        assert [m.role for m in request.messages] == ["user", "assistant", "user"]
+        assert "new_system_prompt" in request.messages[2].content
+        if request.messages[1].content == "{broken":
+            return candidate("Fixed.")
+        return "still no JSON"
+
+    call = Scripted(first, retry, retry)
+    prompts, dropped = await editor.rewrite_prompt(call, edit_message(), supports_n=True)
+    assert prompts == ["Good.", "Fixed."] and dropped == 1
+    assert len(call.requests) == 3
+    assert {r.seed for r in call.requests[1:]} == {4, 5}  # never a first-round seed
+
+
+@pytest.mark.anyio
+async def test_missing_samples_are_requested_again() -> None:
+    call = Scripted([candidate("Only one.")], candidate("Second."), candidate("Third."))
+    prompts, dropped = await editor.rewrite_prompt(call, edit_message(), supports_n=True)
+    assert prompts == ["Only one.", "Second.", "Third."] and dropped == 0
+    assert [len(r.messages) for r in call.requests[1:]] == [1, 1]
+
+
+@pytest.mark.anyio
+async def test_the_optimizer_sees_at_most_five_versions_ending_with_the_current_one() -> None:
+    history = tuple(f"Old {i}." for i in range(1, 8))
+    call = Scripted([candidate("New.")])
+    await editor.rewrite_prompt(call, edit_message(n=1, history=history), supports_n=True)
+    prompt = call.requests[0].messages[0].content
+    assert "Old 3." not in prompt
+    assert "---Version 1---\nOld 4." in prompt and "---Version 4---\nOld 7." in prompt
+    assert "---Version 5---" not in prompt
+    assert prompt.count("Current prompt.") == 1
+
+    call = Scripted([candidate("New.")])
+    with_current = ("Old 1.", "Current prompt.")
+    await editor.rewrite_prompt(call, edit_message(n=1, history=with_current), supports_n=True)
+    prompt = call.requests[0].messages[0].content
+    assert prompt.count("Current prompt.") == 1 and "---Version 2---" not in prompt
+
+
+@pytest.mark.anyio
+async def test_rewrite_prompt_with_n_zero_makes_no_call() -> None:
+    assert await editor.rewrite_prompt(Scripted(), edit_message(n=0), supports_n=True) == ([], 0)
+
+
+# --------------------------------------------------------------------------------------------
+# rewriting an ICL answer
+
+EDIT_ANSWER = EditAnswer(
+    model="m", query=QUERY, answer="<START>\nThe moon.\n<END>", critique=CRITIQUE
+)
+
+
+@pytest.mark.anyio
+async def test_rewrite_answer_keeps_the_markers() -> None:
+    reply = json.dumps({"analysis": "a", "thought": "t", "new_response": "The moon's pull.\\n1. x"})
+    call = Scripted(reply)
+    assert (
+        await editor.rewrite_answer(call, EDIT_ANSWER) == "<START>\nThe moon's pull.\n1. x\n<END>"
+    )
+    (request,) = call.requests
+    assert (request.temperature, request.n, request.max_tokens) == (0.0, 1, 2048)
+    assert "<START>\nThe moon.\n<END>" in request.messages[0].content
+
+
+@pytest.mark.anyio
+async def test_rewrite_answer_retries_once_then_gives_none() -> None:
+    good = json.dumps({"new_response": "<START>\nBetter.\n<END>"})
+    assert await editor.rewrite_answer(Scripted("nope", good), EDIT_ANSWER) == (
+        "<START>\nBetter.\n<END>"
+    )
+    empty = json.dumps({"new_response": "<START>\n<END>"})
+    call = Scripted("nope", empty)
+    assert await editor.rewrite_answer(call, EDIT_ANSWER) is None
+    assert [m.role for m in call.requests[1].messages] == ["user", "assistant", "user"]

@@ -1,0 +1,508 @@
+"""The local backend: the batcher on its own (fast), then the real embedded SmolLM2 (marked model).
+
+The model tests share one loaded model (``local_backend``, loaded once per session); tests that
+need their own batch settings or fresh batch statistics make a new ``LocalBackend``, which reuses
+the already loaded model at no cost. Completions are kept short (<= 32 tokens): on 2 CPU cores the
+model makes about 25 tokens/s alone and about 5x that in batches of 8.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+
+from drpo.backends.base import (
+    ChatMessage,
+    Completion,
+    CompletionRequest,
+    PermanentBackendError,
+)
+from drpo.backends.batching import DynamicBatcher
+from drpo.backends.local import LocalBackend, ResolvedModel
+
+# The session-scoped model fixtures (local_backend, ...) live in tests/model_fixtures.py.
+pytest_plugins = ("model_fixtures",)
+
+QUESTIONS = (
+    "What is the capital of France?",
+    "Write a haiku about autumn.",
+    "Explain photosynthesis in one sentence.",
+    "List three prime numbers.",
+    "How do I bake bread?",
+    "Tell me a joke about cats.",
+    "What is 2+2?",
+    "Describe the ocean.",
+)
+
+
+def chat(question: str, **settings: object) -> CompletionRequest:
+    return CompletionRequest(messages=(ChatMessage(role="user", content=question),), **settings)
+
+
+async def wait_until(condition: object, timeout_s: float = 60.0) -> None:
+    """Poll ``condition()`` (a structural state, not a time) until it holds."""
+    with anyio.fail_after(timeout_s):
+        # Polling on purpose: the states we wait for change on worker threads, too.
+        while not condition():  # type: ignore[operator]  # noqa: ASYNC110
+            await anyio.sleep(0.005)
+
+
+# --------------------------------------------------------------------------------------------
+# The batcher alone, with a fake batch function (no model, fast)
+# --------------------------------------------------------------------------------------------
+
+
+class RecordingBatch:
+    """A batch function that records each batch and can hold a batch until released."""
+
+    def __init__(self, *, hold: bool = False) -> None:
+        self.batches: list[list[object]] = []
+        self.release = threading.Event()
+        self.started = threading.Event()
+        if not hold:
+            self.release.set()
+
+    def __call__(self, items: Sequence[object]) -> list[object]:
+        self.batches.append(list(items))
+        self.started.set()
+        self.release.wait(timeout=30)
+        return list(items)
+
+
+@pytest.mark.anyio
+async def test_concurrent_submits_are_merged_up_to_max_batch_size() -> None:
+    run = RecordingBatch()
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(run, max_batch_size=4, batch_window_s=0.05)
+    results: dict[int, int] = {}
+
+    async def call(i: int) -> None:
+        results[i] = await batcher.submit(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(10):
+            tg.start_soon(call, i)
+    assert results == {i: i for i in range(10)}
+    assert [len(b) for b in run.batches] == [4, 4, 2]
+    assert sorted(x for b in run.batches for x in b) == list(range(10))  # type: ignore[type-var]
+
+
+@pytest.mark.anyio
+async def test_weights_fill_batches_first_fit_and_heavy_items_run_alone() -> None:
+    run = RecordingBatch(hold=True)
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        run, max_batch_size=4, batch_window_s=0.0, weight=lambda item: item
+    )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batcher.submit, 1)  # runs alone at once: window 0
+        await wait_until(run.started.is_set)
+        for item in (3, 6, 1, 2):
+            tg.start_soon(batcher.submit, item)
+        await wait_until(lambda: batcher.queued == 4)
+        run.release.set()
+    # After the first batch: 3 (oldest) + 1 fit into 4; 6 is too heavy and runs alone next;
+    # 2 follows. The oldest queued item is always in the next batch.
+    assert run.batches == [[1], [3, 1], [6], [2]]
+
+
+@pytest.mark.anyio
+async def test_per_item_errors_and_whole_batch_failures_reach_their_callers() -> None:
+    def run(items: Sequence[int]) -> list[int | BaseException]:
+        if 99 in items:
+            raise RuntimeError("whole batch broke")
+        return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
+
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(run, max_batch_size=8, batch_window_s=0.05)
+    outcomes: dict[int, object] = {}
+
+    async def call(i: int) -> None:
+        try:
+            outcomes[i] = await batcher.submit(i)
+        except Exception as exc:
+            outcomes[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i in (1, -2, 3):
+            tg.start_soon(call, i)
+    assert outcomes[1] == 10 and outcomes[3] == 30
+    assert isinstance(outcomes[-2], ValueError)
+    with pytest.raises(RuntimeError, match="whole batch broke"):
+        await batcher.submit(99)
+    assert await batcher.submit(5) == 50  # the batcher still works afterwards
+
+
+@pytest.mark.anyio
+async def test_cancelled_while_queued_never_runs_and_the_queue_keeps_moving() -> None:
+    run = RecordingBatch(hold=True)
+    batcher: DynamicBatcher[str, str] = DynamicBatcher(run, max_batch_size=1, batch_window_s=0.0)
+    results: dict[str, str] = {}
+
+    async def call(item: str) -> None:
+        results[item] = await batcher.submit(item)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, "running")
+        await wait_until(run.started.is_set)
+        tg.start_soon(call, "kept")
+        await wait_until(lambda: batcher.queued == 1)
+        doomed = anyio.CancelScope()
+
+        async def cancelled_call() -> None:
+            with doomed:
+                await call("cancelled")
+
+        tg.start_soon(cancelled_call)
+        await wait_until(lambda: batcher.queued == 2)
+        doomed.cancel()
+        await wait_until(lambda: batcher.queued == 1)
+        run.release.set()
+    assert results == {"running": "running", "kept": "kept"}
+    assert run.batches == [["running"], ["kept"]]
+    assert batcher.stats.cancelled_while_queued == 1
+
+
+@pytest.mark.anyio
+async def test_leader_cancelled_mid_batch_still_delivers_the_others_results() -> None:
+    run = RecordingBatch(hold=True)
+    batcher: DynamicBatcher[str, str] = DynamicBatcher(run, max_batch_size=4, batch_window_s=0.2)
+    results: dict[str, str] = {}
+
+    async def call(item: str) -> None:
+        results[item] = await batcher.submit(item)
+
+    async with anyio.create_task_group() as tg:
+        leader_scope = anyio.CancelScope()
+
+        async def leader() -> None:
+            with leader_scope:
+                await call("leader")
+
+        tg.start_soon(leader)
+        await wait_until(lambda: batcher.queued == 1)
+        tg.start_soon(call, "follower")
+        await wait_until(run.started.is_set)  # both are in the running batch now
+        leader_scope.cancel()
+        await anyio.sleep(0.05)
+        run.release.set()
+    assert run.batches == [["leader", "follower"]]
+    assert results == {"follower": "follower"}  # the cancelled leader dropped its own result
+    assert await batcher.submit("later") == "later"
+
+
+def test_load_model_loads_once_under_concurrent_first_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    local_model = pytest.importorskip("drpo.backends.local_model")
+    calls: list[str] = []
+
+    def slow_load(resolved: object, key: object, device: str, dtype: object) -> object:
+        calls.append(device)
+        time.sleep(0.2)
+        return object()
+
+    monkeypatch.setattr(local_model, "_load_uncached", slow_load)
+    fake = ResolvedModel(ref="fake", folder=Path("/nonexistent/fake-model"))
+    loaded: list[object] = []
+    threads = [
+        threading.Thread(target=lambda: loaded.append(local_model.load_model(fake, "cpu")))
+        for _ in range(6)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        local_model._CACHE.pop((str(fake.path), "cpu", "torch.float32"), None)
+    assert len(calls) == 1
+    assert len(loaded) == 6 and all(item is loaded[0] for item in loaded)
+
+
+# --------------------------------------------------------------------------------------------
+# Model refs
+# --------------------------------------------------------------------------------------------
+
+
+def test_unknown_model_ref_says_what_was_tried_and_how_to_fix_it() -> None:
+    with pytest.raises(PermanentBackendError) as caught:
+        LocalBackend("no-such-org/no-such-model-xyz")
+    message = str(caught.value)
+    assert "no-such-org/no-such-model-xyz" in message
+    assert "local path" in message and "hub id" in message
+    assert "'smollm2'" in message and ".gguf" in message and "never downloads" in message
+
+
+def test_folder_without_a_model_and_non_gguf_file_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(PermanentBackendError, match=r"no config\.json"):
+        LocalBackend(str(tmp_path))
+    text_file = tmp_path / "weights.bin"
+    text_file.write_text("not a model")
+    with pytest.raises(PermanentBackendError, match=r"not a \.gguf file"):
+        LocalBackend(str(text_file))
+
+
+def test_embedded_ref_resolves_to_the_gguf_file_without_loading() -> None:
+    backend = LocalBackend("smollm2")
+    assert backend.name == "local" and backend.model == "smollm2"
+    assert backend.supports_n and backend.supports_logprobs
+    assert backend.endpoint.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert Path(backend.endpoint).is_file()
+    # A .gguf path and its folder resolve to the same file.
+    assert LocalBackend(backend.endpoint).endpoint == backend.endpoint
+    assert LocalBackend(str(Path(backend.endpoint).parent)).endpoint == backend.endpoint
+
+
+# --------------------------------------------------------------------------------------------
+# The real embedded model
+# --------------------------------------------------------------------------------------------
+
+
+async def one_by_one(
+    backend: LocalBackend, requests: Sequence[CompletionRequest]
+) -> list[Completion]:
+    return [await backend.complete(request) for request in requests]
+
+
+async def all_at_once(
+    backend: LocalBackend, requests: Sequence[CompletionRequest]
+) -> list[Completion]:
+    results: list[Completion | None] = [None] * len(requests)
+
+    async def call(i: int) -> None:
+        results[i] = await backend.complete(requests[i])
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(requests)):
+            tg.start_soon(call, i)
+    return [r for r in results if r is not None]
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_batched_greedy_equals_one_by_one(local_backend: LocalBackend) -> None:
+    """Eight concurrent greedy requests form one batch and produce exactly the sequential text.
+
+    With float32 on the CPU, left padding plus the attention mask gives the same tokens as
+    running each prompt alone (verified token by token; in bf16 near-ties could flip).
+    """
+    backend = LocalBackend("smollm2", max_batch_size=8, batch_window_s=0.05)
+    requests = [chat(q, max_tokens=24) for q in QUESTIONS]
+    sequential = await one_by_one(backend, requests)
+    assert backend.batch_stats.batch_sizes == [1] * 8
+    batched = await all_at_once(backend, requests)
+    assert backend.batch_stats.batch_sizes == [1] * 8 + [8]
+    for alone, together in zip(sequential, batched, strict=True):
+        assert together.text == alone.text
+        assert together.choices[0].finish_reason == alone.choices[0].finish_reason
+        assert together.usage == alone.usage
+    assert len({c.text for c in batched}) == len(QUESTIONS)  # they really are different answers
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_usage_and_finish_reasons(local_backend: LocalBackend) -> None:
+    short = await local_backend.complete(chat("Describe the ocean in detail.", max_tokens=5))
+    assert short.choices[0].finish_reason == "length"
+    assert short.usage.completion_tokens == 5
+    assert short.usage.prompt_tokens > 10  # the chat template adds the system prompt
+    assert short.model == "smollm2" and short.latency_s > 0
+    done = await local_backend.complete(chat("What is 2+2? Answer with one number.", max_tokens=32))
+    assert done.choices[0].finish_reason == "stop"  # ended by EOS (<|im_end|>) before 32 tokens
+    assert 0 < done.usage.completion_tokens < 32
+    assert "<|im_end|>" not in done.text
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_stop_strings_cut_at_the_first_stop(local_backend: LocalBackend) -> None:
+    question = "Count from 1 to 10, separated by commas."
+    free = await local_backend.complete(chat(question, max_tokens=32))
+    assert "4" in free.text and "6" in free.text, free.text  # the test needs both in the text
+    stops = ("6", "4")
+    expected = free.text[: min(free.text.find(s) for s in stops)]
+    stopped = await local_backend.complete(chat(question, max_tokens=32, stop=stops))
+    assert stopped.text == expected
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens < free.usage.completion_tokens  # stopped early
+    # A stop string that never occurs changes nothing.
+    unmatched = await local_backend.complete(chat(question, max_tokens=32, stop=("@@@",)))
+    assert unmatched.text == free.text
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_n_samples_greedy_and_seeded(local_backend: LocalBackend) -> None:
+    single = await local_backend.complete(chat("Name a colour.", max_tokens=8))
+    greedy = await local_backend.complete(chat("Name a colour.", max_tokens=8, n=3))
+    assert [c.text for c in greedy.choices] == [single.text] * 3  # greedy: all the same
+    assert greedy.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counts once
+    assert greedy.usage.completion_tokens == 3 * single.usage.completion_tokens
+
+    request = chat(
+        "Write one line of a poem about the sea.", max_tokens=12, n=4, temperature=1.0, seed=7
+    )
+    first = await local_backend.complete(request)
+    again = await local_backend.complete(request)
+    other = await local_backend.complete(request.model_copy(update={"seed": 8}))
+    texts = [c.text for c in first.choices]
+    assert len(texts) == 4 and len(set(texts)) >= 2  # different samples of one request
+    assert [c.text for c in again.choices] == texts  # same seed, same samples
+    assert [c.text for c in other.choices] != texts
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_raw_prompt_is_used_as_is_and_chat_goes_through_the_template(
+    local_backend: LocalBackend,
+) -> None:
+    tokenizer = local_backend.load().tokenizer
+    question = "What is the capital of France?"
+    templated = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    as_chat = await local_backend.complete(chat(question, max_tokens=12))
+    as_raw = await local_backend.complete(CompletionRequest(prompt=templated, max_tokens=12))
+    assert as_raw.text == as_chat.text and as_raw.usage == as_chat.usage
+    plain = await local_backend.complete(
+        CompletionRequest(prompt="The capital of France is", max_tokens=6)
+    )
+    assert plain.usage.prompt_tokens == len(tokenizer("The capital of France is")["input_ids"])
+    assert plain.usage.prompt_tokens < as_chat.usage.prompt_tokens
+    assert "Paris" in plain.text
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_top_logprobs(local_backend: LocalBackend) -> None:
+    result = await local_backend.complete(
+        chat("List three prime numbers.", max_tokens=16, top_logprobs=5)
+    )
+    choice = result.choices[0]
+    assert choice.logprobs is not None and len(choice.logprobs) == result.usage.completion_tokens
+    for position in choice.logprobs:
+        assert math.isfinite(position.logprob) and position.logprob <= 0
+        assert len(position.top) == 5
+        values = [alt.logprob for alt in position.top]
+        assert values == sorted(values, reverse=True)
+        assert all(math.isfinite(v) for v in values)
+        # Greedy: the chosen token is the most likely one, with the same logprob.
+        assert position.top[0].token == position.token
+        assert position.top[0].logprob == pytest.approx(position.logprob)
+    assert choice.text.startswith(choice.logprobs[0].token)
+    assert "".join(p.token for p in choice.logprobs) == choice.text
+
+    none = await local_backend.complete(chat("List three prime numbers.", max_tokens=4))
+    assert none.choices[0].logprobs is None
+    bare = await local_backend.complete(
+        chat("List three prime numbers.", max_tokens=4, top_logprobs=0)
+    )
+    assert bare.choices[0].logprobs is not None
+    assert all(p.top == () for p in bare.choices[0].logprobs)
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_logprobs_are_cut_with_the_text_at_a_stop_string(local_backend: LocalBackend) -> None:
+    question = "Count from 1 to 10, separated by commas."
+    result = await local_backend.complete(
+        chat(question, max_tokens=32, stop=("5",), top_logprobs=2)
+    )
+    choice = result.choices[0]
+    assert choice.logprobs is not None and choice.text
+    joined = "".join(p.token for p in choice.logprobs)
+    assert joined.startswith(choice.text)
+    # Only the token that straddles the cut may reach past it; no token lies wholly beyond.
+    assert len(joined) - len(choice.logprobs[-1].token) < len(choice.text)
+    assert result.usage.completion_tokens >= len(choice.logprobs)
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_event_loop_stays_responsive_while_generating(local_backend: LocalBackend) -> None:
+    """A 20 ms ticker keeps ticking through a batch: generation runs off the event loop."""
+    ticks: list[float] = []
+    generating = True
+
+    async def ticker() -> None:
+        while generating:
+            ticks.append(time.perf_counter())
+            await anyio.sleep(0.02)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        started = time.perf_counter()
+        await all_at_once(local_backend, [chat(q, max_tokens=32) for q in QUESTIONS[:4]])
+        took = time.perf_counter() - started
+        generating = False
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    # Structural, not a speed target: a blocked loop would show one gap as long as the batch.
+    assert len(ticks) >= 10
+    assert max(gaps) < took / 3
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_cancelled_while_queued_never_runs(local_backend: LocalBackend) -> None:
+    backend = LocalBackend("smollm2", max_batch_size=1, batch_window_s=0.0)
+    results: dict[str, Completion] = {}
+
+    async def call(key: str, request: CompletionRequest) -> None:
+        results[key] = await backend.complete(request)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, "first", chat("Describe the ocean.", max_tokens=24))
+        await wait_until(lambda: backend.batch_stats.batches == 1)  # first is running
+        doomed = anyio.CancelScope()
+
+        async def cancelled() -> None:
+            with doomed:
+                await call("cancelled", chat("Tell me a joke.", max_tokens=24))
+
+        tg.start_soon(cancelled)
+        await wait_until(lambda: backend.queued == 1)
+        doomed.cancel()
+    assert set(results) == {"first"}
+    assert backend.batch_stats.batches == 1  # the cancelled call's work never ran
+    assert backend.batch_stats.cancelled_while_queued == 1
+    after = await backend.complete(chat("What is 2+2?", max_tokens=4))  # nothing is stuck
+    assert after.text
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_a_bad_request_fails_alone_in_its_batch(local_backend: LocalBackend) -> None:
+    backend = LocalBackend("smollm2", max_batch_size=8, batch_window_s=0.05)
+    backend.load()  # from the process cache: both calls then reach the batcher at once
+    too_long = CompletionRequest(prompt="word " * 9000, max_tokens=4)
+    outcomes: dict[str, object] = {}
+
+    async def call(key: str, request: CompletionRequest) -> None:
+        try:
+            outcomes[key] = await backend.complete(request)
+        except PermanentBackendError as exc:
+            outcomes[key] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, "good", chat("What is 2+2?", max_tokens=4))
+        tg.start_soon(call, "bad", too_long)
+    assert backend.batch_stats.batch_sizes == [2]
+    assert isinstance(outcomes["good"], Completion)
+    assert isinstance(outcomes["bad"], PermanentBackendError)
+    assert "does not fit" in str(outcomes["bad"])
+
+
+@pytest.mark.model
+def test_backends_share_the_process_wide_loaded_model(local_backend: LocalBackend) -> None:
+    from drpo.backends import local_model
+
+    before = local_model.load_count
+    again = LocalBackend("smollm2", max_batch_size=2)
+    assert again.load() is local_backend.load()
+    assert local_model.load_count == before

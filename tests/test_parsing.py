@@ -1,0 +1,319 @@
+"""Reading messy model output: JSON extraction, scores, selections, judgements, prompt fields."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from drpo.agents.aspects import AspectCatalogue
+from drpo.agents.parsing import (
+    ParseError,
+    extract_json,
+    parse_judgement,
+    parse_score,
+    parse_selection,
+    parse_text_field,
+    unescape_newlines,
+)
+
+METRICS_CACHE = Path("/work/shared/data/drpo/metrics_cache.json")
+CATALOGUE = AspectCatalogue.load_default()
+
+
+# --------------------------------------------------------------------------------------------
+# extract_json
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"a": 1}', {"a": 1}),
+        ('```json\n{"a": 1}\n```', {"a": 1}),
+        ('```\n{"a": 1}\n```', {"a": 1}),
+        ('json\n{"a": 1}', {"a": 1}),
+        ('JSON {"a": 1}', {"a": 1}),
+        ('Sure! Here is my verdict:\n{"a": 1}\nLet me know if you need more.', {"a": 1}),
+        ('{"a": [1, 2,], "b": {"c": 3,},}', {"a": [1, 2], "b": {"c": 3}}),
+        ("{'a': 'it is fine', 'b': True, 'c': None}", {"a": "it is fine", "b": True, "c": None}),
+        ("{'a': true, 'b': null}", {"a": True, "b": None}),
+        ('{"a": "braces { inside } a string", "b": "quote \\" and }"}', None),
+        ('{"a": "line one\nline two"}', {"a": "line one\nline two"}),
+        ('Text with {stray braces} before {"a": 1} and after', {"a": 1}),
+        ('```json\n{"a": {"b": 2}}', {"a": {"b": 2}}),  # an unclosed fence
+        ('\ufeff{"a": 1}', {"a": 1}),
+    ],
+)
+def test_extract_json_accepts_what_a_careful_reader_would(text: str, expected: dict | None) -> None:
+    value = extract_json(text)
+    if expected is None:
+        assert value == {"a": "braces { inside } a string", "b": 'quote " and }'}
+    else:
+        assert value == expected
+
+
+def test_extract_json_prefers_the_outer_object_over_nested_ones() -> None:
+    text = 'Verdict: {"Clarity": {"score": 4}, "Depth": {"score": 3}} done'
+    assert extract_json(text) == {"Clarity": {"score": 4}, "Depth": {"score": 3}}
+
+
+def test_extract_json_closes_an_object_cut_off_by_the_token_limit() -> None:
+    cut = '{"Clarity": {"rationale": "clear", "score": 4}, "Depth": {"rationale": "it goes on and'
+    assert extract_json(cut) == {
+        "Clarity": {"rationale": "clear", "score": 4},
+        "Depth": {"rationale": "it goes on and"},
+    }
+    cut_in_key = '{"Clarity": {"score": 4}, "Dep'
+    assert extract_json(cut_in_key) == {"Clarity": {"score": 4}}
+    with pytest.raises(ParseError):
+        extract_json('{"a": 1, "b": "cut off', repair_truncated=False)
+
+
+def test_extract_json_lists_only_when_asked() -> None:
+    assert extract_json('[{"a": 1}]', allow_list=True) == [{"a": 1}]
+    with pytest.raises(ParseError):
+        extract_json("[1, 2, 3]")
+
+
+@pytest.mark.parametrize("text", ["", "   ", "no json here", "{not: valid: at all", "[1, 2"])
+def test_extract_json_raises_a_clear_error(text: str) -> None:
+    with pytest.raises(ParseError, match="no JSON object found"):
+        extract_json(text)
+
+
+def test_parse_error_shows_the_start_of_the_output() -> None:
+    with pytest.raises(ParseError) as info:
+        extract_json("I am sorry, I cannot produce JSON today." + "x" * 500)
+    assert "I am sorry" in str(info.value)
+    assert len(str(info.value)) < 400
+
+
+# --------------------------------------------------------------------------------------------
+# scores
+
+
+@pytest.mark.parametrize(
+    ("value", "score"),
+    [
+        (4, 4.0),
+        (4.5, 4.5),
+        ("4", 4.0),
+        ("4.5", 4.5),
+        (" 3 ", 3.0),
+        ("4/5", 4.0),
+        ("4 / 5", 4.0),
+        ("8/10", 4.0),
+        ("3 out of 5", 3.0),
+        ("Score: 4", 4.0),
+        ("**5**", 5.0),
+        ("four", 4.0),
+        (0, 1.0),  # clamped
+        ("7", 5.0),  # clamped
+        ({"score": "2"}, 2.0),
+    ],
+)
+def test_parse_score(value: object, score: float) -> None:
+    assert parse_score(value) == score
+
+
+@pytest.mark.parametrize(
+    "value", ["high", "", "N/A", None, True, "100", -3, float("nan"), "4/0", [4], "GPT4"]
+)
+def test_parse_score_rejects_garbage(value: object) -> None:
+    with pytest.raises(ParseError):
+        parse_score(value)
+
+
+# --------------------------------------------------------------------------------------------
+# selections: the paper's own cached selections as fixtures
+
+
+def _cache() -> dict:
+    return json.loads(METRICS_CACHE.read_text())
+
+
+def test_every_cached_selection_of_the_paper_parses_to_its_aspects() -> None:
+    cache = _cache()
+    assert len(cache) == 55
+    counts: Counter[str] = Counter()
+    for entry in cache.values():
+        text = json.dumps(entry, indent=4)
+        parsed = parse_selection(text, CATALOGUE)
+        assert parsed.aspects == tuple(entry["aspects_selection"]["selected_aspects"])
+        assert parsed.dropped == ()
+        assert parsed.reasoning == entry["aspects_selection"]["reasoning"]
+        assert set(parsed.analysis) == {
+            "main_topic",
+            "user_intent",
+            "ambiguities",
+            "response_format",
+            "challenges",
+        }
+        counts.update(parsed.aspects)
+    # The counts spec §2.2 measured on the same file.
+    assert counts["Clarity"] == 45
+    assert counts["Helpfulness"] == 39
+    assert counts["Critical-Thinking"] == 3
+    assert counts["Interactivity"] == 0
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda t: f"```json\n{t}\n```",
+        lambda t: f"Here is my analysis of the query.\n\n{t}\n\nI hope this helps!",
+        lambda t: f"json {t}",
+    ],
+)
+def test_cached_selections_parse_through_fences_and_prose(wrap) -> None:
+    for entry in list(_cache().values())[:10]:
+        parsed = parse_selection(wrap(json.dumps(entry)), CATALOGUE)
+        assert parsed.aspects == tuple(entry["aspects_selection"]["selected_aspects"])
+
+
+def test_selection_resolves_aliases_and_drops_unknown_aspects() -> None:
+    text = """{
+      "aspects_selection": {
+        "reasoning": "r",
+        "selected_aspects": ["compliance with instructions", "Cultural Sensitivity",
+                             "Humor", "critical thinking", "Compliance", "Acknowledgement of Limitations"]
+      }
+    }"""
+    parsed = parse_selection(text, CATALOGUE)
+    assert parsed.aspects == ("Compliance", "Sensitivity", "Critical-Thinking", "Limitations")
+    assert parsed.dropped == ("Humor",)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"reasoning": "r", "selected_aspects": "Clarity, Depth; Safety"}',
+        '{"aspects": [{"name": "Clarity"}, {"aspect": "Depth"}, "Safety"]}',
+        '{"Aspects Selection": {"Selected Aspects": ["clarity", "DEPTH", "safety"]}}',
+    ],
+)
+def test_selection_shapes(text: str) -> None:
+    assert parse_selection(text, CATALOGUE).aspects == ("Clarity", "Depth", "Safety")
+
+
+def test_selection_without_a_list_is_an_error() -> None:
+    with pytest.raises(ParseError, match="selected_aspects"):
+        parse_selection('{"query_analysis": {"main_topic": "x"}}', CATALOGUE)
+
+
+# --------------------------------------------------------------------------------------------
+# judgements
+
+SELECTED = ("Helpfulness", "Clarity", "Safety")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # the paper's shape
+        '{"Helpfulness": {"rationale": "a", "score": "4"}, "Clarity": {"rationale": "b", "score": "5"},'
+        ' "Safety": {"rationale": "c", "score": "3"}}',
+        # fences, prose and integer scores
+        'My evaluation:\n```json\n{"Helpfulness": {"rationale": "a", "score": 4},\n'
+        '"Clarity": {"rationale": "b", "score": 5},\n"Safety": {"rationale": "c", "score": 3},\n}\n```',
+        # bare scores in odd spellings
+        '{"helpfulness": "4/5", "CLARITY": "Score: 5", "safety": 3}',
+        # a wrapper object
+        '{"scores": {"Helpfulness": {"score": 4}, "Clarity": {"score": 5}, "Safety": {"score": 3}}}',
+        # a list of entries
+        '[{"aspect": "Helpfulness", "score": 4, "rationale": "a"}, {"aspect": "Clarity", "score": 5},'
+        ' {"name": "Safety", "score": "3"}]',
+        # single quotes
+        "{'Helpfulness': {'rationale': 'a', 'score': 4}, 'Clarity': {'rationale': 'b', 'score': 5},"
+        " 'Safety': {'rationale': 'c', 'score': 3}}",
+    ],
+)
+def test_judgement_shapes_all_give_the_same_scores(text: str) -> None:
+    parsed = parse_judgement(text, SELECTED, CATALOGUE)
+    assert {k: v.score for k, v in parsed.scores.items()} == {
+        "Helpfulness": 4.0,
+        "Clarity": 5.0,
+        "Safety": 3.0,
+    }
+    assert parsed.missing == ()
+
+
+def test_judgement_keeps_rationales_and_fractional_scores() -> None:
+    text = '{"Clarity": {"rationale": "well organised", "score": "4.5"}}'
+    parsed = parse_judgement(text, ["Clarity"], CATALOGUE)
+    assert parsed.scores["Clarity"].score == 4.5
+    assert parsed.scores["Clarity"].rationale == "well organised"
+
+
+def test_judgement_records_dropped_and_missing_aspects() -> None:
+    text = (
+        '{"Helpfulness": {"score": 4}, "Compliance with Instructions": {"score": 5},'
+        ' "Overall": 4, "Clarity": {"rationale": "x", "score": "excellent"}}'
+    )
+    parsed = parse_judgement(text, ["Helpfulness", "Clarity", "Compliance", "Depth"], CATALOGUE)
+    assert set(parsed.scores) == {"Helpfulness", "Compliance"}
+    assert parsed.missing == ("Clarity", "Depth")
+    assert any(d.startswith("Overall") for d in parsed.dropped)
+    assert any(d.startswith("Clarity") and "no number" in d for d in parsed.dropped)
+
+
+def test_judgement_ignores_unselected_aspects() -> None:
+    parsed = parse_judgement('{"Clarity": 4, "Depth": 2}', ["Clarity"], CATALOGUE)
+    assert list(parsed.scores) == ["Clarity"]
+    assert parsed.dropped == ("Depth (not a selected aspect)",)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The answer is good. I would give it a 4.",
+        '{"Clarity": {"rationale": "fine", "score": "N/A"}}',
+        '{"verdict": "good"}',
+        "{}",
+    ],
+)
+def test_judgement_with_nothing_usable_raises(text: str) -> None:
+    with pytest.raises(ParseError):
+        parse_judgement(text, ["Clarity"], CATALOGUE)
+
+
+# --------------------------------------------------------------------------------------------
+# free-text fields
+
+
+def test_prompt_field_turns_literal_newlines_into_newlines() -> None:
+    text = json.dumps(
+        {"analysis": "a", "thought": "t", "new_system_prompt": "Be kind.\\n- Be brief."}
+    )
+    assert parse_text_field(text, "new_system_prompt") == "Be kind.\n- Be brief."
+    assert unescape_newlines("a\\nb\\r\\nc") == "a\nb\nc"
+
+
+def test_prompt_field_survives_unescaped_quotes_in_the_value() -> None:
+    text = (
+        '{"analysis": "a", "thought": "t", "new_system_prompt": "You are a "careful" assistant.\\n'
+        '- Say "I don\'t know" when unsure."}'
+    )
+    assert parse_text_field(text, "new_system_prompt") == (
+        'You are a "careful" assistant.\n- Say "I don\'t know" when unsure.'
+    )
+
+
+def test_prompt_field_with_unescaped_quotes_followed_by_another_key() -> None:
+    text = '{"new_system_prompt": "Use "plain" words.", "thought": "t"}'
+    assert parse_text_field(text, "new_system_prompt") == 'Use "plain" words.'
+
+
+def test_a_cut_off_prompt_is_never_accepted() -> None:
+    text = '{"analysis": "a", "new_system_prompt": "You are a helpful assistant who alw'
+    with pytest.raises(ParseError, match="new_system_prompt"):
+        parse_text_field(text, "new_system_prompt")
+
+
+def test_prompt_field_alternatives_and_lists() -> None:
+    assert parse_text_field('{"System Prompt": "x"}', "new_system_prompt", "system_prompt") == "x"
+    assert parse_text_field('{"new_system_prompt": ["a", "- b"]}', "new_system_prompt") == "a\n- b"
+    with pytest.raises(ParseError):
+        parse_text_field('{"new_system_prompt": "   "}', "new_system_prompt")
