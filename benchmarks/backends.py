@@ -10,8 +10,8 @@
 
 Run from the repository root::
 
-    python benchmarks/backends.py            # about 2-3 minutes on 2 CPU cores
-    python benchmarks/backends.py --quick    # shorter completions and API run
+    python benchmarks/backends.py            # about 2 minutes on 2 quiet CPU cores
+    python benchmarks/backends.py --quick    # shorter completions, one round, 5 s of API
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -104,56 +105,93 @@ async def warm_up(backend: Any) -> None:
     await backend.complete(requests_for(4)[0])
 
 
-async def measure_local(max_tokens: int) -> tuple[Measurement, Measurement, int]:
+@dataclass(frozen=True)
+class Served:
+    """A running server to benchmark, by label."""
+
+    label: str
+    base_url: str
+    model: str
+
+
+async def run_rounds(
+    servers: Sequence[Served], rounds: int, max_tokens: int
+) -> dict[str, list[Measurement]]:
+    """Measure every contender once per round, interleaved, so machine noise hits all alike."""
     from drpo.backends.local import LocalBackend
-
-    backend = LocalBackend("smollm2", max_batch_size=8, batch_window_s=0.01)
-    started = time.perf_counter()
-    await backend.aload()
-    print(f"  loaded {backend.endpoint} in {time.perf_counter() - started:.1f} s")
-    await warm_up(backend)
-    requests = requests_for(max_tokens)
-    sequential = await one_at_a_time("local, one at a time", backend, requests)
-    before = backend.batch_stats.batches
-    batched = await all_at_once("local, 8 concurrent (batched)", backend, requests)
-    return sequential, batched, backend.batch_stats.batches - before
-
-
-async def measure_served(base_url: str, model: str, label: str, max_tokens: int) -> Measurement:
     from drpo.backends.openai_api import OpenAIBackend
 
-    backend = OpenAIBackend(model, base_url=base_url, timeout_s=600.0, max_attempts=1)
+    local = LocalBackend("smollm2", max_batch_size=8, batch_window_s=0.01)
+    started = time.perf_counter()
+    await local.aload()
+    print(f"  loaded {local.endpoint} in {time.perf_counter() - started:.1f} s")
+    remote = {
+        s.label: OpenAIBackend(s.model, base_url=s.base_url, timeout_s=600.0, max_attempts=1)
+        for s in servers
+    }
+    requests = requests_for(max_tokens)
+    results: dict[str, list[Measurement]] = {}
     try:
-        await warm_up(backend)
-        return await all_at_once(label, backend, requests_for(max_tokens))
+        for backend in (local, *remote.values()):
+            await warm_up(backend)
+        for round_number in range(1, rounds + 1):
+            batches_before = local.batch_stats.batches
+            measured = [
+                await one_at_a_time(SEQUENTIAL, local, requests),
+                await all_at_once(BATCHED, local, requests),
+            ]
+            batches = local.batch_stats.batches - batches_before - len(requests)
+            for label, backend in remote.items():
+                measured.append(await all_at_once(label, backend, requests))
+            for m in measured:
+                results.setdefault(m.label, []).append(m)
+            summary = ", ".join(f"{m.label}: {m.tokens_per_s:.1f} tok/s" for m in measured)
+            print(f"  round {round_number}/{rounds} ({batches} batch for the 8): {summary}")
     finally:
-        await backend.aclose()
+        for backend in remote.values():
+            await backend.aclose()
+    return results
 
 
-def run_served(
-    model_dir: Path, label: str, max_tokens: int, extra_args: Sequence[str] = ()
-) -> Measurement:
-    from drpo.backends.export import start_transformers_serve
+SEQUENTIAL = "local, one at a time"
+BATCHED = "local, 8 concurrent (batched)"
 
-    with tempfile.TemporaryDirectory() as logs:
-        started = time.perf_counter()
-        served = start_transformers_serve(
-            model_dir, Path(logs) / "serve.log", extra_args=extra_args
+
+def start_servers(args: argparse.Namespace, logs: Path) -> list[tuple[Served, Any]]:
+    """Export the plain copy once and start each ``transformers serve`` variant asked for."""
+    from drpo.backends.export import (
+        default_plain_copy_dir,
+        save_plain_copy,
+        start_transformers_serve,
+    )
+
+    model_dir = save_plain_copy("smollm2", args.cache_dir or default_plain_copy_dir("smollm2"))
+    variants = [("transformers serve, 8 concurrent", ())]
+    if args.serve_continuous_batching:
+        variants.append(("transformers serve --continuous-batching", ("--continuous-batching",)))
+    started: list[tuple[Served, Any]] = []
+    for number, (label, extra) in enumerate(variants):
+        begun = time.perf_counter()
+        process = start_transformers_serve(
+            model_dir, logs / f"serve-{number}.log", extra_args=extra
         )
-        print(f"  {label}: server ready in {time.perf_counter() - started:.1f} s")
-        try:
-            return anyio.run(measure_served, served.base_url, served.model, label, max_tokens)
-        finally:
-            served.stop()
+        print(f"  {label}: server ready in {time.perf_counter() - begun:.1f} s")
+        started.append((Served(label, process.base_url, process.model), process))
+    return started
 
 
-def print_table(rows: Sequence[Measurement], baseline: Measurement) -> None:
-    print(f"  {'contender':<44} {'tokens':>7} {'wall s':>8} {'tokens/s':>9} {'vs one-by-one':>14}")
-    for row in rows:
-        ratio = row.tokens_per_s / baseline.tokens_per_s
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def print_table(results: dict[str, list[Measurement]]) -> None:
+    baseline = results[SEQUENTIAL]
+    print(f"  {'contender':<42} {'tokens':>7} {'wall s':>8} {'tokens/s':>9} {'vs one-by-one':>14}")
+    for label, runs in results.items():
+        ratios = [m.tokens_per_s / b.tokens_per_s for m, b in zip(runs, baseline, strict=True)]
         print(
-            f"  {row.label:<44} {row.completion_tokens:>7} {row.wall_s:>8.2f} "
-            f"{row.tokens_per_s:>9.1f} {ratio:>13.2f}x"
+            f"  {label:<42} {runs[0].completion_tokens:>7} {median([m.wall_s for m in runs]):>8.2f} "
+            f"{median([m.tokens_per_s for m in runs]):>9.1f} {median(ratios):>13.2f}x"
         )
 
 
@@ -163,41 +201,42 @@ def same_outputs(a: Measurement, b: Measurement) -> str:
 
 
 def local_section(args: argparse.Namespace) -> None:
-    print(f"\n(a) local model, 8 requests, greedy, max_tokens={args.max_tokens}")
+    print(
+        f"\n(a) local model, 8 chat requests, greedy, max_tokens={args.max_tokens}, "
+        f"{args.rounds} interleaved round(s), medians"
+    )
     import torch
 
     print(
-        f"  torch {torch.__version__}, {torch.get_num_threads()} CPU threads, cuda={torch.cuda.is_available()}"
+        f"  torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"cuda={torch.cuda.is_available()}, load average {os.getloadavg()[0]:.1f}"
     )
-    sequential, batched, batches = anyio.run(measure_local, args.max_tokens)
-    rows = [sequential, batched]
-    served: list[Measurement] = []
-    if not args.skip_serve:
-        from drpo.backends.export import default_plain_copy_dir, save_plain_copy
-
-        model_dir = save_plain_copy("smollm2", args.cache_dir or default_plain_copy_dir("smollm2"))
-        served.append(run_served(model_dir, "transformers serve, 8 concurrent", args.max_tokens))
-        if args.serve_continuous_batching:
-            served.append(
-                run_served(
-                    model_dir,
-                    "transformers serve --continuous-batching",
-                    args.max_tokens,
-                    ("--continuous-batching",),
-                )
-            )
-    rows.extend(served)
+    with tempfile.TemporaryDirectory() as logs:
+        servers = [] if args.skip_serve else start_servers(args, Path(logs))
+        try:
+            results = anyio.run(run_rounds, [s for s, _ in servers], args.rounds, args.max_tokens)
+        finally:
+            for _, process in servers:
+                process.stop()
     print()
-    print_table(rows, sequential)
+    print_table(results)
     print()
-    speedup = batched.tokens_per_s / sequential.tokens_per_s
+    sequential, batched = results[SEQUENTIAL], results[BATCHED]
+    speedup = median(
+        [b.tokens_per_s / s.tokens_per_s for b, s in zip(batched, sequential, strict=True)]
+    )
     verdict = "meets" if speedup >= 4 else "misses"
-    print(f"  batching speed-up: {speedup:.2f}x ({verdict} the >= 4x target); {batches} batch(es)")
-    print(f"  batched vs one-by-one outputs: {same_outputs(batched, sequential)}")
-    for row in served:
+    print(f"  batching speed-up: {speedup:.2f}x ({verdict} the >= 4x target)")
+    print(f"  batched vs one-by-one outputs: {same_outputs(batched[0], sequential[0])}")
+    for label, runs in results.items():
+        if label in (SEQUENTIAL, BATCHED):
+            continue
+        ratio = median(
+            [b.tokens_per_s / r.tokens_per_s for b, r in zip(batched, runs, strict=True)]
+        )
         print(
-            f"  local batched vs {row.label}: {batched.tokens_per_s / row.tokens_per_s:.2f}x "
-            f"tokens/s; outputs: {same_outputs(batched, row)}"
+            f"  local batched vs {label}: {ratio:.2f}x tokens/s; "
+            f"outputs: {same_outputs(batched[0], runs[0])}"
         )
 
 
@@ -223,11 +262,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short completions and API run")
     parser.add_argument(
-        "--max-tokens", type=int, default=None, help="per request (default 64, quick 24)"
+        "--max-tokens", type=int, default=None, help="per request (default 48, quick 24)"
     )
     parser.add_argument(
         "--api-duration", type=float, default=None, help="seconds (default 30, quick 5)"
     )
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved (default 2, quick 1)")
     parser.add_argument("--skip-serve", action="store_true", help="no transformers serve contender")
     parser.add_argument("--skip-api", action="store_true", help="no API rate benchmark")
     parser.add_argument(
@@ -240,7 +280,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.max_tokens is None:
-        args.max_tokens = 24 if args.quick else 64
+        args.max_tokens = 24 if args.quick else 48
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 2
     if args.api_duration is None:
         args.api_duration = 5.0 if args.quick else 30.0
     return args

@@ -1,8 +1,10 @@
 """A programmable OpenAI-compatible server for tests and benchmarks (loopback only).
 
-A small Starlette app run by uvicorn on 127.0.0.1, on a free port, in a background thread::
+A small Starlette app run by uvicorn on 127.0.0.1, on a free port, in a background thread.
+Tests import it as ``fakeserver`` (pytest puts tests/ on ``sys.path``); benchmarks put the
+repository root on ``sys.path`` and import ``tests.fakeserver``::
 
-    from tests.fakeserver import Fault, serve_fake_openai
+    from fakeserver import Fault, serve_fake_openai
 
     def plan(info):  # fail the first try of every request, then answer it
         return Fault("503") if info.seen_before == 0 else None

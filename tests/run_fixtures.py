@@ -135,6 +135,8 @@ class FixtureRun:
     error_calls: int = 0
     replayed: int = 0
     failed_once: bool = False
+    #: Role of the call that failed the first pass (None when none did).
+    failed_role: str | None = None
     seconds: float = 0.0
 
 
@@ -167,6 +169,8 @@ class ScriptedAgents:
         self.error_calls = 0
         self.replayed = 0
         self.calls_by_role: dict[str, int] = {}
+        self.failed_role: str | None = None
+        self._started = 0
         self._known: set[str] | None = None
         self._asked: dict[str, int] = {}
 
@@ -218,19 +222,21 @@ class ScriptedAgents:
             "sample_index": index,
             "request": request.model_dump_json(),
         }
-        self.calls += 1
-        self.calls_by_role[role] = self.calls_by_role.get(role, 0) + 1
-        if self.fail_at_call is not None and self.calls == self.fail_at_call:
-            self.error_calls += 1
-            await self.store.record_call(
-                CallRecord(
-                    **base,
-                    status="error",
-                    error="TransientBackendError: 503 Service Unavailable after 4 attempts",
-                    latency_s=12.5,
-                    attempts=4,
+        self._started += 1
+        if self.fail_at_call is not None and self._started == self.fail_at_call:
+            with anyio.CancelScope(shield=True):  # as the journal does: a paid call is written
+                await self.store.record_call(
+                    CallRecord(
+                        **base,
+                        status="error",
+                        error="TransientBackendError: 503 Service Unavailable after 4 attempts",
+                        latency_s=12.5,
+                        attempts=4,
+                    )
                 )
-            )
+            self._count(role)
+            self.error_calls += 1
+            self.failed_role = role
             raise RuntimeError("TransientBackendError: 503 Service Unavailable after 4 attempts")
         completion = Completion(
             choices=(Choice(text=reply, finish_reason="stop"),),
@@ -244,19 +250,26 @@ class ScriptedAgents:
             attempts=1 if rng.random() < 0.9 else rng.randint(2, 3),
             cost_usd=cost,
         )
-        await self.store.record_call(
-            CallRecord(
-                **base,
-                status="ok",
-                response=completion.model_dump_json(),
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                cached_tokens=cached,
-                latency_s=completion.latency_s,
-                attempts=completion.attempts,
-                cost_usd=cost,
+        with anyio.CancelScope(shield=True):
+            await self.store.record_call(
+                CallRecord(
+                    **base,
+                    status="ok",
+                    response=completion.model_dump_json(),
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    cached_tokens=cached,
+                    latency_s=completion.latency_s,
+                    attempts=completion.attempts,
+                    cost_usd=cost,
+                )
             )
-        )
+        self._count(role)
+
+    def _count(self, role: str) -> None:
+        """Count a call once its journal entry is committed (so counts match the journal)."""
+        self.calls += 1
+        self.calls_by_role[role] = self.calls_by_role.get(role, 0) + 1
 
     # ------------------------------------------------------------ the agents
 
@@ -532,13 +545,13 @@ async def record_run(
         "reward_gain": reward_gain,
     }
     agents = ScriptedAgents(store, run_id, fail_at_call=fail_at_call, **options)
-    status, result = await _one_pass(store, run_id, config, queries, agents)
+    status, _ = await _one_pass(store, run_id, config, queries, agents)
     calls, errors, replayed = agents.calls, agents.error_calls, 0
     by_role = dict(agents.calls_by_role)
     failed_once = status == "failed"
     if failed_once and resume:
         again = ScriptedAgents(store, run_id, **options)  # a fresh process: a new journal view
-        status, result = await _one_pass(store, run_id, config, queries, again)
+        status, _ = await _one_pass(store, run_id, config, queries, again)
         calls += again.calls
         replayed = again.replayed
         for role, count in again.calls_by_role.items():
@@ -557,6 +570,7 @@ async def record_run(
         error_calls=errors,
         replayed=replayed,
         failed_once=failed_once,
+        failed_role=agents.failed_role,
         seconds=time.perf_counter() - started,
     )
 

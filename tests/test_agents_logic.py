@@ -294,6 +294,9 @@ async def test_the_icl_judge_is_the_strict_critic() -> None:
     call = Scripted(verdict_json(Clarity=2, Factuality=2, Depth=2))
     await critic.judge(call, QUERY, "a", SELECTION, CATALOGUE, variant="icl")
     assert "demanding critic" in call.requests[0].messages[0].content
+    strict = critic.digit_request(QUERY, "a", CATALOGUE["Depth"], "icl").messages[0].content
+    lenient = critic.digit_request(QUERY, "a", CATALOGUE["Depth"], "search").messages[0].content
+    assert "Be strict" in strict and "Be strict" not in lenient
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +343,7 @@ async def test_judge_logprobs_scores_every_aspect_concurrently() -> None:
         if len(seen) == len(tops):
             all_sent.set()
         await all_sent.wait()  # would hang forever if the aspects were scored one by one
-        name = next(n for n in tops if f"Quality: {n}." in request.messages[0].content)
+        name = next(n for n in tops if f"Scale for {n} (" in request.messages[0].content)
         return digit_completion(tops[name])
 
     call = Scripted(reply, reply, reply)
@@ -356,14 +359,14 @@ async def test_judge_logprobs_scores_every_aspect_concurrently() -> None:
     for request in seen:
         assert (request.max_tokens, request.top_logprobs, request.temperature) == (1, 20, 0.0)
         content = request.messages[0].content
-        assert content.endswith("Score (1-5):")
-        assert content.index("5: ") < content.index("Score (1-5):")  # rubric, then the cue
+        assert content.endswith("\nScore:")
+        assert content.index("\n5: ") < content.index("\n1: ") < content.index("\nScore:")
 
 
 @pytest.mark.anyio
 async def test_judge_logprobs_aspect_without_digit_mass_fails_alone() -> None:
     def reply(request: CompletionRequest) -> Completion:
-        if "Quality: Depth." in request.messages[0].content:
+        if "Scale for Depth (" in request.messages[0].content:
             return digit_completion({"Sure": 1.0})
         return digit_completion({"4": 1.0})
 

@@ -141,3 +141,12 @@ def test_prompts_show_every_aspect_and_every_rubric_level() -> None:
     template = judge_template(chosen)
     assert '"Clarity": {"rationale": "...", "score": <1-5>},' in template
     assert template.rstrip().endswith('"Safety": {"rationale": "...", "score": <1-5>}\n}')
+
+
+def test_prompts_version_tracks_the_prompt_texts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from drpo.agents import prompts
+
+    assert len(prompts.PROMPTS_VERSION) == 16
+    assert prompts._prompts_version() == prompts.PROMPTS_VERSION
+    monkeypatch.setattr(prompts, "_JUDGE_TEMPLATE", prompts._JUDGE_TEMPLATE + " ")
+    assert prompts._prompts_version() != prompts.PROMPTS_VERSION

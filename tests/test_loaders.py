@@ -104,6 +104,11 @@ def test_query_shapes(tmp_path: Path) -> None:
     (tmp_path / "mixed.jsonl").write_text('{"query": "a?"}\n\n{"instruction": "b?"}\n"c?"\n')
     (tmp_path / "lines.txt").write_text("\ufeffa?\n\n  b?  \n")
     (tmp_path / "noext").write_text('[{"query": "a?"}]')
+    (tmp_path / "brackets.txt").write_text("[Poem] Write about rain.\n{x} means a set.\n")
+    assert load_queries(tmp_path / "brackets.txt") == [
+        "[Poem] Write about rain.",
+        "{x} means a set.",
+    ]
     assert load_queries(tmp_path / "strings.json") == ["a?", "b?"]
     assert load_queries(tmp_path / "mixed.jsonl") == ["a?", "b?", "c?"]
     assert load_queries(tmp_path / "lines.txt") == ["a?", "b?"]

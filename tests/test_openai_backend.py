@@ -42,8 +42,6 @@ from drpo.backends.openai_api import (
 from drpo.backends.pricing import DEFAULT_PRICES, ModelPrice, PriceTable
 from drpo.backends.ratelimit import RateLimits
 
-pytestmark = pytest.mark.network
-
 KEY_ENV = "DRPO_TEST_OPENAI_KEY"
 
 
@@ -51,7 +49,7 @@ def chat(text: str, **settings: object) -> CompletionRequest:
     return CompletionRequest(messages=(ChatMessage(role="user", content=text),), **settings)
 
 
-def backend_for(server_url: str, **settings: object) -> OpenAIBackend:
+def backend_for(server_url: str, model: str = "fake-model", **settings: object) -> OpenAIBackend:
     """A backend with test-sized timeouts and backoff (no real waits of seconds)."""
     options: dict[str, object] = {
         "api_key_env": KEY_ENV,
@@ -60,7 +58,7 @@ def backend_for(server_url: str, **settings: object) -> OpenAIBackend:
         "backoff_max_s": 0.05,
     }
     options.update(settings)
-    return OpenAIBackend("fake-model", base_url=server_url, **options)  # type: ignore[arg-type]
+    return OpenAIBackend(model, base_url=server_url, **options)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,11 +83,11 @@ def recording(reply: str | list[str]) -> Callable[[dict], str | list[str]]:
     return responder
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_chat_request_maps_text_usage_and_cost() -> None:
     with serve_fake_openai(responder=recording("four words of reply"), cached_tokens=2) as srv:
-        async with backend_for(srv.base_url) as backend:
-            backend.model = "gpt-4o-mini"  # priced in the default table
+        async with backend_for(srv.base_url, "gpt-4o-mini") as backend:  # a default price
             request = chat("what is two plus two, said at some length", top_p=0.9, seed=3)
             completion = await backend.complete(request)
     assert completion.text == "four words of reply"
@@ -115,6 +113,7 @@ async def test_chat_request_maps_text_usage_and_cost() -> None:
     assert "stop" not in body and "logprobs" not in body
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_request_settings_reach_the_server() -> None:
     with serve_fake_openai(responder=recording("ok")) as srv:
@@ -126,6 +125,7 @@ async def test_request_settings_reach_the_server() -> None:
     assert (body["temperature"], body["max_tokens"], body["n"], body["seed"]) == (0.3, 7, 2, 11)
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_raw_prompt_uses_the_completions_endpoint() -> None:
     with serve_fake_openai(responder=recording("a raw continuation")) as srv:
@@ -136,6 +136,7 @@ async def test_raw_prompt_uses_the_completions_endpoint() -> None:
     assert _BODIES[-1]["prompt"] == "Once upon" and "messages" not in _BODIES[-1]
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_n_choices_come_back_in_order() -> None:
     with serve_fake_openai(responder=recording(["first", "second", "third"])) as srv:
@@ -146,6 +147,7 @@ async def test_n_choices_come_back_in_order() -> None:
     assert srv.total == 1  # one request, not n
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_stop_strings_are_sent_and_honoured() -> None:
     with serve_fake_openai(responder=recording("keep this<END> drop this")) as srv:
@@ -158,6 +160,7 @@ async def test_stop_strings_are_sent_and_honoured() -> None:
     assert raw.text == "keep this"
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_max_tokens_cut_reports_length() -> None:
     with serve_fake_openai(responder=lambda body: "one two three four five") as srv:
@@ -167,6 +170,7 @@ async def test_max_tokens_cut_reports_length() -> None:
     assert completion.choices[0].finish_reason == "length"
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_chat_logprobs_map_to_token_logprobs_with_alternatives() -> None:
     with serve_fake_openai(responder=recording("red green")) as srv:
@@ -181,6 +185,7 @@ async def test_chat_logprobs_map_to_token_logprobs_with_alternatives() -> None:
     assert [a.logprob for a in logprobs[1].top] == pytest.approx([-0.2, -1.2, -2.2])
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_raw_logprobs_map_to_token_logprobs_sorted_by_likelihood() -> None:
     with serve_fake_openai(responder=recording("red green")) as srv:
@@ -211,6 +216,7 @@ def test_backend_satisfies_the_protocol_and_names_its_endpoint(
     assert local.endpoint == "http://127.0.0.1:8000/v1"
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_models_endpoint_lists_the_served_models() -> None:
     with serve_fake_openai(models=("a", "b")) as srv:
@@ -243,11 +249,12 @@ TRANSIENT_FAULTS = [
 ]
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 @pytest.mark.parametrize("fault", TRANSIENT_FAULTS, ids=str)
 async def test_transient_fault_is_retried_once_and_answered_once(fault: Fault | str) -> None:
     with serve_fake_openai(faults=first_try_fails(fault)) as srv:
-        async with backend_for(srv.base_url, timeout_s=0.5) as backend:
+        async with backend_for(srv.base_url, timeout_s=1.0) as backend:
             completion = await backend.complete(chat("retry me"))
     assert completion.attempts == 2
     assert completion.text == "reply to: retry me"
@@ -266,6 +273,7 @@ PERMANENT_FAULTS = {
 }
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 @pytest.mark.parametrize(("fault", "says"), PERMANENT_FAULTS.items())
 async def test_permanent_fault_fails_at_once_with_a_clear_message(fault: str, says: str) -> None:
@@ -279,6 +287,7 @@ async def test_permanent_fault_fails_at_once_with_a_clear_message(fault: str, sa
         assert srv.base_url in str(caught.value)
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_a_400_that_mentions_the_context_length_is_permanent() -> None:
     too_long = Fault("400", message="This model's maximum context length is 4096 tokens.")
@@ -289,6 +298,7 @@ async def test_a_400_that_mentions_the_context_length_is_permanent() -> None:
     assert srv.total == 1
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_unknown_model_is_a_permanent_404() -> None:
     with serve_fake_openai(models=("real-model",), unknown_model_404=True) as srv:
@@ -298,6 +308,7 @@ async def test_unknown_model_is_a_permanent_404() -> None:
     assert srv.total == 1
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_exhausted_attempts_raise_transient_with_the_last_cause() -> None:
     with serve_fake_openai(faults=lambda info: "503") as srv:
@@ -310,6 +321,7 @@ async def test_exhausted_attempts_raise_transient_with_the_last_cause() -> None:
     assert not isinstance(caught.value, PermanentBackendError)
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_timeouts_are_retried_until_attempts_run_out() -> None:
     with serve_fake_openai(faults=lambda info: Fault("hang", hang_s=5)) as srv:
@@ -333,6 +345,7 @@ async def test_timeouts_are_retried_until_attempts_run_out() -> None:
     ],
     ids=["retry-after-ms", "retry-after-seconds", "503-retry-after"],
 )
+@pytest.mark.network
 async def test_retry_after_is_honoured(fault: Fault, wait: float) -> None:
     clock = RecordingClock()
     with serve_fake_openai(faults=first_try_fails(fault)) as srv:
@@ -343,6 +356,7 @@ async def test_retry_after_is_honoured(fault: Fault, wait: float) -> None:
     assert max(clock.sleeps) == pytest.approx(wait)
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 @pytest.mark.parametrize("as_date", [False, True], ids=["seconds", "http-date"])
 async def test_a_long_retry_after_makes_the_call_wait_not_fail(as_date: bool) -> None:
@@ -357,6 +371,7 @@ async def test_a_long_retry_after_makes_the_call_wait_not_fail(as_date: bool) ->
     assert completion.latency_s >= 148  # in virtual seconds
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_a_429_retry_after_holds_every_caller_of_the_endpoint() -> None:
     clock = VirtualClock()
@@ -429,6 +444,7 @@ def test_a_missing_key_names_the_variable_to_set(monkeypatch: pytest.MonkeyPatch
         OpenAIBackend("m", base_url="https://api.example.com/v1", api_key_env=KEY_ENV)
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 async def test_a_loopback_server_needs_no_key(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
@@ -462,6 +478,11 @@ async def test_a_loopback_server_that_wants_a_key_says_which_variable(
 
 CALLS = 500
 MAX_ATTEMPTS = 4
+RPM = 400  # per 1 s window: the limiter sets the pace of this test
+IN_FLIGHT = 32
+#: Long enough that a loaded 2-core machine does not time out a healthy call (which would be
+#: answered twice), short enough that the injected hangs cost little.
+HANG_TIMEOUT_S = 2.0
 PERMANENT_KINDS = {"context_length", "quota", "401", "404"}
 #: (divisor, faults for attempts 0, 1, ...; then success). The first matching rule applies.
 RULES: list[tuple[int, list[Fault | str]]] = [
@@ -500,6 +521,7 @@ def expected_outcome(call: int) -> tuple[str, int]:
 CALL_ID = re.compile(r"call-(\d+)\b")
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_500_concurrent_calls_under_mixed_faults_lose_nothing_and_respect_limits() -> None:
     def plan(info: RequestInfo) -> Fault | str | None:
@@ -509,11 +531,11 @@ async def test_500_concurrent_calls_under_mixed_faults_lose_nothing_and_respect_
 
     # A 1 s window makes 50 ms of arrival jitter matter; the headroom absorbs it (10 %: the
     # machine is small and shared), as 2 % does for a real 60 s window.
-    limits = RateLimits(rpm=600, window_s=1.0, max_in_flight=64, headroom=0.1)
+    limits = RateLimits(rpm=RPM, window_s=1.0, max_in_flight=IN_FLIGHT, headroom=0.1)
     results: dict[int, Completion | BaseException] = {}
     with serve_fake_openai(faults=plan) as srv:
         async with backend_for(
-            srv.base_url, limits=limits, timeout_s=1.0, max_attempts=MAX_ATTEMPTS
+            srv.base_url, limits=limits, timeout_s=HANG_TIMEOUT_S, max_attempts=MAX_ATTEMPTS
         ) as backend:
 
             async def call(i: int) -> None:
@@ -554,8 +576,8 @@ async def test_500_concurrent_calls_under_mixed_faults_lose_nothing_and_respect_
         assert per_call[i] == attempts, i  # every attempt reached the server, none was lost
     assert len(arrivals) == sum(expected_outcome(i)[1] for i in range(CALLS))
     assert outcomes["ok"] > 400 and outcomes["permanent"] > 0 and outcomes["transient"] > 0
-    assert max_window <= 600
-    assert max_in_progress <= 64
+    assert max_window <= RPM
+    assert max_in_progress <= IN_FLIGHT
 
 
 # --------------------------------------------------------------------------------------------

@@ -306,8 +306,14 @@ def test_prompt_field_with_unescaped_quotes_followed_by_another_key() -> None:
     assert parse_text_field(text, "new_system_prompt") == 'Use "plain" words.'
 
 
-def test_a_cut_off_prompt_is_never_accepted() -> None:
-    text = '{"analysis": "a", "new_system_prompt": "You are a helpful assistant who alw'
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"analysis": "a", "new_system_prompt": "You are a helpful assistant who alw',
+        '{"analysis": {"weak": "depth"}, "new_system_prompt": "You are a helpful assis',
+    ],
+)
+def test_a_cut_off_prompt_is_never_accepted(text: str) -> None:
     with pytest.raises(ParseError, match="new_system_prompt"):
         parse_text_field(text, "new_system_prompt")
 

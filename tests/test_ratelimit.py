@@ -198,6 +198,7 @@ async def test_slots_start_no_earlier_than_the_pacing_allows() -> None:
     assert max_in_window(starts, 0.5) <= 20
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_the_server_never_sees_more_than_the_limit() -> None:
     """End to end: a server enforcing the same limit never has to refuse anything."""
@@ -215,6 +216,7 @@ async def test_the_server_never_sees_more_than_the_limit() -> None:
     assert srv.max_in_window(1.0) <= 20
 
 
+@pytest.mark.network
 @pytest.mark.anyio
 async def test_the_backend_adapts_to_a_servers_limit_headers() -> None:
     """No limit configured: the server's headers set one, and its 429s are waited out."""

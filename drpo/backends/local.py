@@ -37,6 +37,15 @@ EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def sequences_for(request: CompletionRequest) -> int:
+    """Batch slots a request takes: ``n`` when sampling, one when greedy.
+
+    Greedy samples are identical, so one sequence is generated and repeated ``n`` times (usage
+    still counts ``n`` completions, as an API would bill them).
+    """
+    return request.n if request.temperature > 0 else 1
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """Where a model ref points: a folder, plus the GGUF file in it when the weights are GGUF."""
@@ -138,7 +147,8 @@ class LocalBackend:
     """A local transformers model; concurrent calls are batched onto one worker thread.
 
     Share one instance per model (the registry does): its batcher is what merges calls.
-    ``max_batch_size`` counts sequences, so a request with ``n=4`` takes four slots.
+    ``max_batch_size`` counts sequences: a sampled request with ``n=4`` takes four slots (a
+    greedy one takes one: its n samples are identical).
     """
 
     name = "local"
@@ -159,12 +169,13 @@ class LocalBackend:
         self.device = device
         self.dtype = dtype
         self._loaded: LoadedModel | None = None
+        self._load_error: PermanentBackendError | None = None
         self._closed = False
         self._batcher: DynamicBatcher[CompletionRequest, GenerationResult] = DynamicBatcher(
             self._run_batch,
             max_batch_size=max_batch_size,
             batch_window_s=batch_window_s,
-            weight=lambda request: request.n,
+            weight=sequences_for,
         )
 
     @property
@@ -183,11 +194,27 @@ class LocalBackend:
         return self._batcher.queued
 
     def load(self) -> LoadedModel:
-        """Load the model now, blocking (or take it from the process-wide cache)."""
-        if self._loaded is None:
-            from drpo.backends.local_model import load_model
+        """Load the model now, blocking (or take it from the process-wide cache).
 
-            self._loaded = load_model(self.resolved, self.device, self.dtype)
+        A failed load is remembered: later calls fail at once with the same error instead of
+        each trying (and waiting for) the load again.
+        """
+        if self._load_error is not None:
+            raise self._load_error
+        if self._loaded is None:
+            try:
+                from drpo.backends.local_model import load_model
+
+                self._loaded = load_model(self.resolved, self.device, self.dtype)
+            except ImportError as exc:
+                self._load_error = PermanentBackendError(
+                    f"the local backend needs torch and transformers ({exc}): install the "
+                    "'local' extra, e.g. `pip install 'drpo[local]'`"
+                )
+                raise self._load_error from exc
+            except PermanentBackendError as exc:
+                self._load_error = exc
+                raise
         return self._loaded
 
     async def aload(self) -> LoadedModel:
@@ -197,6 +224,7 @@ class LocalBackend:
         return await anyio.to_thread.run_sync(self.load, abandon_on_cancel=True)
 
     async def complete(self, request: CompletionRequest) -> Completion:
+        """Run ``request`` in the next batch; raises ``PermanentBackendError`` if it cannot run."""
         if self._closed:
             raise PermanentBackendError(f"local backend for {self.model!r} is closed")
         started = time.perf_counter()

@@ -23,7 +23,7 @@ import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import (
@@ -43,9 +43,7 @@ from drpo.backends.base import (
     TokenLogprob,
     TopLogprob,
 )
-
-if TYPE_CHECKING:
-    from drpo.backends.local import ResolvedModel
+from drpo.backends.local import ResolvedModel, sequences_for
 
 #: How completions are decoded: special tokens (EOS, padding) dropped, spaces left as they are.
 _DECODE_KWARGS: dict[str, Any] = {
@@ -226,49 +224,89 @@ def generate_batch(
 
     A request that cannot run (no chat template, prompt too long) gets its own error; the others
     still run. Rows go through ``generate`` in chunks of ``max_batch_size`` (one chunk unless a
-    single request asks for more samples than that).
+    single request asks for more samples than that). Everything, tokenizing included, runs
+    under the model's lock: a fast tokenizer used from two threads at once can fail.
     """
     results: list[GenerationResult | BaseException | None] = [None] * len(requests)
     rows: list[_Row] = []
     prompt_lengths: dict[int, int] = {}
-    for index, request in enumerate(requests):
-        try:
-            prompt_ids = encode_prompt(loaded, request)
-            max_tokens = _room_for(loaded, request, len(prompt_ids))
-        except PermanentBackendError as exc:
-            results[index] = exc
-            continue
-        prompt_lengths[index] = len(prompt_ids)
-        rows.extend(
-            _Row(
-                request_index=index,
-                sample_index=sample,
-                prompt_ids=prompt_ids,
-                max_tokens=max_tokens,
-                stop=tuple(s for s in request.stop if s),
-                temperature=request.temperature,
-                top_p=request.top_p,
-                seed=request.seed,
-                top_logprobs=request.top_logprobs,
-            )
-            for sample in range(request.n)
-        )
-    outputs: list[tuple[_Row, _RowOutput]] = []
     with loaded.lock:
+        for index, request in enumerate(requests):
+            try:
+                prompt_ids = encode_prompt(loaded, request)
+                max_tokens = _room_for(loaded, request, len(prompt_ids))
+            except PermanentBackendError as exc:
+                results[index] = exc
+                continue
+            prompt_lengths[index] = len(prompt_ids)
+            rows.extend(_rows_of(index, request, prompt_ids, max_tokens))
+        outputs: dict[tuple[int, int], _RowOutput | PermanentBackendError] = {}
         for start in range(0, len(rows), max_batch_size):
             chunk = rows[start : start + max_batch_size]
-            outputs.extend(zip(chunk, generate_rows(loaded, chunk), strict=True))
-    by_request: dict[int, list[tuple[_Row, _RowOutput]]] = {}
-    for row, output in outputs:
-        by_request.setdefault(row.request_index, []).append((row, output))
-    for index, pairs in by_request.items():
-        pairs.sort(key=lambda pair: pair[0].sample_index)
+            for row, output in zip(chunk, _generate_splitting_on_oom(loaded, chunk), strict=True):
+                outputs[row.request_index, row.sample_index] = output
+    for index, request in enumerate(requests):
+        if results[index] is not None:
+            continue
+        samples = [outputs[index, i % sequences_for(request)] for i in range(request.n)]
+        failed = next((s for s in samples if isinstance(s, PermanentBackendError)), None)
+        if failed is not None:
+            results[index] = failed
+            continue
+        samples = [s for s in samples if isinstance(s, _RowOutput)]
         results[index] = GenerationResult(
-            choices=tuple(output.choice for _, output in pairs),
+            choices=tuple(output.choice for output in samples),
             prompt_tokens=prompt_lengths[index],
-            completion_tokens=sum(output.completion_tokens for _, output in pairs),
+            completion_tokens=sum(output.completion_tokens for output in samples),
         )
     return [r if r is not None else RuntimeError("request produced no output") for r in results]
+
+
+def _rows_of(
+    index: int, request: CompletionRequest, prompt_ids: list[int], max_tokens: int
+) -> list[_Row]:
+    return [
+        _Row(
+            request_index=index,
+            sample_index=sample,
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            stop=tuple(s for s in request.stop if s),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            top_logprobs=request.top_logprobs,
+        )
+        for sample in range(sequences_for(request))
+    ]
+
+
+def _generate_splitting_on_oom(
+    loaded: LoadedModel, rows: Sequence[_Row]
+) -> list[_RowOutput | PermanentBackendError]:
+    """Generate ``rows``; if the device runs out of memory, retry in two halves.
+
+    Rows are independent (own seed, own limits), so halves give the same answers. A single row
+    that does not fit gets an error that says what to change; its request fails, the others
+    in the batch do not.
+    """
+    try:
+        return list(generate_rows(loaded, rows))
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(rows) == 1:
+            return [
+                PermanentBackendError(
+                    f"local model {loaded.key[0]} ran out of memory on {loaded.device} for one "
+                    "sequence: lower max_tokens, shorten the prompt or use a smaller dtype"
+                )
+            ]
+        middle = len(rows) // 2
+        return [
+            *_generate_splitting_on_oom(loaded, rows[:middle]),
+            *_generate_splitting_on_oom(loaded, rows[middle:]),
+        ]
 
 
 def encode_prompt(loaded: LoadedModel, request: CompletionRequest) -> list[int]:
@@ -325,6 +363,18 @@ def generate_rows(loaded: LoadedModel, rows: Sequence[_Row]) -> list[_RowOutput]
     criterion marks it done), and the call ends when every row is done. Grouping requests by
     ``max_tokens`` instead would split batches for no gain, since short rows stop anyway.
     """
+    if all(row.max_tokens < 1 for row in rows):  # nothing to generate (max_tokens=0)
+        return [
+            _RowOutput(
+                choice=Choice(
+                    text="",
+                    finish_reason="length",
+                    logprobs=() if row.top_logprobs is not None else None,
+                ),
+                completion_tokens=0,
+            )
+            for row in rows
+        ]
     width = max(len(row.prompt_ids) for row in rows)
     input_ids = torch.tensor(
         [[loaded.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows],

@@ -24,6 +24,7 @@ import os
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -172,6 +173,8 @@ def parse_retry_after(headers: Mapping[str, str], wall_now: float) -> float | No
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:  # an HTTP date is always GMT, even when it fails to say so
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - wall_now)
 
 
@@ -351,8 +354,12 @@ class OpenAIBackend:
     """An OpenAI-compatible ``/v1`` endpoint as a ``Backend``.
 
     ``limits`` are shared with every other backend of the same base URL, model and key (see
-    ``drpo.backends.ratelimit``). ``timeout_s`` bounds each attempt; ``max_attempts`` counts the
-    first try. ``clock`` is for tests: it injects virtual time into waits and backoff.
+    ``drpo.backends.ratelimit``); explicit limits can only tighten a shared limiter. ``timeout_s``
+    bounds each attempt; ``max_attempts`` counts the first try. ``prices`` defaults to the
+    built-in table. ``clock`` is for tests: it injects virtual time into waits and backoff.
+
+    ``Completion.latency_s`` is what the caller waited: rate-limit waits and retries included.
+    Errors carry ``attempts`` (and permanent ones the HTTP ``status_code``).
     """
 
     name = "openai"
@@ -526,7 +533,7 @@ class OpenAIBackend:
                 f"Server said: {said}"
             )
         if code == "context_length_exceeded" or (
-            status in (400, 413) and any(w in raw_message.lower() for w in _CONTEXT_WORDS)
+            status in (400, 413, 422) and any(w in raw_message.lower() for w in _CONTEXT_WORDS)
         ):
             return permanent(
                 f"the request is larger than the context limit of {where} (HTTP {status} "

@@ -82,8 +82,12 @@ def _json_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
 
 
 def _looks_like_json(path: Path, text: str) -> bool:
-    if path.suffix.lower() in (".json", ".jsonl"):
+    """JSON by extension; plain text for ``.txt`` (a query may start with "["); else sniffed."""
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
         return True
+    if suffix == ".txt":
+        return False
     return text.lstrip()[:1] in ("[", "{")
 
 

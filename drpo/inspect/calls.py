@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -108,45 +109,62 @@ def totals_of(calls: list[CallRecord]) -> tuple[CallTotals, dict[str, CallTotals
     return total, dict(sorted(by_role.items()))
 
 
-def calls_table(calls: list[CallRecord], title: str) -> Table:
-    table = Table(title=title, show_footer=True)
+#: Columns of the console table, and the narrowest console that still shows each (0: always).
+_TABLE_COLUMNS = (
+    ("#", "right", 0),
+    ("role", "left", 0),
+    ("model", "left", 110),
+    ("node", "left", 0),
+    ("status", "left", 0),
+    ("tok in", "right", 0),
+    ("tok out", "right", 0),
+    ("cached", "right", 150),
+    ("latency s", "right", 0),
+    ("attempts", "right", 120),
+    ("tries", "right", 140),
+    ("cost $", "right", 0),
+    ("replayed", "right", 130),
+)
+
+
+def calls_table(calls: list[CallRecord], title: str, width: int = 200) -> Table:
+    """The calls as a table; on a narrow console the least useful columns are left out."""
     total, _ = totals_of(calls)
-    columns = (
-        ("#", "right", f"{total.calls}"),
-        ("role", "left", ""),
-        ("model", "left", ""),
-        ("node", "left", ""),
-        ("status", "left", f"{total.errors} err" if total.errors else ""),
-        ("tok in", "right", f"{total.prompt_tokens}"),
-        ("tok out", "right", f"{total.completion_tokens}"),
-        ("cached", "right", f"{total.cached_tokens}"),
-        ("latency s", "right", f"{total.latency_s:.1f}"),
-        ("attempts", "right", ""),
-        ("tries", "right", f"{total.tries}"),
-        ("cost $", "right", f"{total.cost_usd:.4f}"),
-        ("replayed", "right", f"{total.replayed}"),
-    )
-    for name, justify, footer in columns:
-        table.add_column(name, justify=justify, footer=footer)  # type: ignore[arg-type]
+    footers = {
+        "#": f"{total.calls}",
+        "status": f"{total.errors} failed" if total.errors else "",
+        "tok in": f"{total.prompt_tokens}",
+        "tok out": f"{total.completion_tokens}",
+        "cached": f"{total.cached_tokens}",
+        "latency s": f"{total.latency_s:.1f}",
+        "tries": f"{total.tries}",
+        "cost $": f"{total.cost_usd:.4f}",
+        "replayed": f"{total.replayed}",
+    }
+    columns = [(name, justify) for name, justify, needs in _TABLE_COLUMNS if width >= needs]
+    table = Table(title=title, title_justify="left", show_footer=True, box=box.SIMPLE_HEAD)
+    for name, justify in columns:
+        table.add_column(name, justify=justify, footer=footers.get(name, ""))  # type: ignore[arg-type]
     for call in calls:
         status = Text(call.status, style="green" if call.status == "ok" else "bold red")
         if call.error:
             status.append(f" {excerpt(call.error, 40)}", style="red")
-        table.add_row(
-            str(call.id),
-            Text(call.role),
-            Text(f"{call.backend}:{call.model}"),
-            Text(call.node_id or "-"),
-            status,
-            str(call.prompt_tokens),
-            str(call.completion_tokens),
-            str(call.cached_tokens),
-            f"{call.latency_s:.2f}",
-            str(call.attempts),
-            str(call.tries),
-            f"{call.cost_usd:.5f}",
-            str(call.replayed),
-        )
+        cells = {
+            "#": str(call.id),
+            "role": Text(call.role),
+            "model": Text(f"{call.backend}:{call.model}"),
+            "node": Text(call.node_id or "-"),
+            "status": status,
+            "tok in": str(call.prompt_tokens),
+            "tok out": str(call.completion_tokens),
+            "cached": str(call.cached_tokens),
+            "latency s": f"{call.latency_s:.2f}",
+            "attempts": str(call.attempts),
+            "tries": str(call.tries),
+            "cost $": f"{call.cost_usd:.5f}",
+            "replayed": str(call.replayed),
+        }
+        table.add_row(*(cells[name] for name, _ in columns))
     return table
 
 
@@ -187,7 +205,7 @@ async def calls_view(
     if not calls:
         console.print(Text(f"{title}: none recorded"))
         return
-    console.print(calls_table(calls, title))
+    console.print(calls_table(calls, title, console.width))
     first, last = calls[0].created_at, calls[-1].updated_at
     console.print(
         Text(

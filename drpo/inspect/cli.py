@@ -36,7 +36,9 @@ def _run_until_interrupted(main: Any, *args: Any) -> None:
 def runs_list(
     db: DbOption = None,
     as_json: JsonOption = False,
-    kind: Annotated[str | None, typer.Option(help="Only runs of this kind (optimize, icl).")] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="Only runs of this kind (optimize, icl).")
+    ] = None,
     status: Annotated[str | None, typer.Option(help="Only runs in this status.")] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many runs.", min=1)] = None,
 ) -> None:
@@ -64,15 +66,12 @@ def runs_tree(
     run: RunArgument,
     db: DbOption = None,
     as_json: JsonOption = False,
-    chars: Annotated[
-        int, typer.Option(help="Characters of each prompt summary.", min=10)
-    ] = 60,
+    chars: Annotated[int, typer.Option(help="Characters of each prompt summary.", min=10)] = 60,
     pruned: Annotated[
         bool, typer.Option("--pruned/--no-pruned", help="Show the nodes the beam pruned.")
     ] = True,
 ) -> None:
-    """The search tree: each node's reward, aspect scores, kept or pruned, and what its prompt
-    changed; the best path is starred."""
+    """The search tree: rewards, aspect scores, kept or pruned, prompt changes; best path starred."""
     from drpo.inspect.tree import tree_view
 
     async def main() -> None:
@@ -141,7 +140,9 @@ def runs_calls(
     run: RunArgument,
     db: DbOption = None,
     as_json: JsonOption = False,
-    role: Annotated[str | None, typer.Option(help="Only this role (proposer, critic, editor).")] = None,
+    role: Annotated[
+        str | None, typer.Option(help="Only this role (proposer, critic, editor).")
+    ] = None,
     status: Annotated[str | None, typer.Option(help="Only ok or error calls.")] = None,
     node: Annotated[str | None, typer.Option("--node", help="Only this node's calls.")] = None,
     full: Annotated[
@@ -183,8 +184,10 @@ def runs_export(
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Write one self-contained HTML report (tree, reward plot, prompt diffs, critiques, calls)
-    that opens offline in any browser."""
+    """One self-contained HTML report (tree, reward plot, prompt diffs, critiques, calls).
+
+    The file opens offline in any browser: everything is inline, nothing is fetched.
+    """
     from drpo.inspect.report import export_view
 
     run_async(export_view, resolve_db(db), run, html, as_json, console)

@@ -208,6 +208,7 @@
       h("div", null, h("dt", null, "reward"), h("dd", { class: rewardClass(node.reward) }, fixed(node.reward, 3))),
       h("div", null, h("dt", null, "path score"), h("dd", null, fixed(node.score, 3))),
       h("div", null, h("dt", null, "path rewards"), h("dd", null, node.path.map((r) => fixed(r, 2)).join(" → ") || "-")),
+      h("div", null, h("dt", null, "created"), h("dd", null, utc(node.t) + " UTC")),
       h("div", null, h("dt", null, "parent"), h("dd", null, node.parent !== null ? nodeLink(node.parent) : "- (root)")),
       h("div", null, h("dt", null, "calls"), h("dd", null, node.calls + " ($" + fixed(node.cost, 5) + ") ", node.calls ? h("button", { type: "button", class: "link", id: "detail-calls", onclick: () => showCallsOf(node.id) }, "show in call table") : null))
     );
@@ -234,7 +235,7 @@
           h("tbody", null, ...node.aspects.map(([name, score, rationale]) => h("tr", null, h("th", null, name), h("td", { class: "num " + rewardClass(score) }, String(score)), h("td", null, rationale))))
         );
     const kids = childrenOf.get(node.id);
-    detail.replaceChildren(
+    const parts = [
       h("h3", { id: "detail-title" }, "Node " + node.id),
       facts,
       node.skipped ? h("p", { class: "note" }, "Skipped: its parent scored above the threshold (or its judgement failed), so the parent's prompt carried over unchanged.") : null,
@@ -242,8 +243,9 @@
       section(node.parent !== null && !node.same ? "Prompt (changes from the parent: added, removed)" : "Prompt", node.parent !== null && !node.same ? switcher : null, promptBox),
       section("Answer", h("pre", { class: "text", id: "detail-answer" }, node.answer)),
       section("Critique", critique),
-      kids.length ? section("Children", h("div", { class: "children" }, ...kids.map((kid) => nodeLink(kid.id)))) : null
-    );
+      kids.length ? section("Children", h("div", { class: "children" }, ...kids.map((kid) => nodeLink(kid.id)))) : null,
+    ];
+    detail.replaceChildren(...parts.filter((part) => part));
   }
 
   // ------------------------------------------------------------------ the call table

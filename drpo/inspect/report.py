@@ -25,6 +25,7 @@ import base64
 import hashlib
 import html
 import json
+import math
 import os
 import time
 from collections import defaultdict
@@ -33,6 +34,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 from rich.console import Console
 from rich.text import Text
 
@@ -74,7 +76,10 @@ def json_for_script(data: Any) -> str:
     """JSON that is safe inside ``<script type="application/json">``: nothing in it can close
     the element or start markup (``<``, ``>`` and ``&`` are ``\\u`` escapes) and line
     separators cannot break older parsers."""
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # NaN or infinity somewhere: JSON has no such numbers
+        text = json.dumps(_finite(data), ensure_ascii=False, separators=(",", ":"))
     return (
         text.replace("&", "\\u0026")
         .replace("<", "\\u003c")
@@ -84,11 +89,23 @@ def json_for_script(data: Any) -> str:
     )
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
 # ------------------------------------------------------------------------------------ data
 
 
-def _round(value: float, digits: int = 4) -> float:
-    return round(float(value), digits)
+def _round(value: float, digits: int = 4) -> float | None:
+    value = float(value)
+    return round(value, digits) if math.isfinite(value) else None
 
 
 def _nodes_data(tree: SearchTree, calls: list[CallRecord]) -> tuple[list[dict], list[str]]:
@@ -207,6 +224,12 @@ def reward_plot_svg(levels: list[dict[str, Any]], nodes: list[dict[str, Any]]) -
     """Best and mean path score of the beam per level, and every node's score as a faint dot."""
     width, height = 720, 280
     left, right, top, bottom = 48, 16, 16, 40
+
+    def finite(value: Any) -> bool:
+        return isinstance(value, int | float) and math.isfinite(value)
+
+    levels = [lv for lv in levels if finite(lv["best_score"]) and finite(lv["mean_score"])]
+    nodes = [node for node in nodes if finite(node["score"])]
     if not levels:
         return (
             f'<svg id="reward-plot" class="plot empty" viewBox="0 0 {width} 60" role="img" '
@@ -274,7 +297,7 @@ def reward_plot_svg(levels: list[dict[str, Any]], nodes: list[dict[str, Any]]) -
         '<text x="24" y="4">best of beam</text>'
         '<line class="line mean" x1="104" x2="122" y1="0" y2="0"/>'
         '<text x="128" y="4">beam mean</text>'
-        '<circle class="pt-node kept" cx="214" cy="0" r="2.5"/>'
+        '<circle class="key-node" cx="214" cy="0" r="2.5"/>'
         '<text x="222" y="4">node</text></g>'
     )
     parts.append("</svg>")
@@ -311,7 +334,8 @@ def _header_html(summary: dict[str, Any], data: dict[str, Any]) -> str:
         (
             "calls",
             _e(
-                f"{totals['calls']} ({totals['errors']} failed, {totals['replayed']} replayed)"
+                f"{totals['calls']} ({totals['tries']} tries, {totals['errors']} failed, "
+                f"{totals['replayed']} answers replayed)"
             ),
         ),
         ("tokens", _e(f"{totals['prompt_tokens']:,} in / {totals['completion_tokens']:,} out")),
@@ -325,7 +349,9 @@ def _header_html(summary: dict[str, Any], data: dict[str, Any]) -> str:
     name = summary.get("name")
     title = f"run {_e(summary['run_id'])}" + (f" · {_e(name)}" if name else "")
     error = (
-        f'<p id="run-error" class="error">{_e(summary["error"])}</p>' if summary.get("error") else ""
+        f'<p id="run-error" class="error">{_e(summary["error"])}</p>'
+        if summary.get("error")
+        else ""
     )
     return f'<h1 id="run-title">{title}</h1><dl id="run-facts" class="facts">{rows}</dl>{error}'
 
@@ -356,9 +382,9 @@ def _roles_html(data: dict[str, Any]) -> str:
     def row(name: str, t: dict[str, Any], css: str = "") -> str:
         return (
             f'<tr class="{css}"><th>{_e(name)}</th><td>{t["calls"]}</td><td>{t["tries"]}</td>'
-            f'<td>{t["errors"]}</td><td>{t["replayed"]}</td><td>{t["prompt_tokens"]:,}</td>'
-            f'<td>{t["completion_tokens"]:,}</td><td>{t["cached_tokens"]:,}</td>'
-            f'<td>{t["latency_s"]:.1f}</td><td>{t["cost_usd"]:.4f}</td></tr>'
+            f"<td>{t['errors']}</td><td>{t['replayed']}</td><td>{t['prompt_tokens']:,}</td>"
+            f"<td>{t['completion_tokens']:,}</td><td>{t['cached_tokens']:,}</td>"
+            f"<td>{t['latency_s']:.1f}</td><td>{t['cost_usd']:.4f}</td></tr>"
         )
 
     body = "".join(row(role, totals) for role, totals in data["by_role"].items())
@@ -441,7 +467,10 @@ def render_html(data: dict[str, Any]) -> str:
     replacements = {
         "@@SCRIPT_HASH@@": f"sha256-{digest}",
         "@@VERSION@@": _e(data["drpo_version"]),
-        "@@TITLE@@": _e(f"drpo run {summary['run_id'][:12]}" + (f" · {summary['name']}" if summary.get("name") else "")),
+        "@@TITLE@@": _e(
+            f"drpo run {summary['run_id'][:12]}"
+            + (f" · {summary['name']}" if summary.get("name") else "")
+        ),
         "@@CSS@@": _asset("report.css"),
         "@@HEADER@@": _header_html(summary, data),
         "@@SETTINGS@@": _settings_html(summary.get("settings") or {}),
@@ -489,16 +518,24 @@ class ExportResult:
         }
 
 
+def _write_atomically(out: Path, page: bytes) -> Path:
+    out = out.expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.{os.getpid()}.part")
+    try:
+        partial.write_bytes(page)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
 async def export_report(store: RunStore, run: str, out: Path) -> ExportResult:
     """Write the report of ``run`` to ``out`` (atomically: a reader never sees half a file)."""
     started = time.perf_counter()
     data = await build_report_data(store, run)
     page = render_html(data).encode("utf-8")
-    out = out.expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.part")
-    partial.write_bytes(page)
-    os.replace(partial, out)
+    out = await anyio.to_thread.run_sync(_write_atomically, out, page)
     return ExportResult(
         run_id=data["run"]["run_id"],
         path=out,
@@ -509,7 +546,9 @@ async def export_report(store: RunStore, run: str, out: Path) -> ExportResult:
     )
 
 
-async def export_view(db: Path, run: str, out: Path | None, as_json: bool, console: Console) -> None:
+async def export_view(
+    db: Path, run: str, out: Path | None, as_json: bool, console: Console
+) -> None:
     async with open_readonly(db) as store:
         record = await store.get_run(run)
         target = out if out is not None else Path(f"drpo-report-{record.run_id[:12]}.html")

@@ -148,11 +148,15 @@ def gist(envelope: Envelope) -> str:
         case RunStarted():
             search = p.config.get("search", {}) if isinstance(p.config, dict) else {}
             shape = ", ".join(
-                f"{key} {search[key]}" for key in ("beam_size", "n_actions", "depth") if key in search
+                f"{key} {search[key]}"
+                for key in ("beam_size", "n_actions", "depth")
+                if key in search
             )
             return f"run started: {len(p.queries)} queries" + (f"; {shape}" if shape else "")
         case NodeCreated():
-            flags = (" skipped" if p.skipped else "") + (" judge-failed" if p.critique.failed else "")
+            flags = (" skipped" if p.skipped else "") + (
+                " judge-failed" if p.critique.failed else ""
+            )
             return (
                 f"node {p.node_id} (level {p.level}, parent {p.parent_id or '-'}) "
                 f"reward {p.reward:.2f} path {p.score:.2f}{flags}; prompt "
@@ -176,8 +180,10 @@ def gist(envelope: Envelope) -> str:
 
 def matches_agent(envelope: Envelope, agent: str) -> bool:
     """Messages an agent sent, and requests addressed to it (``agent.<name>...`` topics)."""
-    return envelope.sender == agent or envelope.topic == f"agent.{agent}" or (
-        envelope.topic.startswith(f"agent.{agent}.")
+    return (
+        envelope.sender == agent
+        or envelope.topic == f"agent.{agent}"
+        or (envelope.topic.startswith(f"agent.{agent}."))
     )
 
 

@@ -79,9 +79,7 @@ class TreeNode:
             "skipped": self.skipped,
             "failed": self.failed,
             "error": self.error,
-            "aspects": {
-                a.name: {"score": a.score, "rationale": a.rationale} for a in self.aspects
-            },
+            "aspects": {a.name: {"score": a.score, "rationale": a.rationale} for a in self.aspects},
             "system_prompt": self.system_prompt,
             "query": self.query,
             "answer": self.answer,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
@@ -19,14 +20,10 @@ from drpo.inspect.common import (
     duration,
     open_readonly,
     print_json,
-    require_db,
     score,
     when,
 )
 from drpo.inspect.summary import RunSummary, summarize_run
-
-# Kept for callers of the earlier private names.
-_when, _score, _require_db = when, score, require_db
 
 
 def progress(s: RunSummary) -> str:
@@ -40,18 +37,23 @@ def progress(s: RunSummary) -> str:
     return f"{s.levels_done}/{total}" if total else str(s.levels_done)
 
 
-def models_text(s: RunSummary) -> str:
-    models = [s.base_model, s.critic_model, s.editor_model]
-    if not any(models):
-        return "-"
-    if len(set(models)) == 1:
-        return str(models[0])
-    critic_editor = (
-        str(s.critic_model)
-        if s.critic_model == s.editor_model
-        else f"{s.critic_model} / {s.editor_model}"
-    )
-    return f"{s.base_model} (critic/editor {critic_editor})"
+def models_text(s: RunSummary, *, short: bool = False) -> str:
+    """``base / critic`` (``/ editor`` when it differs); ``short`` drops the backend kinds."""
+
+    def name(spec: str | None) -> str:
+        if spec is None:
+            return "-"
+        return spec.partition(":")[2].partition("@")[0] or spec if short else spec
+
+    base, critic, editor = name(s.base_model), name(s.critic_model), name(s.editor_model)
+    if base == critic == editor:
+        return base
+    return f"{base} / {critic}" + (f" / {editor}" if editor != critic else "")
+
+
+def short_when(timestamp: float | None) -> str:
+    """``MM-DD HH:MM`` (UTC) for tables; the JSON output has the exact timestamps."""
+    return when(timestamp)[5:16] if timestamp else "-"
 
 
 async def list_runs_view(
@@ -72,35 +74,49 @@ async def list_runs_view(
     if not summaries:
         console.print(Text(f"no runs in {db}"))
         return
-    table = Table(title=f"runs in {db}")
-    for column, justify in (
-        ("run", "left"),
-        ("name", "left"),
-        ("kind", "left"),
-        ("status", "left"),
-        ("models", "left"),
-        ("progress", "right"),
-        ("best", "right"),
-        ("calls", "right"),
-        ("cost $", "right"),
-        ("started", "left"),
-        ("finished", "left"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for s in summaries:
-        table.add_row(
-            s.run_id[:12],
-            Text(s.name or "-"),
-            s.kind,
-            Text(s.status, style=_status_style(s.status)),
-            Text(models_text(s)),
-            progress(s),
-            score(s.best_score),
-            str(s.calls),
-            f"{s.cost_usd:.4f}",
-            when(s.started_at),
-            when(s.finished_at),
+    kinds = {s.kind for s in summaries}
+    table = Table(title=f"runs in {db}", title_justify="left", box=box.SIMPLE_HEAD)
+    columns = [
+        ("run", "left", True),
+        ("name", "left", False),
+        ("kind", "left", True),
+        ("status", "left", True),
+        ("models", "left", False),
+        ("progress", "right", True),
+        ("best", "right", True),
+        ("calls", "right", True),
+        ("cost $", "right", True),
+        ("started", "left", False),
+        ("finished", "left", False),
+    ]
+    if kinds == {"optimize"}:
+        columns = [column for column in columns if column[0] != "kind"]
+    # On a narrow terminal, leave out what matters least rather than squeeze everything.
+    for column, needs in (("finished", 125), ("name", 110), ("models", 100)):
+        if console.width < needs:
+            columns = [c for c in columns if c[0] != column]
+    for column, justify, no_wrap in columns:
+        table.add_column(
+            column,
+            justify=justify,  # type: ignore[arg-type]
+            no_wrap=no_wrap,
+            min_width=12 if column == "run" else None,
         )
+    for s in summaries:
+        cells = {
+            "run": s.run_id[:12],
+            "name": Text(s.name or "-"),
+            "kind": s.kind,
+            "status": Text(s.status, style=_status_style(s.status)),
+            "models": Text(models_text(s, short=True)),
+            "progress": progress(s),
+            "best": score(s.best_score),
+            "calls": str(s.calls),
+            "cost $": f"{s.cost_usd:.4f}",
+            "started": short_when(s.started_at),
+            "finished": short_when(s.finished_at),
+        }
+        table.add_row(*(cells[column[0]] for column in columns))
     console.print(table)
 
 
@@ -119,7 +135,9 @@ async def show_run_view(db: Path, run: str, as_json: bool, console: Console) -> 
     async with open_readonly(db) as store:
         summary = await summarize_run(store, await store.get_run(run))
     if as_json:
-        print_json(console, summary.to_json() | {"format": JSON_FORMAT, "progress": progress(summary)})
+        print_json(
+            console, summary.to_json() | {"format": JSON_FORMAT, "progress": progress(summary)}
+        )
         return
     render_summary(summary, console)
 
