@@ -67,8 +67,15 @@ class ProposerSettings(_Settings):
 
 class CriticSettings(_Settings):
     mode: Literal["json", "logprobs"] = "json"
+    #: Token limit of selection and JSON-verdict replies (the paper: 2048).
+    max_tokens: int = Field(default=2048, ge=16)
     #: Extra aspects with their own rubric: [{name, description, rubric}].
     custom_aspects: tuple[dict[str, Any], ...] = ()
+
+
+class EditorSettings(_Settings):
+    #: Token limit of a rewritten prompt (the paper: 2048).
+    max_tokens: int = Field(default=2048, ge=16)
 
 
 class DataSettings(_Settings):
@@ -105,6 +112,7 @@ class OptimizeConfig(_Settings):
     search: SearchSettings = SearchSettings()
     proposer: ProposerSettings = ProposerSettings()
     critic: CriticSettings = CriticSettings()
+    editor: EditorSettings = EditorSettings()
     data: DataSettings = DataSettings()
     endpoints: dict[str, EndpointSettings] = Field(default_factory=dict)
     budget: BudgetSettings = BudgetSettings()

@@ -2,6 +2,8 @@
 
 import pytest
 
+pytest_plugins = ("model_fixtures",)
+
 
 @pytest.fixture
 def anyio_backend() -> str:

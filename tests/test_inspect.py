@@ -387,12 +387,6 @@ def existing_db(path: Path) -> Path:
     return path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="drpo.runs.schema.probe_database reads application_id/user_version from the file "
-    "header only; a new database's first transaction still sits in its -wal file, so a reader "
-    "refuses it as 'another application' until the first checkpoint",
-)
 @pytest.mark.anyio
 async def test_views_open_a_brand_new_database_while_its_first_run_is_written(tmp_path):
     db = tmp_path / "new.db"

@@ -60,8 +60,12 @@ def _assistant(content: str) -> ChatMessage:
     return ChatMessage(role="assistant", content=content)
 
 
-def _critic_request(messages: Sequence[ChatMessage]) -> CompletionRequest:
-    return CompletionRequest(messages=tuple(messages), **CRITIC_SETTINGS)
+def _critic_request(
+    messages: Sequence[ChatMessage], max_tokens: int = CRITIC_SETTINGS["max_tokens"]
+) -> CompletionRequest:
+    return CompletionRequest(
+        messages=tuple(messages), **{**CRITIC_SETTINGS, "max_tokens": max_tokens}
+    )
 
 
 def _retry_messages(first: Sequence[ChatMessage], reply: str, reminder: str) -> list[ChatMessage]:
@@ -85,7 +89,12 @@ def default_selection(catalogue: AspectCatalogue, count: int) -> tuple[str, ...]
 
 
 async def select_aspects(
-    call: Call, query: str, catalogue: AspectCatalogue, *, variant: Variant = "search"
+    call: Call,
+    query: str,
+    catalogue: AspectCatalogue,
+    *,
+    variant: Variant = "search",
+    max_tokens: int = 2048,
 ) -> AspectSelection:
     """The aspects an answer to ``query`` should be judged on; never raises on bad output.
 
@@ -96,7 +105,7 @@ async def select_aspects(
     """
     low, high = SELECTION_BOUNDS[variant]
     messages = [_user(selection_prompt(query, catalogue, variant))]
-    reply = (await call(_critic_request(messages))).text
+    reply = (await call(_critic_request(messages, max_tokens))).text
     dropped: list[str] = []
     try:
         parsed = parse_selection(reply, catalogue)
@@ -107,7 +116,7 @@ async def select_aspects(
     except ParseError as error:
         first_error = error.reason
     retry = _retry_messages(messages, reply, selection_reminder(first_error, catalogue, variant))
-    reply = (await call(_critic_request(retry))).text
+    reply = (await call(_critic_request(retry, max_tokens))).text
     try:
         parsed = parse_selection(reply, catalogue)
         dropped += parsed.dropped
@@ -166,6 +175,7 @@ async def judge(
     *,
     mode: Literal["json", "logprobs"] = "json",
     variant: Variant = "search",
+    max_tokens: int = 2048,
 ) -> Critique:
     """Score ``answer`` on each selected aspect; the reward is the mean score.
 
@@ -182,7 +192,7 @@ async def judge(
         )
     if mode == "json":
         return await _judge_json(
-            call, query, answer, aspects, selection.reasoning, variant, catalogue
+            call, query, answer, aspects, selection.reasoning, variant, catalogue, max_tokens
         )
     if mode == "logprobs":
         return await _judge_logprobs(call, query, answer, aspects, variant)
@@ -206,16 +216,17 @@ async def _judge_json(
     reasoning: str,
     variant: Variant,
     catalogue: AspectCatalogue,
+    max_tokens: int = 2048,
 ) -> Critique:
     names = [a.name for a in aspects]
     messages = [_user(judge_prompt(query, answer, aspects, reasoning, variant))]
-    reply = (await call(_critic_request(messages))).text
+    reply = (await call(_critic_request(messages, max_tokens))).text
     first, first_error = _try_judgement(reply, names, catalogue)
     if first is not None and not first.missing:
         return _critique(first)
     retry = _retry_messages(messages, reply, judge_reminder(first_error, aspects))
     second, second_error = _try_judgement(
-        (await call(_critic_request(retry))).text, names, catalogue
+        (await call(_critic_request(retry, max_tokens))).text, names, catalogue
     )
     candidates = [p for p in (second, first) if p is not None]
     if not candidates:

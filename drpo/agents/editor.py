@@ -27,9 +27,12 @@ from drpo.backends.base import ChatMessage, CompletionRequest
 from drpo.bus.messages import EditAnswer, EditPrompt
 
 #: The optimizer's settings besides temperature and n (spec §1.1).
-OPTIMIZER_SETTINGS = {"top_p": 0.95, "max_tokens": 2048}
+OPTIMIZER_SETTINGS = {"top_p": 0.95}
 #: The ICL-stage answer editor is greedy (spec §4).
-ANSWER_EDITOR_SETTINGS = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 2048, "seed": 0}
+ANSWER_EDITOR_SETTINGS = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
+
+#: Placeholder values of the reply templates in :mod:`drpo.agents.prompts`.
+TEMPLATE_PLACEHOLDERS = frozenset({"the complete new system prompt"})
 
 PROMPT_FIELDS = ("new_system_prompt", "system_prompt", "new_prompt")
 ANSWER_FIELDS = ("new_response", "response", "new_answer")
@@ -48,9 +51,19 @@ def _with_reminder(
     return (*base, ChatMessage(role="assistant", content=reply), _user(reminder))
 
 
+#: Shorter "prompts" are fragments, not system prompts (small models emit these).
+MIN_PROMPT_CHARS = 40
+
+
 def read_prompt_candidate(text: str) -> str:
-    """The new system prompt in an optimizer reply; ParseError when there is none."""
-    return parse_text_field(text, *PROMPT_FIELDS)
+    """The new system prompt in an optimizer reply; ParseError when there is none, or when the
+    model only echoed the reply template's placeholder or wrote a fragment."""
+    candidate = parse_text_field(text, *PROMPT_FIELDS)
+    if candidate.lower().rstrip(".") in TEMPLATE_PLACEHOLDERS:
+        raise ParseError("new_system_prompt repeats the template's placeholder", text)
+    if len(candidate) < MIN_PROMPT_CHARS:
+        raise ParseError(f"new_system_prompt is under {MIN_PROMPT_CHARS} characters", text)
+    return candidate
 
 
 def read_answer_rewrite(text: str) -> str:
@@ -69,8 +82,6 @@ async def rewrite_prompt(call: Call, msg: EditPrompt, *, supports_n: bool) -> tu
     sample i is its own request with seed i, so the samples differ and the requests have distinct
     journal keys. Every unreadable or missing sample is retried once, concurrently.
     """
-    if msg.n < 1:
-        return [], 0
     base = (
         _user(
             optimizer_prompt(msg.system_prompt, msg.query, msg.answer, msg.critique, msg.history)
@@ -83,6 +94,7 @@ async def rewrite_prompt(call: Call, msg: EditPrompt, *, supports_n: bool) -> tu
             n=n,
             seed=seed,
             temperature=msg.temperature,
+            max_tokens=msg.max_tokens,
             **OPTIMIZER_SETTINGS,
         )
 
@@ -131,12 +143,22 @@ async def rewrite_answer(call: Call, msg: EditAnswer) -> str | None:
     """The ICL stage's rewrite of an example answer, wrapped in ``<START>``/``<END>``; None when
     the editor's reply cannot be read even after one retry with a format reminder."""
     base = (_user(answer_editor_prompt(msg.query, msg.answer, msg.critique)),)
-    reply = (await call(CompletionRequest(messages=base, **ANSWER_EDITOR_SETTINGS))).text
+    reply = (
+        await call(
+            CompletionRequest(messages=base, max_tokens=msg.max_tokens, **ANSWER_EDITOR_SETTINGS)
+        )
+    ).text
     try:
         return read_answer_rewrite(reply)
     except ParseError as error:
         messages = _with_reminder(base, reply, answer_editor_reminder(error.reason))
-    reply = (await call(CompletionRequest(messages=messages, **ANSWER_EDITOR_SETTINGS))).text
+    reply = (
+        await call(
+            CompletionRequest(
+                messages=messages, max_tokens=msg.max_tokens, **ANSWER_EDITOR_SETTINGS
+            )
+        )
+    ).text
     try:
         return read_answer_rewrite(reply)
     except ParseError:

@@ -20,6 +20,7 @@ from anyio.abc import TaskGroup
 
 from drpo.agents import critic, editor, proposer, topics
 from drpo.agents.aspects import AspectCatalogue
+from drpo.agents.prompts import PROMPTS_VERSION
 from drpo.backends.base import Completion, CompletionRequest
 from drpo.backends.registry import BackendRegistry
 from drpo.bus import Bus, Envelope
@@ -118,14 +119,18 @@ class AgentRuntime:
         cache_key = (
             _query_hash(message.query, message.variant),
             message.model,
-            context.catalogue.version,
+            f"{context.catalogue.version}:{PROMPTS_VERSION}",
         )
         cached = await self.store.get_aspect_selection(*cache_key)
         if cached is not None:
             return AspectsSelected(selection=cached)
         call, _ = self._bind(envelope, message.model, "critic")
         selection = await critic.select_aspects(
-            call, message.query, context.catalogue, variant=message.variant
+            call,
+            message.query,
+            context.catalogue,
+            variant=message.variant,
+            max_tokens=message.max_tokens,
         )
         await self.store.put_aspect_selection(*cache_key, selection)
         return AspectsSelected(selection=selection)
@@ -142,6 +147,7 @@ class AgentRuntime:
             context.catalogue,
             mode=message.mode,
             variant=message.variant,
+            max_tokens=message.max_tokens,
         )
         return Judged(critique=critique)
 

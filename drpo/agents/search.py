@@ -226,6 +226,7 @@ class BeamSearch:
                 history=parent.path_prompts[-self.search.history :],
                 n=self.search.n_actions,
                 temperature=self.search.temperature,
+                max_tokens=self.config.editor.max_tokens,
             ),
             node_id=parent.node_id,
         )
@@ -295,6 +296,7 @@ class BeamSearch:
                 answer=answer,
                 selection=selection,
                 mode=self.config.critic.mode,
+                max_tokens=self.config.critic.max_tokens,
             ),
             node_id=node_id,
         )
@@ -362,7 +364,12 @@ class BeamSearch:
     async def _select_into(self, query: str, slot: _Slot[AspectSelection]) -> None:
         try:
             reply = await self._request(
-                SELECT_ASPECTS, SelectAspects(query=query, model=self.config.models.critic)
+                SELECT_ASPECTS,
+                SelectAspects(
+                    query=query,
+                    model=self.config.models.critic,
+                    max_tokens=self.config.critic.max_tokens,
+                ),
             )
             assert isinstance(reply, AspectsSelected)
             slot.set(reply.selection)

@@ -66,6 +66,7 @@ class SelectAspects(_Value):
     query: str
     model: str
     variant: Literal["search", "icl"] = "search"
+    max_tokens: int = 2048
 
 
 class AspectsSelected(_Value):
@@ -97,6 +98,7 @@ class Judge(_Value):
     selection: AspectSelection
     mode: Literal["json", "logprobs"] = "json"
     variant: Literal["search", "icl"] = "search"
+    max_tokens: int = 2048
 
 
 class Judged(_Value):
@@ -111,9 +113,11 @@ class EditPrompt(_Value):
     query: str
     answer: str
     critique: Critique
+    #: The last prompts of the path, the current one included (the editor shows at most 5).
     history: tuple[str, ...] = ()
-    n: int = 1
+    n: int = Field(default=1, ge=1)
     temperature: float = 0.2
+    max_tokens: int = 2048
 
 
 class PromptCandidates(_Value):
@@ -128,6 +132,7 @@ class EditAnswer(_Value):
     query: str
     answer: str
     critique: Critique
+    max_tokens: int = 2048
 
 
 class AnswerRewritten(_Value):

@@ -208,6 +208,17 @@ def _header_ids(path: Path, header: bytes) -> tuple[int, int]:
     return application_id, user_version
 
 
+def _pragma_ids(path: Path) -> tuple[int, int]:
+    """``(application_id, user_version)`` as SQLite sees them, WAL included (read-only)."""
+    conn = sqlite3.connect(read_only_uri(path), uri=True)
+    try:
+        application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        return int(application_id), int(version)
+    finally:
+        conn.close()
+
+
 def _list_tables(path: Path) -> list[str]:
     """The tables of a database that has no application id: blank, or another program's."""
     try:
@@ -253,6 +264,13 @@ def probe_database(path: Path) -> Probe:
     tables = _list_tables(path) if application_id == 0 and version == 0 else None
     if tables == []:
         return Probe(path, exists=True)  # a blank SQLite file: it becomes a drpo database
+    if tables:
+        # the header may be stale while the ids still sit in an un-checkpointed WAL
+        application_id, version = _pragma_ids(path)
+        if application_id == APPLICATION_ID:
+            if version != SCHEMA_VERSION:
+                raise SchemaVersionError(path, version)
+            return Probe(path, exists=True, version=version)
     raise NotADrpoDatabaseError(
         f"{path} is an SQLite database of another application (application_id="
         f"{application_id}, user_version={version}"

@@ -703,9 +703,16 @@ async def _prepare_writer_connection(conn: aiosqlite.Connection, probe: Probe) -
             )
             await conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            created = True
         elif version != SCHEMA_VERSION:
             raise SchemaVersionError(probe.path, version)
+        else:
+            created = False
         await conn.execute("COMMIT")
+        if created:
+            # move the new header into the main file now, so a reader's header probe sees a
+            # drpo database even while this writer holds the WAL (or if it is killed)
+            await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     except BaseException:
         with anyio.CancelScope(shield=True):
             await conn.execute("ROLLBACK")
