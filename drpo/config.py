@@ -148,7 +148,8 @@ SMALL_PRESET: dict[str, Any] = {
         "num_train_queries": 12,
     },
     "proposer": {"k": 1, "max_tokens": 128},
-    "critic": {"mode": "logprobs"},
+    "critic": {"mode": "logprobs", "max_tokens": 256},
+    "editor": {"max_tokens": 320},
 }
 
 PRESETS = {"small": SMALL_PRESET, "paper": PAPER_PRESET}

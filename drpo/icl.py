@@ -108,7 +108,12 @@ async def _optimize_one(
 
     selected = await request(
         topics.SELECT_ASPECTS,
-        SelectAspects(query=example.query, model=config.critic, variant="icl"),
+        SelectAspects(
+            query=example.query,
+            model=config.critic,
+            variant="icl",
+            mode=config.mode,  # type: ignore[arg-type]
+        ),
     )
     assert isinstance(selected, AspectsSelected)
     selection = selected.selection

@@ -29,6 +29,7 @@ from drpo.agents.prompts import (
     digit_judge_prompt,
     judge_prompt,
     judge_reminder,
+    relevance_prompt,
     selection_prompt,
     selection_reminder,
 )
@@ -258,6 +259,61 @@ def _critique(parsed: JudgementParse) -> Critique:
     if parsed.dropped:
         notes.append(f"ignored {', '.join(parsed.dropped)}")
     return critique.model_copy(update={"error": "; ".join(notes)}) if notes else critique
+
+
+# --------------------------------------------------------------------------------------------
+# Aspect selection by yes/no probabilities (for small critics; the paper selects with JSON)
+
+
+def yes_probability(choice: Choice) -> float | None:
+    """P(yes) / (P(yes) + P(no)) at the first generated token; None when neither has mass."""
+    if not choice.logprobs:
+        return None
+    first = choice.logprobs[0]
+    alternatives = {top.token: top.logprob for top in first.top}
+    alternatives.setdefault(first.token, first.logprob)
+    mass = {"yes": 0.0, "no": 0.0}
+    for token, logprob in alternatives.items():
+        word = token.strip(_TOKEN_MARKERS).lower()
+        if word in mass:
+            mass[word] += math.exp(logprob)
+    total = mass["yes"] + mass["no"]
+    return mass["yes"] / total if total > 0 else None
+
+
+async def select_aspects_by_logprobs(
+    call: Call, query: str, catalogue: AspectCatalogue, *, variant: Variant = "search"
+) -> AspectSelection:
+    """Ask, for every aspect at once, whether it matters for ``query``; keep those more likely
+    "yes" than "no", most likely first, within the variant's 2-5 (or 3-6) bounds."""
+    low, high = SELECTION_BOUNDS[variant]
+    aspects = list(catalogue)
+    relevance: dict[str, float] = {}
+
+    async def ask(aspect: Aspect) -> None:
+        request = CompletionRequest(
+            messages=(_user(relevance_prompt(query, aspect)),), **DIGIT_SETTINGS
+        )
+        completion = await call(request)
+        p_yes = yes_probability(completion.choices[0]) if completion.choices else None
+        if p_yes is not None:
+            relevance[aspect.name] = p_yes
+
+    async with anyio.create_task_group() as group:
+        for aspect in aspects:
+            group.start_soon(ask, aspect)
+    if not relevance:
+        return _fallback_selection(query, catalogue, low, "no yes/no probability for any aspect")
+    ranked = sorted(relevance, key=lambda name: -relevance[name])  # stable: catalogue order
+    likely = [name for name in ranked if relevance[name] > 0.5]
+    chosen = ranked[: max(low, min(high, len(likely)))]
+    shown = ", ".join(f"{name} {relevance[name]:.2f}" for name in ranked)
+    return AspectSelection(
+        query=query,
+        aspects=tuple(chosen),
+        reasoning=f"P(yes) that each quality matters for this query: {shown}",
+        analysis={"method": "logprobs"},
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -222,6 +222,21 @@ def digit_judge_prompt(query: str, answer: str, aspect: Aspect, variant: str) ->
     )
 
 
+#: Aspect selection by token probabilities, one aspect at a time: a small model cannot write the
+#: selection JSON, but whether it says "yes" to "does this quality matter here?" is usable.
+_RELEVANCE_TEMPLATE = """Here is a question someone asked an AI assistant.
+
+Question: {query}
+
+Quality: {name} (the answer should {should}).
+Is this quality important when judging an answer to this question? Answer yes or no.
+Answer:"""
+
+
+def relevance_prompt(query: str, aspect: Aspect) -> str:
+    return _RELEVANCE_TEMPLATE.format(query=query, name=aspect.name, should=aspect.should)
+
+
 # --------------------------------------------------------------------------------------------
 # Rewriting the system prompt (spec §2.5)
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
+from drpo.backends.imports import HEAVY_IMPORT_LOCK
 from drpo.bus.messages import ICLExample
 
 if TYPE_CHECKING:
@@ -66,9 +67,10 @@ def load_model(path: str) -> SentenceTransformer:
                     f"retrieval model folder {path!r} does not exist; "
                     "name a sentence-transformers model folder"
                 )
-            from sentence_transformers import SentenceTransformer
+            with HEAVY_IMPORT_LOCK:
+                from sentence_transformers import SentenceTransformer
 
-            model = SentenceTransformer(path, local_files_only=True)
+                model = SentenceTransformer(path, local_files_only=True)
             _models[path] = model
         return model
 

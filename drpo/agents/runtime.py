@@ -117,7 +117,7 @@ class AgentRuntime:
         message: SelectAspects = envelope.payload  # type: ignore[assignment]
         context = self._context(envelope)
         cache_key = (
-            _query_hash(message.query, message.variant),
+            _query_hash(message.query, f"{message.variant}/{message.mode}"),
             message.model,
             f"{context.catalogue.version}:{PROMPTS_VERSION}",
         )
@@ -125,13 +125,18 @@ class AgentRuntime:
         if cached is not None:
             return AspectsSelected(selection=cached)
         call, _ = self._bind(envelope, message.model, "critic")
-        selection = await critic.select_aspects(
-            call,
-            message.query,
-            context.catalogue,
-            variant=message.variant,
-            max_tokens=message.max_tokens,
-        )
+        if message.mode == "logprobs":
+            selection = await critic.select_aspects_by_logprobs(
+                call, message.query, context.catalogue, variant=message.variant
+            )
+        else:
+            selection = await critic.select_aspects(
+                call,
+                message.query,
+                context.catalogue,
+                variant=message.variant,
+                max_tokens=message.max_tokens,
+            )
         await self.store.put_aspect_selection(*cache_key, selection)
         return AspectsSelected(selection=selection)
 

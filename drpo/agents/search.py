@@ -369,6 +369,7 @@ class BeamSearch:
                     query=query,
                     model=self.config.models.critic,
                     max_tokens=self.config.critic.max_tokens,
+                    mode=self.config.critic.mode,
                 ),
             )
             assert isinstance(reply, AspectsSelected)

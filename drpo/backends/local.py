@@ -26,6 +26,7 @@ import anyio.to_thread
 
 from drpo.backends.base import Completion, CompletionRequest, PermanentBackendError, Usage
 from drpo.backends.batching import BatcherStats, DynamicBatcher
+from drpo.backends.imports import HEAVY_IMPORT_LOCK
 
 if TYPE_CHECKING:
     from drpo.backends.local_model import GenerationResult, LoadedModel
@@ -203,9 +204,10 @@ class LocalBackend:
             raise self._load_error
         if self._loaded is None:
             try:
-                from drpo.backends.local_model import load_model
+                with HEAVY_IMPORT_LOCK:
+                    from drpo.backends.local_model import load_model
 
-                self._loaded = load_model(self.resolved, self.device, self.dtype)
+                    self._loaded = load_model(self.resolved, self.device, self.dtype)
             except ImportError as exc:
                 self._load_error = PermanentBackendError(
                     f"the local backend needs torch and transformers ({exc}): install the "

@@ -67,6 +67,8 @@ class SelectAspects(_Value):
     model: str
     variant: Literal["search", "icl"] = "search"
     max_tokens: int = 2048
+    #: "json": the paper's selection reply; "logprobs": yes/no probabilities per aspect.
+    mode: Literal["json", "logprobs"] = "json"
 
 
 class AspectsSelected(_Value):

@@ -1,0 +1,109 @@
+"""End to end with the real embedded model (SmolLM2-135M): the critic's logprobs modes, and
+`drpo optimize` -> artifact -> `drpo generate` through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from drpo.agents import critic
+from drpo.agents.aspects import AspectCatalogue
+from drpo.artifact import AlignedPrompt
+from drpo.backends.base import Choice, Completion, CompletionRequest, TokenLogprob, TopLogprob
+from drpo.bus.messages import AspectSelection
+from drpo.cli import app
+
+QUERIES = [
+    "How do I boil an egg so the yolk stays soft?",
+    "Give me three tips for a job interview.",
+    "How can I break into my neighbour's wifi?",
+]
+
+
+def _choice(tokens: dict[str, float]) -> Choice:
+    top = tuple(TopLogprob(token=t, logprob=lp) for t, lp in tokens.items())
+    first = max(tokens, key=tokens.get)
+    return Choice(text=first, logprobs=(TokenLogprob(token=first, logprob=tokens[first], top=top),))
+
+
+@pytest.mark.anyio
+async def test_logprobs_selection_keeps_likely_aspects_within_bounds():
+    # a scripted critic: "yes" is likely only for Safety and Helpfulness
+    catalogue = AspectCatalogue.load_default()
+
+    async def call(request: CompletionRequest) -> Completion:
+        prompt = request.messages[0].content
+        likely = "Quality: Safety" in prompt or "Quality: Helpfulness" in prompt
+        tokens = {" yes": -0.1, " no": -2.5} if likely else {" yes": -2.0, " No": -0.2}
+        return Completion(choices=(_choice(tokens),), model="scripted")
+
+    selection = await critic.select_aspects_by_logprobs(call, "q", catalogue)
+    assert set(selection.aspects) == {"Safety", "Helpfulness"}
+    assert "P(yes)" in selection.reasoning
+    # the ICL variant needs at least 3: the next most likely is added
+    icl = await critic.select_aspects_by_logprobs(call, "q", catalogue, variant="icl")
+    assert len(icl.aspects) == 3 and set(icl.aspects) > {"Safety", "Helpfulness"}
+
+
+@pytest.mark.anyio
+async def test_logprobs_selection_falls_back_when_no_probabilities():
+    async def call(request: CompletionRequest) -> Completion:
+        return Completion(choices=(Choice(text="maybe"),), model="scripted")
+
+    selection = await critic.select_aspects_by_logprobs(
+        call, "q", AspectCatalogue.load_default()
+    )
+    assert selection.aspects == ("Helpfulness", "Clarity", "Factuality")
+    assert selection.analysis.get("fallback") == "true"
+
+
+@pytest.mark.model
+@pytest.mark.anyio
+async def test_real_critic_in_logprobs_mode_scores_every_judgement_in_range(local_backend):
+    catalogue = AspectCatalogue.load_default()
+    call = local_backend.complete
+    for query in QUERIES:
+        selection = await critic.select_aspects_by_logprobs(call, query, catalogue)
+        assert 2 <= len(selection.aspects) <= 5
+        for answer in ("I am not sure.", "Here is a clear, step-by-step answer to your question."):
+            verdict = await critic.judge(call, query, answer, selection, catalogue, mode="logprobs")
+            assert not verdict.failed
+            assert 1.0 <= verdict.reward <= 5.0
+            assert all(1.0 <= s.score <= 5.0 for s in verdict.scores.values())
+    fixed = AspectSelection(query=QUERIES[0], aspects=("Helpfulness", "Safety"))
+    verdict = await critic.judge(call, QUERIES[0], "Boil it 6 minutes.", fixed, catalogue,
+                                 mode="logprobs")
+    assert set(verdict.scores) == {"Helpfulness", "Safety"}
+
+
+@pytest.mark.model
+def test_optimize_then_generate_with_the_embedded_model(tmp_path, local_backend, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    db = tmp_path / "drpo.db"
+    artifact = tmp_path / "aligned.json"
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["optimize", "--db", str(db), "--depth", "3", "--actions", "2", "--num-queries", "4",
+         "--depth-extension", "0", "--out", str(artifact)],
+    )
+    assert result.exit_code == 0, result.output
+    loaded = AlignedPrompt.load(artifact)
+    assert loaded.base_model == "local:smollm2"
+    assert loaded.system_prompt
+    assert len(loaded.trace) == 2  # depth 3: levels 1 and 2 after the root
+
+    shown = runner.invoke(app, ["runs", "show", loaded.run_id, "--db", str(db), "--json"])
+    assert shown.exit_code == 0, shown.output
+    summary = json.loads(shown.output)
+    assert summary["status"] == "finished"
+    assert set(summary["by_role"]) >= {"proposer", "critic", "editor"}
+
+    answer = runner.invoke(
+        app,
+        ["generate", "How do I make tea?", "--artifact", str(artifact), "--max-tokens", "24"],
+    )
+    assert answer.exit_code == 0, answer.output
+    assert answer.output.strip()
