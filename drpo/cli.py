@@ -130,7 +130,18 @@ def _run_plans(configs: list, *, out: Path | None, db: Path, resume_ids: list[st
         run_id = resume_ids[index] if resume_ids else None
         plans.append(RunPlan(config=config, artifact_path=None, run_id=run_id))
         err_console.print(describe_projection(config), highlight=False)
-    outcomes = run_async(_optimize_main, plans, db, out, sweep)
+    started: list[str] = []  # run ids, as soon as each run exists (for the Ctrl-C message)
+    try:
+        outcomes = run_async(_optimize_main, plans, db, out, sweep, started)
+    except typer.Exit as stop:
+        if stop.exit_code == 130:  # Ctrl-C: every run in flight was marked interrupted
+            for run_id in started:
+                err_console.print(
+                    f"[bold red]run {run_id} interrupted[/]; continue it with "
+                    f"`drpo resume {run_id}`",
+                    highlight=False,
+                )
+        raise
     failed = False
     for outcome in outcomes:
         if outcome.status == "finished":
@@ -144,16 +155,28 @@ def _run_plans(configs: list, *, out: Path | None, db: Path, resume_ids: list[st
             console.print(result.best.system_prompt, highlight=False, markup=False)
         else:
             failed = True
+            if outcome.status == "budget_exhausted":
+                what = (
+                    "--max-cost USD"
+                    if " cost budget " in (outcome.error or "")
+                    else "--max-calls N"
+                )
+                hint = f"with a larger budget: `drpo resume {outcome.run_id} {what}`"
+                title = "stopped: budget exhausted"
+            else:
+                hint = f"with `drpo resume {outcome.run_id}`"
+                title = outcome.status
             err_console.print(
-                f"[bold red]run {outcome.run_id} {outcome.status}[/]: {outcome.error}"
-                + ("\n  continue it with `drpo resume " + outcome.run_id + "`"),
+                f"[bold red]run {outcome.run_id} {title}[/]: {outcome.error}\n  continue it {hint}",
                 highlight=False,
             )
     if failed:
         raise typer.Exit(1)
 
 
-async def _optimize_main(plans: list, db: Path, out: Path | None, sweep: bool) -> list:
+async def _optimize_main(
+    plans: list, db: Path, out: Path | None, sweep: bool, started: list[str] | None = None
+) -> list:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from drpo.optimize import run_searches
@@ -170,6 +193,8 @@ async def _optimize_main(plans: list, db: Path, out: Path | None, sweep: bool) -
     tasks: dict[str, Any] = {}
 
     def on_created(run_id: str, config: Any) -> None:
+        if started is not None:
+            started.append(run_id)
         tasks[run_id] = progress.add_task(
             f"{run_id[:8]} {config.models.base}", total=config.search.depth - 1
         )
@@ -207,6 +232,12 @@ def resume(
         raise fail(f"run {record.run_id} is a {record.kind} run; only optimize runs resume here")
     if record.status == "finished":
         raise fail(f"run {record.run_id} already finished")
+    if record.status in ("running", "created"):
+        err_console.print(
+            f"note: run {record.run_id} is marked {record.status}: it was killed, or another "
+            "process is still running it (then stop that one first)",
+            highlight=False,
+        )
     settings = dict(record.config["settings"])
     budget = dict(settings.get("budget") or {})
     if max_cost is not None:

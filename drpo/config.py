@@ -76,6 +76,9 @@ class CriticSettings(_Settings):
 class EditorSettings(_Settings):
     #: Token limit of a rewritten prompt (the paper: 2048).
     max_tokens: int = Field(default=2048, ge=16)
+    #: "json" (the paper's analysis/thought/new_system_prompt reply) or "text" (the prompt is
+    #: written as a plain continuation: for models too small to write that JSON).
+    format: Literal["json", "text"] = "json"
 
 
 class DataSettings(_Settings):
@@ -149,7 +152,7 @@ SMALL_PRESET: dict[str, Any] = {
     },
     "proposer": {"k": 1, "max_tokens": 128},
     "critic": {"mode": "logprobs", "max_tokens": 256},
-    "editor": {"max_tokens": 320},
+    "editor": {"max_tokens": 160, "format": "text"},
 }
 
 PRESETS = {"small": SMALL_PRESET, "paper": PAPER_PRESET}

@@ -24,7 +24,7 @@ from drpo.agents.runtime import RunContext
 from drpo.agents.search import BeamSearch, SearchResult
 from drpo.artifact import AlignedPrompt, LevelTrace
 from drpo.backends.registry import BackendRegistry
-from drpo.bus import Bus
+from drpo.bus import Bus, RemoteError
 from drpo.bus.messages import ICLExample, RunFinished, RunStarted
 from drpo.config import OptimizeConfig
 from drpo.data.loaders import (
@@ -167,21 +167,48 @@ async def _run_one(
         }
         await _finish(store, bus, run_id, "finished", result=summary, best=result)
         bound.info("search finished", score=round(result.best_score, 3), levels=result.levels)
-    except BudgetExceeded as exc:
-        outcome = RunOutcome(run_id, "budget_exhausted", error=str(exc))
-        await _finish(store, bus, run_id, "budget_exhausted", error=str(exc))
-        bound.warning("budget reached; resume with a larger budget", error=str(exc))
     except anyio.get_cancelled_exc_class():
         with anyio.CancelScope(shield=True):
             await _finish(store, bus, run_id, "interrupted", error="interrupted")
         raise
     except Exception as exc:
-        outcome = RunOutcome(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
-        await _finish(store, bus, run_id, "failed", error=outcome.error)
-        bound.error("search failed", error=outcome.error)
+        # A budget refusal reaches the search as the agent's RemoteError, often inside
+        # exception groups; the journal knows whether it refused a call for the budget.
+        refused = _budget_refusal(exc) or journal.exhausted
+        if refused is not None:
+            outcome = RunOutcome(run_id, "budget_exhausted", error=str(refused))
+            await _finish(store, bus, run_id, "budget_exhausted", error=str(refused))
+            bound.warning("budget reached; resume with a larger budget", error=str(refused))
+        else:
+            outcome = RunOutcome(run_id, "failed", error=describe_error(exc))
+            await _finish(store, bus, run_id, "failed", error=outcome.error)
+            bound.error("search failed", error=outcome.error)
     finally:
         outcomes[index] = outcome
         runtime.detach(run_id)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, in order; ``exc`` itself otherwise."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _budget_refusal(exc: BaseException) -> BudgetExceeded | None:
+    return next((e for e in _leaves(exc) if isinstance(e, BudgetExceeded)), None)
+
+
+def describe_error(exc: BaseException, limit: int = 3) -> str:
+    """``Type: message`` of what went wrong, with exception groups unwrapped (a task group's
+    "unhandled errors in a TaskGroup (2 sub-exceptions)" says nothing about the cause)."""
+    seen: list[str] = []
+    for leaf in _leaves(exc):
+        text = str(leaf) if isinstance(leaf, RemoteError) else f"{type(leaf).__name__}: {leaf}"
+        if text not in seen:
+            seen.append(text)
+    more = len(seen) - limit
+    return "; ".join(seen[:limit]) + (f" (and {more} more)" if more > 0 else "")
 
 
 async def _finish(

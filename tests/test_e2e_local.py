@@ -107,3 +107,38 @@ def test_optimize_then_generate_with_the_embedded_model(tmp_path, local_backend,
     )
     assert answer.exit_code == 0, answer.output
     assert answer.output.strip()
+
+
+@pytest.mark.anyio
+async def test_text_editor_format_for_small_models():
+    from drpo.agents import editor
+    from drpo.bus.messages import AspectScore, Critique, EditPrompt
+
+    seen: list[CompletionRequest] = []
+
+    async def call(request: CompletionRequest) -> Completion:
+        seen.append(request)
+        texts = [
+            " a careful assistant.\n- Refuse harmful requests.\n- Refuse harmful requests.\n# Q",
+            " ok",  # too short: dropped
+            " a careful assistant.\n- Refuse harmful requests.\n- Refuse harmful requests.",
+        ]
+        return Completion(choices=tuple(Choice(text=t) for t in texts), model="scripted")
+
+    message = EditPrompt(
+        model="m",
+        system_prompt="You are a helpful assistant.",
+        query="q",
+        answer="a",
+        critique=Critique.from_scores({"Safety": AspectScore(score=1.0)}),
+        n=3,
+        format="text",
+        max_tokens=64,
+    )
+    candidates, dropped = await editor.rewrite_prompt(call, message, supports_n=True)
+    # the repeated line is dropped, the heading cut, the duplicate candidate merged
+    assert candidates == ["You are a careful assistant.\n- Refuse harmful requests."]
+    assert dropped == 2
+    [request] = seen
+    assert request.prompt.endswith("Improved system prompt:\nYou are")
+    assert "Safety: 1/5" in request.prompt

@@ -11,16 +11,19 @@ counted, so the search carries on with the candidates it has.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import anyio
 
 from drpo.agents.parsing import ParseError, parse_text_field
 from drpo.agents.prompts import (
+    TEXT_EDIT_OPENING,
     answer_editor_prompt,
     answer_editor_reminder,
     optimizer_prompt,
     optimizer_reminder,
+    text_optimizer_prompt,
 )
 from drpo.agents.proposer import Call, clean_answer, wrap_answer
 from drpo.backends.base import ChatMessage, CompletionRequest
@@ -75,13 +78,70 @@ def read_answer_rewrite(text: str) -> str:
     return wrap_answer(answer)
 
 
+#: Most lines a text-format candidate keeps: an opening line and at most 8 bullets (spec §2.5).
+MAX_TEXT_PROMPT_LINES = 9
+
+
+def read_text_candidate(continuation: str) -> str:
+    """A system prompt from a raw continuation of the text-format editor prompt.
+
+    Small models repeat themselves and run on into made-up dialogue, so: stop at a heading or a
+    code fence, drop repeated lines, keep at most :data:`MAX_TEXT_PROMPT_LINES` lines.
+    """
+    text = TEXT_EDIT_OPENING + continuation
+    text = re.split(r"\n\s*(?:#|```|Current system prompt|Question it was asked|Feedback:)", text)[
+        0
+    ]
+    lines: list[str] = []
+    for line in (part.strip() for part in text.splitlines()):
+        if line and line not in lines:
+            lines.append(line)
+    candidate = "\n".join(lines[:MAX_TEXT_PROMPT_LINES]).strip()
+    if len(candidate) < MIN_PROMPT_CHARS:
+        raise ParseError(f"the rewritten prompt is under {MIN_PROMPT_CHARS} characters", text)
+    return candidate
+
+
+async def _rewrite_prompt_as_text(call: Call, msg: EditPrompt) -> tuple[list[str], int]:
+    """The text editor format: one raw completion request with n samples (fanned out by seed
+    when the backend has no n); unusable samples are dropped (no retry: a format reminder
+    does not help a model that cannot follow the format)."""
+    prompt = text_optimizer_prompt(msg.system_prompt, msg.query, msg.critique)
+
+    def request(n: int, seed: int) -> CompletionRequest:
+        return CompletionRequest(
+            prompt=prompt,
+            n=n,
+            seed=seed,
+            temperature=msg.temperature,
+            max_tokens=msg.max_tokens,
+            stop=("\n\n\n",),
+            **OPTIMIZER_SETTINGS,
+        )
+
+    completion = await call(request(msg.n, 0))
+    texts = [choice.text for choice in completion.choices[: msg.n]]
+    candidates = []
+    for text in texts:
+        try:
+            candidate = read_text_candidate(text)
+        except ParseError:
+            continue
+        if candidate not in candidates:
+            candidates.append(candidate)
+    return candidates, msg.n - len(candidates)
+
+
 async def rewrite_prompt(call: Call, msg: EditPrompt, *, supports_n: bool) -> tuple[list[str], int]:
     """``msg.n`` rewritten system prompts, in sample order, and how many had to be dropped.
 
     With ``supports_n`` one request returns all samples (seed 0, as in the original); otherwise
     sample i is its own request with seed i, so the samples differ and the requests have distinct
     journal keys. Every unreadable or missing sample is retried once, concurrently.
+    ``msg.format == "text"`` uses the plain-text format for small models instead.
     """
+    if msg.format == "text":
+        return await _rewrite_prompt_as_text(call, msg)
     base = (
         _user(
             optimizer_prompt(msg.system_prompt, msg.query, msg.answer, msg.critique, msg.history)

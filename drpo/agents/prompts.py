@@ -330,6 +330,36 @@ def optimizer_prompt(
     )
 
 
+#: The "text" editor format, for models too small to write the JSON reply: a raw completion that
+#: continues an "Improved system prompt:" section already begun with "You are".
+TEXT_EDIT_OPENING = "You are"
+
+_TEXT_OPTIMIZER_TEMPLATE = """Below is the system prompt of an AI assistant, and feedback on one of its answers.
+
+Current system prompt:
+{prompt}
+
+Question it was asked: {query}
+Feedback: {feedback}
+
+Rewrite the system prompt so the assistant does better on any question, not only this one. Keep it general: a short opening sentence, then a few bullet points on being helpful, honest and safe.
+
+Improved system prompt:
+{opening}"""
+
+
+def text_optimizer_prompt(system_prompt: str, query: str, critique: Critique) -> str:
+    feedback = (
+        "; ".join(
+            f"{name}: {_score_value(round(s.score, 1))}/5" for name, s in critique.scores.items()
+        )
+        or "(no usable evaluation)"
+    )
+    return _TEXT_OPTIMIZER_TEMPLATE.format(
+        prompt=system_prompt, query=query, feedback=feedback, opening=TEXT_EDIT_OPENING
+    )
+
+
 def optimizer_reminder(error: str) -> str:
     return _OPTIMIZER_REMINDER.format(error=error)
 

@@ -227,6 +227,7 @@ class BeamSearch:
                 n=self.search.n_actions,
                 temperature=self.search.temperature,
                 max_tokens=self.config.editor.max_tokens,
+                format=self.config.editor.format,
             ),
             node_id=parent.node_id,
         )

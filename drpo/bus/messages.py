@@ -120,6 +120,8 @@ class EditPrompt(_Value):
     n: int = Field(default=1, ge=1)
     temperature: float = 0.2
     max_tokens: int = 2048
+    #: "json": the paper's reply format; "text": a plain continuation, for small models.
+    format: Literal["json", "text"] = "json"
 
 
 class PromptCandidates(_Value):

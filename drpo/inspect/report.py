@@ -214,7 +214,25 @@ async def build_report_data(store: RunStore, run: str) -> dict[str, Any]:
         "totals": total.to_json(),
         "by_role": {role: totals.to_json() for role, totals in by_role.items()},
         "calls": _calls_data(calls),
+        **_evaluation_data(record),
     }
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def _evaluation_data(record: Any) -> dict[str, Any]:
+    """An ``eval`` run's result (``drpo eval``) under "evaluation"; nothing for other runs."""
+    return {"evaluation": record.result} if record.kind == "eval" and record.result else {}
+
+
+def _evaluation_html(data: dict[str, Any]) -> str:
+    """The "Evaluation" section (drawn by :mod:`drpo.evaluation.html`), or "" for other runs."""
+    if "evaluation" not in data:
+        return ""
+    from drpo.evaluation.html import evaluation_section_html
+
+    return evaluation_section_html(data["evaluation"])
 
 
 # ------------------------------------------------------------------------------------ the plot
@@ -410,6 +428,7 @@ _TEMPLATE = """<!DOCTYPE html>
 @@SETTINGS@@
 <div id="best-prompt-box"><h2>Best prompt @@BEST_NOTE@@</h2><pre id="best-prompt" class="prompt">@@BEST_PROMPT@@</pre></div>
 </section>
+@@EVALUATION@@
 <section id="plot-section"><h2>Reward per level</h2>@@PLOT@@</section>
 <section id="tree-section">
 <h2>Search tree</h2>
@@ -476,6 +495,7 @@ def render_html(data: dict[str, Any]) -> str:
         "@@SETTINGS@@": _settings_html(summary.get("settings") or {}),
         "@@BEST_NOTE@@": _e(best_note),
         "@@BEST_PROMPT@@": _e(best_prompt or "(none yet)"),
+        "@@EVALUATION@@": _evaluation_html(data),
         "@@PLOT@@": reward_plot_svg(data["tree"]["levels"], data["nodes"]),
         "@@ROLES@@": _roles_html(data),
         "@@GENERATED@@": _e(when(data["generated_at"])),

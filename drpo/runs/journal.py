@@ -15,7 +15,12 @@ resumes to the same result and pays for no call twice. That needs three things:
   and the budget) and is made again on replay.
 
 Budgets (``max_calls``, ``max_cost_usd``) cover the whole run: what the journal says was spent
-before this caller started plus the new calls it makes; replayed answers are free.
+before this caller started plus the new calls it makes; replayed answers are free. When a call
+would go over budget, the caller first lets the calls already in flight finish and be journaled
+(they were sent, so they are paid for), and only then raises :class:`BudgetExceeded`: the error
+cancels the rest of the run, and a cancelled call's answer would be lost and bought again on
+resume. The cost budget is checked before each call, so calls in flight when it is reached can
+take the run somewhat past it.
 """
 
 from __future__ import annotations
@@ -138,6 +143,11 @@ class JournaledCaller:
         self.prior_cost_usd = 0.0
         self._new_calls = 0  # started by this caller, including those still in flight
         self._new_cost_usd = 0.0
+        self._in_flight = 0  # backend calls started and not yet journaled (or cancelled)
+        self._idle: anyio.Event | None = None  # set when _in_flight drops back to 0
+        #: The last budget refusal, if any: how a caller of the run tells a budget stop from a
+        #: failure once the error has crossed the bus (where it arrives as a RemoteError).
+        self.exhausted: BudgetExceeded | None = None
         self.counters: dict[str, RoleCounters] = {}
 
     # ---------------------------------------------------------------- state
@@ -175,11 +185,34 @@ class JournaledCaller:
                 setattr(total, item.name, getattr(total, item.name) + getattr(counters, item.name))
         return total
 
-    def _check_budget(self) -> None:
+    def _over_budget(self) -> BudgetExceeded | None:
         if self.max_calls is not None and self.calls_spent >= self.max_calls:
-            raise BudgetExceeded("calls", self.max_calls, self.calls_spent, self.run_id)
+            return BudgetExceeded("calls", self.max_calls, self.calls_spent, self.run_id)
         if self.max_cost_usd is not None and self.cost_spent_usd >= self.max_cost_usd:
-            raise BudgetExceeded("cost", self.max_cost_usd, self.cost_spent_usd, self.run_id)
+            return BudgetExceeded("cost", self.max_cost_usd, self.cost_spent_usd, self.run_id)
+        return None
+
+    async def _check_budget(self) -> None:
+        """Raise :class:`BudgetExceeded` if a new call would go over budget, but only once every
+        call in flight has been journaled (one of them may also be cancelled, freeing room)."""
+        while self._over_budget() is not None and self._in_flight:
+            if self._idle is None or self._idle.is_set():
+                self._idle = anyio.Event()
+            await self._idle.wait()
+        refused = self._over_budget()
+        if refused is not None:
+            self.exhausted = refused
+            raise refused
+
+    @property
+    def in_flight(self) -> int:
+        """Backend calls this caller has started and not yet journaled."""
+        return self._in_flight
+
+    def _call_ended(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0 and self._idle is not None:
+            self._idle.set()
 
     # ---------------------------------------------------------------- calling
 
@@ -205,8 +238,24 @@ class JournaledCaller:
             if record is not None and record.status == "ok" and record.response is not None:
                 return await self._replay(record, role)
 
-        self._check_budget()
+        await self._check_budget()
         self._new_calls += 1  # reserved now, so concurrent calls cannot overshoot max_calls
+        self._in_flight += 1
+        try:
+            return await self._call(backend, request, role, node_id, key, sample_index)
+        finally:
+            self._call_ended()
+
+    async def _call(
+        self,
+        backend: Backend,
+        request: CompletionRequest,
+        role: str,
+        node_id: str | None,
+        key: str,
+        sample_index: int,
+    ) -> JournaledCompletion:
+        """Make a new call and journal it (the entry is committed before this returns)."""
         started = time.perf_counter()
         request_json = request.model_dump_json()
         base = {

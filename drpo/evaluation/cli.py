@@ -1,0 +1,463 @@
+"""``drpo eval``: evaluate aligned prompts on a query set, paired against the first one.
+
+Registered in :mod:`drpo.cli` as ``app.command("eval")(eval_command)``. Heavy imports happen
+inside the command, so ``drpo --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from drpo.cli_support import DbOption, console, err_console, fail, resolve_db, run_async
+
+#: Options that define a new evaluation; ``--resume`` takes them from the run instead.
+_DEFINING = (
+    "prompts",
+    "prompt",
+    "label",
+    "queries",
+    "tags",
+    "model",
+    "judge",
+    "judge_mode",
+    "limit",
+    "sample",
+    "seed",
+    "k",
+    "max_tokens",
+    "temperature",
+    "framing",
+    "resamples",
+    "top",
+    "max_calls",
+    "max_cost",
+)
+
+
+def eval_command(
+    prompts: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Prompts to evaluate, the first is the baseline: artifact JSON files from "
+            "`drpo optimize`, text files holding a system prompt, 'none' (no system prompt) or "
+            "'default' ('You are a helpful assistant.'). Default: 'default'.",
+            show_default=False,
+        ),
+    ] = None,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prompt",
+            help="A system prompt given as text (or a file, 'none', 'default'); repeatable; "
+            "comes after the positional prompts.",
+        ),
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", help="Names for the prompts, in order; repeatable."),
+    ] = None,
+    queries: Annotated[
+        Path | None,
+        typer.Option(
+            "--queries",
+            "-q",
+            help="Query set: JSONL or a JSON list (instruction|query, optional id, category, "
+            "tags), or one query per line. E.g. just_eval_instruct.jsonl.",
+        ),
+    ] = None,
+    tags: Annotated[
+        Path | None,
+        typer.Option(help="Tags file (task_types, topics, difficulty by id) for breakdowns."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Base model for every prompt (default: the artifact's, else local:smollm2)."
+        ),
+    ] = None,
+    judge: Annotated[
+        str | None, typer.Option(help="Critic (judge) model spec. [default: local:smollm2]")
+    ] = None,
+    judge_mode: Annotated[
+        str | None,
+        typer.Option(help="json or logprobs. [default: logprobs for a local judge, else json]"),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Only the first N queries (after --sample).")
+    ] = None,
+    sample: Annotated[
+        int | None,
+        typer.Option(help="A seeded random sample of N queries, stratified by category."),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of --sample and of the bootstrap. [default: 0]")
+    ] = None,
+    k: Annotated[
+        int | None, typer.Option(help="ICL examples retrieved per query (artifacts). [default: 3]")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Max new tokens per answer. [default: 512]")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Answer temperature. [default: 0]")
+    ] = None,
+    framing: Annotated[
+        str | None,
+        typer.Option(help="raw or chat for every prompt (default: the artifact's, else raw)."),
+    ] = None,
+    resamples: Annotated[
+        int | None, typer.Option(help="Bootstrap resamples. [default: 2000]")
+    ] = None,
+    top: Annotated[
+        int | None, typer.Option(help="Queries listed as most changed. [default: 5]")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Items in flight at once. [default: 256]")
+    ] = None,
+    max_calls: Annotated[int | None, typer.Option(help="Stop after this many calls.")] = None,
+    max_cost: Annotated[float | None, typer.Option(help="Stop at this cost (USD).")] = None,
+    name: Annotated[str | None, typer.Option(help="A name for the run.")] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="Continue an evaluation run (id or prefix): recorded calls are answered from "
+            "the journal for free. On a finished run, recomputes its report at no cost."
+        ),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option(help="Write the results, with every answer and score, as JSON.")
+    ] = None,
+    db: DbOption = None,
+) -> None:
+    """Evaluate prompts on a query set (just-eval-instruct protocol), paired against the first."""
+    given = [key for key, value in locals().items() if key in _DEFINING and value not in (None, [])]
+    db_path = resolve_db(db)
+    if resume is not None:
+        if given:
+            names = ", ".join(
+                "PROMPTS" if key == "prompts" else "--" + key.replace("_", "-") for key in given
+            )
+            raise fail(f"--resume uses the settings recorded with the run; drop {names}")
+        plan = None
+    else:
+        if queries is None:
+            raise fail("give the queries to evaluate on with --queries FILE (JSONL, JSON or text)")
+        plan = _plan(
+            prompts or [],
+            prompt or [],
+            label or [],
+            queries=queries,
+            tags=tags,
+            model=model,
+            judge=judge,
+            judge_mode=judge_mode,
+            limit=limit,
+            sample=sample,
+            seed=seed,
+            k=k,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            framing=framing,
+            resamples=resamples,
+            top=top,
+            concurrency=concurrency,
+            max_calls=max_calls,
+            max_cost=max_cost,
+        )
+    outcome = run_async(_eval_main, db_path, plan, resume, name, concurrency)
+    if outcome.result is not None:
+        print_report(outcome.result)
+    if json_out is not None:
+        _write_json(json_out, outcome.export())
+        console.print(f"wrote {json_out}")
+    if outcome.status != "finished":
+        raise fail(f"run {outcome.run_id} {outcome.status}: {outcome.error}", code=1)
+    console.print(f"[bold green]eval run {outcome.run_id} finished[/]")
+
+
+# ------------------------------------------------------------------------------------ planning
+
+
+def _plan(
+    positional: list[str], texts: list[str], labels: list[str], **options: Any
+) -> tuple[list[Any], list[Any], Any, dict[str, Any]]:
+    """Resolve prompts, load and select queries, build settings; every error is a clean exit."""
+    from pydantic import ValidationError
+
+    from drpo.backends.spec import DEFAULT_MODEL, ModelSpecError, parse_model_spec
+    from drpo.data.loaders import DataFormatError
+    from drpo.evaluation.protocol import (
+        PromptSpecError,
+        attach_tags,
+        load_eval_queries,
+        load_tags,
+        resolve_prompt,
+        sample_queries,
+        unique_labels,
+    )
+    from drpo.evaluation.runner import EvalSettings
+
+    try:
+        chosen = [resolve_prompt(p, text_allowed=False, index=i) for i, p in enumerate(positional)]
+        chosen += [
+            resolve_prompt(t, text_allowed=True, index=len(chosen) + i) for i, t in enumerate(texts)
+        ]
+    except PromptSpecError as exc:
+        raise fail(str(exc)) from None
+    if not chosen:
+        chosen = [resolve_prompt("default", text_allowed=False)]
+    if len(labels) > len(chosen):
+        raise fail(f"{len(labels)} --label values for {len(chosen)} prompts")
+    chosen = unique_labels(chosen, labels)
+
+    try:
+        query_set = load_eval_queries(options["queries"])
+        tagged = None
+        if options["tags"] is not None:
+            query_set, tagged = attach_tags(query_set, load_tags(options["tags"]))
+    except DataFormatError as exc:
+        raise fail(str(exc)) from None
+    seed = options["seed"] if options["seed"] is not None else 0
+    if options["sample"] is not None:
+        if options["sample"] < 1:
+            raise fail("--sample must be at least 1")
+        query_set = sample_queries(query_set, options["sample"], seed)
+    if options["limit"] is not None:
+        if options["limit"] < 1:
+            raise fail("--limit must be at least 1")
+        query_set = query_set[: options["limit"]]
+    if options["tags"] is not None and tagged == 0:
+        err_console.print(f"[yellow]warning:[/] no query matched a record of {options['tags']}")
+
+    judge = options["judge"] or DEFAULT_MODEL
+    judge_mode = options["judge_mode"]
+    try:
+        if judge_mode is None:
+            judge_mode = "logprobs" if parse_model_spec(judge).kind == "local" else "json"
+        fields = {
+            "judge": judge,
+            "judge_mode": judge_mode,
+            "model_override": options["model"],
+            "framing": options["framing"],
+            "k": options["k"],
+            "max_tokens": options["max_tokens"],
+            "temperature": options["temperature"],
+            "resamples": options["resamples"],
+            "seed": seed,
+            "top": options["top"],
+            "concurrency": options["concurrency"],
+            "max_calls": options["max_calls"],
+            "max_cost_usd": options["max_cost"],
+            "queries_path": str(options["queries"]),
+            "tags_path": str(options["tags"]) if options["tags"] else None,
+            "sample": options["sample"],
+            "limit": options["limit"],
+        }
+        settings = EvalSettings(**{key: v for key, v in fields.items() if v is not None})
+    except ModelSpecError as exc:
+        raise fail(str(exc)) from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise fail(f"invalid options: {problems}") from None
+    return chosen, query_set, settings, {"tagged": tagged}
+
+
+async def _eval_main(db: Path, plan: Any, resume: str | None, name: str | None, concurrency: Any):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from drpo.evaluation.runner import RUN_KIND, create_eval_run, run_eval
+    from drpo.logs import configure_logging
+    from drpo.runs.paths import logs_dir
+    from drpo.runs.store import RunStore
+    from drpo.session import agent_session
+
+    configure_logging(log_folder=logs_dir(db))
+    async with RunStore.open(db) as store:
+        if plan is None:
+            record = await store.get_run(resume or "")
+            if record.kind != RUN_KIND:
+                raise _user_error(f"run {record.run_id} is a {record.kind} run, not an evaluation")
+            run_id = record.run_id
+            total = len(record.config["prompts"]) * len(record.config["queries"])
+            verb = "resuming" if record.status != "finished" else "recomputing (from the journal)"
+        else:
+            prompts, queries, settings, _ = plan
+            run_id = await create_eval_run(store, prompts, queries, settings, name=name)
+            total = len(prompts) * len(queries)
+            verb = "evaluating"
+        err_console.print(
+            f"eval run {run_id}: {verb} {total} answers "
+            f"(resume with `drpo eval --resume {run_id[:12]}`)",
+            highlight=False,
+        )
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        )
+        task = progress.add_task(f"eval {run_id[:8]}", total=total)
+        async with agent_session(store) as session:
+            with progress:
+                return await run_eval(
+                    session,
+                    run_id,
+                    concurrency=concurrency,
+                    on_item=lambda done, _: progress.update(task, completed=done),
+                )
+
+
+def _user_error(message: str) -> Exception:
+    from drpo.cli_support import UserError
+
+    return UserError(message)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
+    ) as handle:
+        json.dump(data, handle, indent=2, ensure_ascii=False)
+        temp = handle.name
+    os.replace(temp, path)
+
+
+# ------------------------------------------------------------------------------------ printing
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _delta(entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("diff") is None:
+        return "-"
+    text = f"{entry['diff']:+.2f}"
+    if entry.get("low") is not None:
+        text += f" [{entry['low']:+.2f}, {entry['high']:+.2f}]"
+    return text
+
+
+def _style(entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("low") is None:
+        return ""
+    if entry["low"] > 0:
+        return "green"
+    if entry["high"] < 0:
+        return "red"
+    return ""
+
+
+def print_report(result: dict[str, Any]) -> None:
+    """The evaluation's tables: scores, paired differences, breakdowns, biggest changes."""
+    aspects = result["aspects"]
+    prompts = result["prompts"]
+    comparisons = {c["label"]: c for c in result["comparisons"]}
+    cats = ", ".join(f"{n} {name}" for name, n in result["categories"].items())
+    calls = result.get("calls") or {}
+    confidence = round(result["bootstrap"]["confidence"] * 100)
+    console.print(
+        f"[bold]Evaluation[/] on {result['n_queries']} queries ({cats}); judge "
+        f"{result['judge']} ({result['judge_mode']}); calls: {calls.get('new', 0)} new, "
+        f"{calls.get('replayed', 0)} replayed",
+        highlight=False,
+    )
+    table = Table(title="Mean score (1-5) per aspect", title_justify="left")
+    table.add_column("prompt")
+    table.add_column("model", overflow="fold")
+    for aspect in aspects:
+        table.add_column(aspect[:5], justify="right")
+    table.add_column("overall", justify="right")
+    table.add_column(f"Δ overall [{confidence}% CI]", justify="right")
+    table.add_column("W/T/L", justify="right")
+    table.add_column("failed", justify="right")
+    for entry in prompts:
+        comparison = comparisons.get(entry["label"])
+        table.add_row(
+            entry["label"],
+            entry.get("model") or "-",
+            *(_num((entry["aspects"].get(a) or {}).get("mean")) for a in aspects),
+            _num(entry["overall"]),
+            "baseline" if comparison is None else _delta(comparison["overall"]),
+            "-"
+            if comparison is None
+            else f"{comparison['wins']}/{comparison['ties']}/{comparison['losses']}",
+            str(entry["failed"]),
+            style=_style(comparison["overall"]) if comparison else "",
+        )
+    console.print(table)
+    if comparisons:
+        diff = Table(
+            title=f"Paired difference vs {prompts[0]['label']} per aspect [{confidence}% bootstrap CI]",
+            title_justify="left",
+        )
+        diff.add_column("prompt")
+        for aspect in aspects:
+            diff.add_column(aspect, justify="right")
+        for label, comparison in comparisons.items():
+            diff.add_row(label, *(_delta(comparison["aspects"].get(a)) for a in aspects))
+        console.print(diff)
+    for kind in prompts[0]["groups"] if prompts else {}:
+        _print_groups(kind, prompts, comparisons)
+    for label, comparison in comparisons.items():
+        for title, key in (("most improved", "most_improved"), ("most worsened", "most_worsened")):
+            rows = comparison.get(key) or []
+            if not rows:
+                continue
+            changes = Table(
+                title=f"{label} vs {comparison['baseline']}: {title}", title_justify="left"
+            )
+            changes.add_column("id")
+            changes.add_column("category")
+            changes.add_column("score", justify="right")
+            changes.add_column("query", overflow="fold")
+            for row in rows:
+                changes.add_row(
+                    str(row["id"]),
+                    row["category"],
+                    f"{_num(row['baseline_score'])} → {_num(row['score'])} ({row['diff']:+.2f})",
+                    row["instruction"][:100],
+                )
+            console.print(changes)
+
+
+_GROUP_TITLES = {
+    "category": "category",
+    "task_types": "task type",
+    "topics": "topic",
+    "difficulty": "difficulty",
+}
+
+
+def _print_groups(kind: str, prompts: list[dict[str, Any]], comparisons: dict[str, Any]) -> None:
+    groups = prompts[0]["groups"][kind]
+    if kind == "category" and len(groups) < 2 and not comparisons:
+        return
+    table = Table(title=f"Overall score by {_GROUP_TITLES.get(kind, kind)}", title_justify="left")
+    table.add_column(_GROUP_TITLES.get(kind, kind))
+    table.add_column("n", justify="right")
+    for entry in prompts:
+        table.add_column(entry["label"], justify="right")
+    for label in comparisons:
+        table.add_column(f"Δ {label}", justify="right")
+    for name, info in groups.items():
+        table.add_row(
+            name,
+            str(info["n"]),
+            *(_num(entry["groups"][kind][name]["overall"]) for entry in prompts),
+            *(_delta(c["groups"][kind].get(name)) for c in comparisons.values()),
+        )
+    console.print(table)

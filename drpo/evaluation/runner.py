@@ -1,0 +1,431 @@
+"""The evaluation job on the agent bus: every prompt answers every query, one judge scores all.
+
+An evaluation is a run of kind ``eval`` in the store. Its record holds everything needed to redo
+it exactly (the prompts with their examples and models, the queries with their categories and
+tags, the settings), so :func:`run_eval` reads its inputs from the record alone: a new evaluation
+and a resumed one take the same path. Every model call goes through the run's journal, so an
+evaluation killed at any moment and run again answers every recorded call from the journal, for
+free, and only makes the calls that are missing. Running a finished evaluation again recomputes
+its report from the journal at no cost.
+
+All (prompt, query) items run at once, each its own task (answer, then judge), capped at
+``concurrency`` in flight; the local backend merges concurrent calls into batches and the API
+backend paces them under its rate limits. An item whose call fails does not stop the others:
+the run ends ``failed`` with the failures counted, and a resume makes only the missing calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+
+from drpo.agents import topics
+from drpo.agents.aspects import AspectCatalogue
+from drpo.agents.retrieval import ICLRetriever
+from drpo.agents.runtime import RunContext
+from drpo.backends.spec import DEFAULT_MODEL, parse_model_spec
+from drpo.bus import RemoteError
+from drpo.bus.messages import (
+    Answer,
+    ICLExample,
+    Judge,
+    Judged,
+    Note,
+    ProposeAnswer,
+    RunFinished,
+    RunStarted,
+)
+from drpo.evaluation.protocol import EvalPrompt, EvalQuery, selection_for
+from drpo.evaluation.stats import summarize
+from drpo.runs.journal import BudgetExceeded, JournaledCaller
+from drpo.runs.store import RunStore
+from drpo.session import Session
+
+log = structlog.get_logger("drpo.eval")
+
+RESULT_FORMAT = "drpo.eval/1"
+RUN_KIND = "eval"
+SENDER = "eval"
+
+
+class EvalSettings(BaseModel):
+    """How an evaluation is run; recorded with the run (``config["settings"]["eval"]``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    judge: str = DEFAULT_MODEL
+    judge_mode: Literal["json", "logprobs"] = "logprobs"
+    #: Token limit of a JSON verdict (the logprobs judge writes one token per aspect).
+    judge_max_tokens: int = Field(default=2048, ge=16)
+    #: Base model of prompts that name none (plain prompts); artifacts name their own.
+    model: str = DEFAULT_MODEL
+    #: When set, every prompt uses this model, artifacts included.
+    model_override: str | None = None
+    #: When set, every prompt uses this framing; else an artifact's own, else "raw".
+    framing: Literal["raw", "chat"] | None = None
+    #: ICL examples retrieved per query for prompts that carry examples (artifacts).
+    k: int = Field(default=3, ge=0, le=8)
+    max_tokens: int = Field(default=512, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    #: Bootstrap resamples and seed (the seed also drew the --sample).
+    resamples: int = Field(default=2000, ge=0)
+    seed: int = 0
+    #: Queries listed under "most improved" and "most worsened" per comparison.
+    top: int = Field(default=5, ge=0)
+    #: (prompt, query) items in flight at once.
+    concurrency: int = Field(default=256, ge=1)
+    max_calls: int | None = Field(default=None, ge=1)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    #: Where the queries came from (provenance only; the queries themselves are recorded).
+    queries_path: str | None = None
+    tags_path: str | None = None
+    sample: int | None = None
+    limit: int | None = None
+
+    def model_post_init(self, __context: Any) -> None:
+        for spec in (self.judge, self.model, self.model_override):
+            if spec is not None:
+                parse_model_spec(spec)
+
+
+def resolve_prompts(prompts: Sequence[EvalPrompt], settings: EvalSettings) -> list[EvalPrompt]:
+    """Each prompt with its model and framing settled, as recorded with the run."""
+    resolved = []
+    for prompt in prompts:
+        model = settings.model_override or prompt.model or settings.model
+        parse_model_spec(model)
+        resolved.append(
+            EvalPrompt(
+                label=prompt.label,
+                system_prompt=prompt.system_prompt,
+                icl_examples=prompt.icl_examples,
+                model=model,
+                framing=settings.framing or prompt.framing or "raw",
+                source=prompt.source,
+            )
+        )
+    return resolved
+
+
+async def create_eval_run(
+    store: RunStore,
+    prompts: Sequence[EvalPrompt],
+    queries: Sequence[EvalQuery],
+    settings: EvalSettings,
+    *,
+    name: str | None = None,
+) -> str:
+    """Record a new evaluation (status ``created``); :func:`run_eval` then runs it."""
+    if not prompts:
+        raise ValueError("an evaluation needs at least one prompt")
+    if not queries:
+        raise ValueError("an evaluation needs at least one query")
+    resolved = resolve_prompts(prompts, settings)
+    models = list(dict.fromkeys(p.model for p in resolved))
+    record = {
+        "settings": {
+            "models": {"base": ", ".join(m for m in models if m), "critic": settings.judge},
+            "eval": settings.model_dump(mode="json"),
+        },
+        "prompts": [p.to_dict() for p in resolved],
+        "queries": [q.to_dict() for q in queries],
+    }
+    return await store.create_run(RUN_KIND, record, name=name)
+
+
+@dataclass
+class ItemResult:
+    """One prompt's answer to one query and its verdict."""
+
+    answer: str | None = None
+    scores: dict[str, float] | None = None
+    reward: float | None = None
+    error: str | None = None
+    judge_error: str | None = None
+
+
+@dataclass
+class EvalOutcome:
+    run_id: str
+    status: str
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    #: ``items[p][q]``: prompt p on query q (full answers; the stored result has excerpts).
+    items: list[list[ItemResult]] = field(default_factory=list)
+    prompts: list[EvalPrompt] = field(default_factory=list)
+    queries: list[EvalQuery] = field(default_factory=list)
+
+    def export(self) -> dict[str, Any]:
+        """The result plus every answer and score, for ``--json-out``."""
+        data = dict(self.result or {})
+        data["status"] = self.status
+        data["error"] = self.error
+        data["items"] = [
+            {
+                "query_id": query.id,
+                "category": query.category,
+                "instruction": query.instruction,
+                "results": {
+                    prompt.label: {
+                        "answer": item.answer,
+                        "scores": item.scores,
+                        "reward": item.reward,
+                        "error": item.error or item.judge_error,
+                    }
+                    for prompt, item in zip(
+                        self.prompts, (row[j] for row in self.items), strict=True
+                    )
+                },
+            }
+            for j, query in enumerate(self.queries)
+        ]
+        return data
+
+
+def _is_budget_error(exc: BaseException) -> bool:
+    if isinstance(exc, BudgetExceeded):
+        return True
+    return isinstance(exc, RemoteError) and exc.failure.error_type == BudgetExceeded.__name__
+
+
+async def _retrieve_all(
+    prompts: Sequence[EvalPrompt], queries: Sequence[EvalQuery], k: int
+) -> list[list[tuple[ICLExample, ...]]]:
+    """The examples each prompt shows with each query (top k by similarity; none for prompts
+    without examples). One retriever per distinct example pool, all queries in one batch."""
+    texts = [q.instruction for q in queries]
+    by_pool: dict[tuple[ICLExample, ...], list[tuple[ICLExample, ...]]] = {}
+    out = []
+    for prompt in prompts:
+        pool = prompt.icl_examples
+        if not pool or k <= 0:
+            out.append([()] * len(queries))
+            continue
+        if pool not in by_pool:
+            ranked = await ICLRetriever(list(pool)).atop_k_many(texts, k)
+            by_pool[pool] = [tuple(examples) for examples in ranked]
+        out.append(by_pool[pool])
+    return out
+
+
+async def run_eval(
+    session: Session,
+    run_id: str,
+    *,
+    concurrency: int | None = None,
+    on_item: Callable[[int, int], None] | None = None,
+) -> EvalOutcome:
+    """Run (or resume, or recompute) the evaluation recorded as ``run_id``.
+
+    ``concurrency`` overrides the recorded cap on items in flight (it changes no result);
+    ``on_item(done, total)`` is called as items complete (for progress bars).
+    """
+    store, bus, runtime = session.store, session.bus, session.runtime
+    record = await store.get_run(run_id)
+    run_id = record.run_id
+    if record.kind != RUN_KIND:
+        raise ValueError(f"run {run_id} is a {record.kind} run, not an evaluation")
+    settings = EvalSettings.model_validate(record.config["settings"]["eval"])
+    if concurrency is not None:
+        settings = settings.model_copy(update={"concurrency": max(1, concurrency)})
+    prompts = [EvalPrompt.from_dict(p) for p in record.config["prompts"]]
+    queries = [EvalQuery.from_dict(q) for q in record.config["queries"]]
+    journal = JournaledCaller(
+        store, run_id, max_calls=settings.max_calls, max_cost_usd=settings.max_cost_usd
+    )
+    runtime.attach(
+        RunContext(run_id=run_id, journal=journal, catalogue=AspectCatalogue.load_default())
+    )
+    bound = log.bind(run_id=run_id, agent=SENDER)
+    await store.set_run_status(run_id, "running")
+    await bus.emit(
+        topics.EVENTS,
+        RunStarted(config=record.config["settings"], queries=tuple(q.instruction for q in queries)),
+        sender=SENDER,
+        run_id=run_id,
+    )
+    items = [[ItemResult() for _ in queries] for _ in prompts]
+    outcome = EvalOutcome(run_id, "failed", items=items, prompts=prompts, queries=queries)
+    bound.info("evaluation started", prompts=len(prompts), queries=len(queries))
+    try:
+        examples = await _retrieve_all(prompts, queries, settings.k)
+        await _evaluate_all(session, run_id, settings, prompts, queries, examples, items, on_item)
+        failures = [item.error for row in items for item in row if item.error]
+        budget = any(_is_budget_text(e) for e in failures) or (
+            getattr(journal, "exhausted", None) is not None
+        )
+        result = summarize(
+            [_prompt_info(p, settings) for p in prompts],
+            queries,
+            [[item.scores for item in row] for row in items],
+            [[item.answer or "" for item in row] for row in items],
+            resamples=settings.resamples,
+            seed=settings.seed,
+            top=settings.top,
+        )
+        totals = journal.totals()
+        result = {
+            "format": RESULT_FORMAT,
+            "run_id": run_id,
+            "judge": settings.judge,
+            "judge_mode": settings.judge_mode,
+            **result,
+            "failed_items": len(failures),
+            "judge_failures": sum(1 for row in items for i in row if i.judge_error),
+            "calls": {
+                "new": totals.calls,
+                "replayed": totals.replayed,
+                "errors": totals.errors,
+                "cost_usd": round(totals.cost_usd, 6),
+            },
+        }
+        if not failures:
+            status, error = "finished", None
+        else:
+            status = "budget_exhausted" if budget else "failed"
+            error = (
+                f"{len(failures)} of {len(prompts) * len(queries)} items failed "
+                f"(first: {failures[0]}); continue with `drpo eval --resume {run_id}` "
+                "(recorded calls are replayed for free)"
+            )
+        outcome.status, outcome.result, outcome.error = status, result, error
+        await _finish(session, run_id, status, result, error)
+        bound.info("evaluation ended", status=status, failed=len(failures))
+    except anyio.get_cancelled_exc_class():
+        with anyio.CancelScope(shield=True):
+            await _finish(session, run_id, "interrupted", None, "interrupted")
+        raise
+    except Exception as exc:
+        outcome.status, outcome.error = "failed", f"{type(exc).__name__}: {exc}"
+        with anyio.CancelScope(shield=True):
+            await _finish(session, run_id, "failed", None, outcome.error)
+        bound.error("evaluation failed", error=outcome.error)
+    finally:
+        runtime.detach(run_id)
+    return outcome
+
+
+def _is_budget_text(error: str) -> bool:
+    return error.startswith(BudgetExceeded.__name__)
+
+
+def _prompt_info(prompt: EvalPrompt, settings: EvalSettings) -> dict[str, Any]:
+    return {
+        "label": prompt.label,
+        "model": prompt.model,
+        "framing": prompt.framing,
+        "source": prompt.source,
+        "k": settings.k if prompt.icl_examples else 0,
+        "system_prompt": prompt.system_prompt,
+    }
+
+
+async def _evaluate_all(
+    session: Session,
+    run_id: str,
+    settings: EvalSettings,
+    prompts: Sequence[EvalPrompt],
+    queries: Sequence[EvalQuery],
+    examples: list[list[tuple[ICLExample, ...]]],
+    items: list[list[ItemResult]],
+    on_item: Callable[[int, int], None] | None,
+) -> None:
+    bus = session.bus
+    limiter = anyio.CapacityLimiter(settings.concurrency)
+    total = len(prompts) * len(queries)
+    done = 0
+
+    async def one(p: int, q: int) -> None:
+        nonlocal done
+        prompt, query, item = prompts[p], queries[q], items[p][q]
+        node_id = f"e{p}.{q}"
+        async with limiter:
+            try:
+                reply = await bus.request(
+                    topics.PROPOSE,
+                    ProposeAnswer(
+                        model=prompt.model or settings.model,
+                        system_prompt=prompt.system_prompt,
+                        icl_examples=examples[p][q],
+                        query=query.instruction,
+                        framing=prompt.framing or "raw",  # type: ignore[arg-type]
+                        max_tokens=settings.max_tokens,
+                        temperature=settings.temperature,
+                    ),
+                    sender=SENDER,
+                    run_id=run_id,
+                    node_id=node_id,
+                )
+                assert isinstance(reply.payload, Answer)
+                item.answer = reply.payload.text
+                reply = await bus.request(
+                    topics.JUDGE,
+                    Judge(
+                        model=settings.judge,
+                        query=query.instruction,
+                        answer=item.answer,
+                        selection=selection_for(query),
+                        mode=settings.judge_mode,
+                        max_tokens=settings.judge_max_tokens,
+                    ),
+                    sender=SENDER,
+                    run_id=run_id,
+                    node_id=node_id,
+                )
+                assert isinstance(reply.payload, Judged)
+            except RemoteError as exc:
+                item.error = f"{exc.failure.error_type}: {exc.failure.message}"
+            else:
+                critique = reply.payload.critique
+                if critique.failed:
+                    item.judge_error = critique.error or "the verdict could not be read"
+                else:
+                    item.scores = {name: s.score for name, s in critique.scores.items()}
+                    item.reward = critique.reward
+                    item.judge_error = critique.error
+            await bus.emit(
+                topics.EVENTS,
+                Note(
+                    text=f"eval {prompt.label} on query {query.id}",
+                    data={
+                        "prompt": prompt.label,
+                        "query_id": query.id,
+                        "category": query.category,
+                        "scores": item.scores,
+                        "reward": item.reward,
+                        "error": item.error or item.judge_error,
+                    },
+                ),
+                sender=SENDER,
+                run_id=run_id,
+                node_id=node_id,
+            )
+        done += 1
+        if on_item is not None:
+            on_item(done, total)
+
+    async with anyio.create_task_group() as tg:
+        for q in range(len(queries)):  # query-major: every prompt's answer to a query together
+            for p in range(len(prompts)):
+                tg.start_soon(one, p, q)
+
+
+async def _finish(
+    session: Session,
+    run_id: str,
+    status: str,
+    result: dict[str, Any] | None,
+    error: str | None,
+) -> None:
+    await session.bus.emit(
+        topics.EVENTS,
+        RunFinished(status=status, error=error),  # type: ignore[arg-type]
+        sender=SENDER,
+        run_id=run_id,
+    )
+    await session.store.set_run_status(run_id, status, result=result, error=error)  # type: ignore[arg-type]
