@@ -24,7 +24,7 @@ from drpo.agents.runtime import RunContext
 from drpo.agents.search import BeamSearch, SearchResult
 from drpo.artifact import AlignedPrompt, LevelTrace
 from drpo.backends.registry import BackendRegistry
-from drpo.bus import Bus, RemoteError
+from drpo.bus import Bus, Envelope, RemoteError
 from drpo.bus.messages import ICLExample, RunFinished, RunStarted
 from drpo.config import OptimizeConfig
 from drpo.data.loaders import (
@@ -34,7 +34,7 @@ from drpo.data.loaders import (
     load_queries,
 )
 from drpo.runs.journal import BudgetExceeded, JournaledCaller
-from drpo.runs.store import RunStore
+from drpo.runs.store import RunStore, StoreError
 from drpo.session import Session, agent_session
 
 log = structlog.get_logger("drpo.optimize")
@@ -169,7 +169,7 @@ async def _run_one(
         bound.info("search finished", score=round(result.best_score, 3), levels=result.levels)
     except anyio.get_cancelled_exc_class():
         with anyio.CancelScope(shield=True):
-            await _finish(store, bus, run_id, "interrupted", error="interrupted")
+            await _mark_interrupted(store, bus, run_id)
         raise
     except Exception as exc:
         # A budget refusal reaches the search as the agent's RemoteError, often inside
@@ -221,7 +221,14 @@ async def _finish(
     error: str | None = None,
     best: SearchResult | None = None,
 ) -> None:
-    await bus.emit(
+    await _emit_finished(bus, run_id, status, error=error, best=best)
+    await store.set_run_status(run_id, status, result=result, error=error)
+
+
+async def _emit_finished(
+    bus: Bus, run_id: str, status: str, *, error: str | None, best: SearchResult | None = None
+) -> Envelope:
+    return await bus.emit(
         topics.EVENTS,
         RunFinished(
             status=status,  # type: ignore[arg-type]
@@ -233,7 +240,23 @@ async def _finish(
         sender="search",
         run_id=run_id,
     )
-    await store.set_run_status(run_id, status, result=result, error=error)
+
+
+async def _mark_interrupted(store: RunStore, bus: Bus, run_id: str) -> None:
+    """Record that a cancelled run was interrupted (call shielded).
+
+    The status comes first: it is what ``drpo resume`` and the views go by. The recorder is
+    being cancelled at the same moment, so the event may miss its last batch; it is also
+    written straight to the store (a message id is stored once, so it is never recorded twice),
+    and both are bounded in time so that a Ctrl-C can never hang on them.
+    """
+    await store.set_run_status(run_id, "interrupted", error="interrupted")
+    with anyio.move_on_after(5):
+        envelope = await _emit_finished(bus, run_id, "interrupted", error="interrupted")
+        try:
+            await store.append_messages([envelope], wait=True)
+        except StoreError as exc:  # the store is closing: the status is what matters
+            log.warning("could not record the interruption event", run_id=run_id, error=str(exc))
 
 
 def build_artifact(

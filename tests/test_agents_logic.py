@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+from pydantic import ValidationError
 
 from drpo.agents import critic, editor, proposer
 from drpo.agents.aspects import AspectCatalogue
@@ -480,8 +481,9 @@ async def test_the_optimizer_sees_at_most_five_versions_ending_with_the_current_
 
 
 @pytest.mark.anyio
-async def test_rewrite_prompt_with_n_zero_makes_no_call() -> None:
-    assert await editor.rewrite_prompt(Scripted(), edit_message(n=0), supports_n=True) == ([], 0)
+async def test_an_edit_request_for_zero_candidates_is_invalid() -> None:
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        edit_message(n=0)
 
 
 # --------------------------------------------------------------------------------------------

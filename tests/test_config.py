@@ -38,7 +38,7 @@ def test_layers_preset_then_file_then_flags(tmp_path):
 
 
 def test_bad_settings_say_what_is_wrong(tmp_path):
-    with pytest.raises(ConfigError, match="search.beam_size"):
+    with pytest.raises(ConfigError, match=r"search\.beam_size"):
         build_config(overrides={"search": {"beam_size": 0}})
     with pytest.raises(ConfigError, match="unknown preset"):
         build_config(overrides={"preset": "huge"})
@@ -46,7 +46,7 @@ def test_bad_settings_say_what_is_wrong(tmp_path):
         build_config(overrides={"models": {"base": "gpt-4o"}})
     with pytest.raises(ConfigError, match="unknown backend kind"):
         build_config(overrides={"models": {"critic": "anthropic:claude"}})
-    with pytest.raises(ConfigError, match="search.dpeth"):
+    with pytest.raises(ConfigError, match=r"search\.dpeth"):
         build_config(overrides={"search": {"dpeth": 3}})
     bad = tmp_path / "bad.toml"
     bad.write_text("[search\n")

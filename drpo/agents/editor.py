@@ -54,18 +54,16 @@ def _with_reminder(
     return (*base, ChatMessage(role="assistant", content=reply), _user(reminder))
 
 
-#: Shorter "prompts" are fragments, not system prompts (small models emit these).
+#: In the text format, shorter "prompts" are fragments, not system prompts.
 MIN_PROMPT_CHARS = 40
 
 
 def read_prompt_candidate(text: str) -> str:
     """The new system prompt in an optimizer reply; ParseError when there is none, or when the
-    model only echoed the reply template's placeholder or wrote a fragment."""
+    model only echoed the reply template's placeholder."""
     candidate = parse_text_field(text, *PROMPT_FIELDS)
     if candidate.lower().rstrip(".") in TEMPLATE_PLACEHOLDERS:
         raise ParseError("new_system_prompt repeats the template's placeholder", text)
-    if len(candidate) < MIN_PROMPT_CHARS:
-        raise ParseError(f"new_system_prompt is under {MIN_PROMPT_CHARS} characters", text)
     return candidate
 
 
@@ -89,7 +87,7 @@ def read_text_candidate(continuation: str) -> str:
     code fence, drop repeated lines, keep at most :data:`MAX_TEXT_PROMPT_LINES` lines.
     """
     text = TEXT_EDIT_OPENING + continuation
-    text = re.split(r"\n\s*(?:#|```|Current system prompt|Question it was asked|Feedback:)", text)[
+    text = re.split(r"\n\s*(?:#|```|Current system prompt|Question|Feedback:|Q:|A:|Answer|The answer)", text)[
         0
     ]
     lines: list[str] = []

@@ -128,6 +128,8 @@ class BeamSearch:
             self._start_aspect_selection(tg)
             result = await self._beam_search()
             tg.cancel_scope.cancel()  # selections for queries the search never reached
+        # forget the cancelled ones, so the held-out check asks for them again
+        self._aspects = {query: slot for query, slot in self._aspects.items() if slot.done}
         if self.search.held_out_queries:
             result.held_out = await self._held_out_check(result, result.levels)
         return result
@@ -403,6 +405,10 @@ class _Slot(Generic[T]):
         self._event = anyio.Event()
         self._value: T | None = None
         self._error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
 
     def set(self, value: T) -> None:
         self._value = value
