@@ -204,6 +204,8 @@ def test_prompts_resolve_from_keywords_files_and_text(tmp_path):
         "Plain prompt."
     )
     assert resolve_prompt("Be kind.", text_allowed=True, index=2).label == "prompt3"
+    long_text = "Be kind and precise. " * 40  # far longer than a file name may be
+    assert resolve_prompt(long_text, text_allowed=True).system_prompt == long_text.strip()
     with pytest.raises(PromptSpecError, match="--prompt"):
         resolve_prompt("Be kind.", text_allowed=False)
     with pytest.raises(PromptSpecError, match="no such file"):

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from shared_data import SHARED_DATA
 
 from drpo.data.loaders import (
     TRAIN_KINDS,
@@ -18,7 +19,7 @@ from drpo.data.loaders import (
     load_queries,
 )
 
-DATA = Path("/work/shared/data")
+DATA = SHARED_DATA
 PAPER = DATA / "drpo"
 
 

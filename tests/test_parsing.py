@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from shared_data import SHARED_DATA
 
 from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.parsing import (
@@ -19,7 +19,7 @@ from drpo.agents.parsing import (
     unescape_newlines,
 )
 
-METRICS_CACHE = Path("/work/shared/data/drpo/metrics_cache.json")
+METRICS_CACHE = SHARED_DATA / "drpo" / "metrics_cache.json"
 CATALOGUE = AspectCatalogue.load_default()
 
 

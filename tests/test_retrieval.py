@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from shared_data import SHARED_DATA
 
 from drpo.agents.retrieval import ICLRetriever, RetrievalError, default_model_path, load_model
 from drpo.bus.messages import ICLExample
 from drpo.data.loaders import default_icl_examples, load_icl_examples
 
-PAPER_ICL = Path("/work/shared/data/drpo/ICL_examples.json")
+PAPER_ICL = SHARED_DATA / "drpo" / "ICL_examples.json"
 
 
 @pytest.fixture(scope="module")

@@ -366,8 +366,11 @@ def prompt_from_file(path: Path) -> EvalPrompt:
         except ArtifactError as exc:
             raise PromptSpecError(str(exc)) from None
         framing = (artifact.settings.get("proposer") or {}).get("framing")
+        label = path.stem
+        if artifact.run_id and label == "aligned_prompt":  # the default artifact name of a run
+            label = f"run-{artifact.run_id[:8]}"
         return EvalPrompt(
-            label=path.stem,
+            label=label,
             system_prompt=artifact.system_prompt,
             icl_examples=artifact.icl_examples,
             model=artifact.base_model,
@@ -389,7 +392,11 @@ def resolve_prompt(spec: str, *, text_allowed: bool, index: int = 0) -> EvalProm
         return EvalPrompt(label=keyword, system_prompt=PROMPT_KEYWORDS[keyword], source=keyword)
     path = Path(spec).expanduser()
     looks_like_path = "\n" not in spec and path.suffix.lower() in (".json", ".txt", ".md")
-    if "\n" not in spec and len(spec) < 4096 and path.is_file():
+    try:
+        is_file = "\n" not in spec and path.is_file()
+    except OSError:  # e.g. a long prompt text is not a valid file name
+        is_file = False
+    if is_file:
         return prompt_from_file(path)
     if looks_like_path or not text_allowed:
         raise PromptSpecError(
