@@ -241,22 +241,7 @@ class BeamSearch:
     ) -> Node:
         """Answer the query of ``level`` under ``prompt`` and judge the answer: one node."""
         query = self.queries[level]
-        examples = await self.retrieve(query)
-        answer = await self._request(
-            PROPOSE,
-            ProposeAnswer(
-                model=self.config.models.base,
-                system_prompt=prompt,
-                icl_examples=tuple(examples),
-                query=query,
-                framing=self.config.proposer.framing,
-                max_tokens=self.config.proposer.max_tokens,
-                temperature=self.config.proposer.temperature,
-            ),
-            node_id=node_id,
-        )
-        assert isinstance(answer, Answer)
-        critique = await self.judge(query, answer.text, node_id=node_id)
+        answer, critique = await self._answer_and_judge(prompt, query, node_id)
         reward = 0.0 if critique.failed else critique.reward
         path_rewards = (*parent.path_rewards, reward) if parent is not None else ()
         node = Node(
@@ -265,7 +250,7 @@ class BeamSearch:
             level=level,
             system_prompt=prompt,
             query=query,
-            answer=answer.text,
+            answer=answer,
             critique=critique,
             path_prompts=(*(parent.path_prompts if parent else ()), prompt),
             path_rewards=path_rewards,
@@ -278,7 +263,7 @@ class BeamSearch:
                 level=level,
                 system_prompt=prompt,
                 query=query,
-                answer=answer.text,
+                answer=answer,
                 critique=critique,
                 reward=reward,
                 path_rewards=path_rewards,
@@ -288,6 +273,26 @@ class BeamSearch:
             node_id=node_id,
         )
         return node
+
+    async def _answer_and_judge(
+        self, prompt: str, query: str, node_id: str
+    ) -> tuple[str, Critique]:
+        """The proposer's answer to ``query`` under ``prompt``, and the critic's verdict on it."""
+        answer = await self._request(
+            PROPOSE,
+            ProposeAnswer(
+                model=self.config.models.base,
+                system_prompt=prompt,
+                icl_examples=tuple(await self.retrieve(query)),
+                query=query,
+                framing=self.config.proposer.framing,
+                max_tokens=self.config.proposer.max_tokens,
+                temperature=self.config.proposer.temperature,
+            ),
+            node_id=node_id,
+        )
+        assert isinstance(answer, Answer)
+        return answer.text, await self.judge(query, answer.text, node_id=node_id)
 
     async def judge(self, query: str, answer: str, *, node_id: str | None = None) -> Critique:
         selection = await self.aspects_for(query)
@@ -326,21 +331,7 @@ class BeamSearch:
                 rewards: list[float] = rewards,
             ) -> None:
                 node_id = f"heldout.{rank}.{index}"
-                answer = await self._request(
-                    PROPOSE,
-                    ProposeAnswer(
-                        model=self.config.models.base,
-                        system_prompt=node.system_prompt,
-                        icl_examples=tuple(await self.retrieve(query)),
-                        query=query,
-                        framing=self.config.proposer.framing,
-                        max_tokens=self.config.proposer.max_tokens,
-                        temperature=self.config.proposer.temperature,
-                    ),
-                    node_id=node_id,
-                )
-                assert isinstance(answer, Answer)
-                critique = await self.judge(query, answer.text, node_id=node_id)
+                _, critique = await self._answer_and_judge(node.system_prompt, query, node_id)
                 rewards[index] = 0.0 if critique.failed else critique.reward
 
             async with anyio.create_task_group() as tg:

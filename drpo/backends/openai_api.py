@@ -210,11 +210,10 @@ _CONTEXT_WORDS = ("context length", "context_length", "context window", "maximum
 # Mapping SDK objects to our types
 
 
-def _chat_params(model: str, request: CompletionRequest) -> dict[str, Any]:
-    assert request.messages is not None
+def _sampling_params(model: str, request: CompletionRequest) -> dict[str, Any]:
+    """The settings chat and text completions share."""
     params: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
         "temperature": request.temperature,
         "top_p": request.top_p,
         "max_tokens": request.max_tokens,
@@ -224,6 +223,13 @@ def _chat_params(model: str, request: CompletionRequest) -> dict[str, Any]:
         params["stop"] = list(request.stop)
     if request.seed is not None:
         params["seed"] = request.seed
+    return params
+
+
+def _chat_params(model: str, request: CompletionRequest) -> dict[str, Any]:
+    assert request.messages is not None
+    params = _sampling_params(model, request)
+    params["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
     if request.top_logprobs is not None:
         params["logprobs"] = True
         params["top_logprobs"] = request.top_logprobs
@@ -231,18 +237,8 @@ def _chat_params(model: str, request: CompletionRequest) -> dict[str, Any]:
 
 
 def _text_params(model: str, request: CompletionRequest) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "model": model,
-        "prompt": request.prompt,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "max_tokens": request.max_tokens,
-        "n": request.n,
-    }
-    if request.stop:
-        params["stop"] = list(request.stop)
-    if request.seed is not None:
-        params["seed"] = request.seed
+    params = _sampling_params(model, request)
+    params["prompt"] = request.prompt
     if request.top_logprobs is not None:
         params["logprobs"] = request.top_logprobs
     return params
