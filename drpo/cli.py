@@ -23,6 +23,7 @@ from drpo.cli_support import (
     resolve_db,
     run_async,
 )
+from drpo.evaluation.cli import eval_command
 from drpo.inspect.cli import runs_app
 from drpo.runs.paths import logs_dir, run_artifacts_dir
 
@@ -34,6 +35,7 @@ app = typer.Typer(
 )
 
 app.add_typer(runs_app, name="runs")
+app.command("eval")(eval_command)
 
 
 # ---------------------------------------------------------------------------------- optimize
