@@ -25,6 +25,8 @@
   }
   const fixed = (value, digits) => (value === null || value === undefined ? "-" : Number(value).toFixed(digits));
   const rewardClass = (v) => (v >= 4.5 ? "r5" : v >= 3.5 ? "r4" : v >= 2.5 ? "r3" : "r2");
+  // logprobs verdicts are expected values: two decimals; whole scores as they are
+  const scoreText = (v) => (Number.isInteger(v) ? String(v) : fixed(v, 2));
   const utc = (t) => (t ? new Date(t * 1000).toISOString().replace("T", " ").slice(0, 19) : "-");
 
   // ------------------------------------------------------------------ the tree
@@ -63,7 +65,7 @@
     });
     const aspects = h("span", { class: "aspects" });
     for (const [name, score] of node.aspects) {
-      aspects.append(h("span", { class: "chip " + rewardClass(score), title: name }, name + " " + score));
+      aspects.append(h("span", { class: "chip " + rewardClass(score), title: name }, name + " " + scoreText(score)));
     }
     let summary;
     if (node.parent === null) summary = (promptOf(node).split("\n").find((line) => line.trim()) || "").slice(0, 90);
@@ -232,7 +234,7 @@
           "table",
           { class: "critique", id: "detail-critique" },
           h("thead", null, h("tr", null, h("th", null, "aspect"), h("th", null, "score"), h("th", null, "rationale"))),
-          h("tbody", null, ...node.aspects.map(([name, score, rationale]) => h("tr", null, h("th", null, name), h("td", { class: "num " + rewardClass(score) }, String(score)), h("td", null, rationale))))
+          h("tbody", null, ...node.aspects.map(([name, score, rationale]) => h("tr", null, h("th", null, name), h("td", { class: "num " + rewardClass(score) }, scoreText(score)), h("td", null, rationale))))
         );
     const kids = childrenOf.get(node.id);
     const parts = [
