@@ -686,7 +686,9 @@ class FakeOpenAIServer:
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Bind a free loopback port and serve from a daemon thread until ``stop``."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(
+            socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP
+        )  # asyncio sets TCP_NODELAY only then
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         sock.listen(4096)

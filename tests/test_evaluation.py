@@ -13,6 +13,7 @@ import pytest
 import structlog
 import typer
 from fakeserver import serve_fake_openai
+from shared_data import SHARED_DATA
 from simulated_llm import respond
 from typer.testing import CliRunner
 
@@ -43,9 +44,8 @@ from drpo.inspect.report import export_report
 from drpo.runs.store import RunStore
 from drpo.session import agent_session
 
-DATA = Path("/work/shared/data")
-JUST_EVAL = DATA / "just_eval_instruct.jsonl"
-JUST_EVAL_TAGS = DATA / "just_eval_instruct_tags.jsonl"
+JUST_EVAL = SHARED_DATA / "just_eval_instruct.jsonl"
+JUST_EVAL_TAGS = SHARED_DATA / "just_eval_instruct_tags.jsonl"
 needs_data = pytest.mark.skipif(not JUST_EVAL.exists(), reason="shared data not available")
 
 
@@ -376,7 +376,10 @@ def test_an_interrupted_eval_resumes_from_the_journal_without_paying_twice(tmp_p
     prompts = [EvalPrompt("none", ""), EvalPrompt("careful", "Be careful.")]
     with serve_fake_openai(responder=respond, latency_s=0.01) as server:
         model = f"openai:sim@{server.base_url}"
-        settings = EvalSettings(judge=model, judge_mode="json", model=model, resamples=100)
+        # two items in flight, so the interruption after 5 items leaves most of them undone
+        settings = EvalSettings(
+            judge=model, judge_mode="json", model=model, resamples=100, concurrency=2
+        )
         run_id, interrupted, calls_before = anyio.run(
             _interrupted_then_resumed, db, settings, queries, prompts
         )

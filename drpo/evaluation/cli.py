@@ -79,15 +79,16 @@ def eval_command(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Base model for every prompt (default: the artifact's, else local:smollm2)."
+            help="Base model for every prompt (default: each artifact's own; plain prompts use "
+            "the first artifact's, else local:smollm2)."
         ),
     ] = None,
     judge: Annotated[
-        str | None, typer.Option(help="Critic (judge) model spec. [default: local:smollm2]")
+        str | None, typer.Option(help="Critic (judge) model spec. (default: local:smollm2)")
     ] = None,
     judge_mode: Annotated[
         str | None,
-        typer.Option(help="json or logprobs. [default: logprobs for a local judge, else json]"),
+        typer.Option(help="json or logprobs. (default: logprobs for a local judge, else json)"),
     ] = None,
     limit: Annotated[
         int | None, typer.Option(help="Only the first N queries (after --sample).")
@@ -97,29 +98,29 @@ def eval_command(
         typer.Option(help="A seeded random sample of N queries, stratified by category."),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Seed of --sample and of the bootstrap. [default: 0]")
+        int | None, typer.Option(help="Seed of --sample and of the bootstrap. (default: 0)")
     ] = None,
     k: Annotated[
-        int | None, typer.Option(help="ICL examples retrieved per query (artifacts). [default: 3]")
+        int | None, typer.Option(help="ICL examples retrieved per query (artifacts). (default: 3)")
     ] = None,
     max_tokens: Annotated[
-        int | None, typer.Option(help="Max new tokens per answer. [default: 512]")
+        int | None, typer.Option(help="Max new tokens per answer. (default: 512)")
     ] = None,
     temperature: Annotated[
-        float | None, typer.Option(help="Answer temperature. [default: 0]")
+        float | None, typer.Option(help="Answer temperature. (default: 0)")
     ] = None,
     framing: Annotated[
         str | None,
         typer.Option(help="raw or chat for every prompt (default: the artifact's, else raw)."),
     ] = None,
     resamples: Annotated[
-        int | None, typer.Option(help="Bootstrap resamples. [default: 2000]")
+        int | None, typer.Option(help="Bootstrap resamples. (default: 2000)")
     ] = None,
     top: Annotated[
-        int | None, typer.Option(help="Queries listed as most changed. [default: 5]")
+        int | None, typer.Option(help="Queries listed as most changed. (default: 5)")
     ] = None,
     concurrency: Annotated[
-        int | None, typer.Option(help="Items in flight at once. [default: 256]")
+        int | None, typer.Option(help="Items in flight at once. (default: 256)")
     ] = None,
     max_calls: Annotated[int | None, typer.Option(help="Stop after this many calls.")] = None,
     max_cost: Annotated[float | None, typer.Option(help="Stop at this cost (USD).")] = None,
@@ -244,6 +245,8 @@ def _plan(
         fields = {
             "judge": judge,
             "judge_mode": judge_mode,
+            # plain prompts answer with the artifacts' model, so a comparison is like for like
+            "model": next((p.model for p in chosen if p.model), DEFAULT_MODEL),
             "model_override": options["model"],
             "framing": options["framing"],
             "k": options["k"],
@@ -429,7 +432,7 @@ def print_report(result: dict[str, Any]) -> None:
                     str(row["id"]),
                     row["category"],
                     f"{_num(row['baseline_score'])} → {_num(row['score'])} ({row['diff']:+.2f})",
-                    row["instruction"][:100],
+                    " ".join(row["instruction"].split())[:100],
                 )
             console.print(changes)
 
