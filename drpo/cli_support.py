@@ -46,7 +46,19 @@ def run_async(main: Any, *args: Any) -> Any:
     except KeyboardInterrupt:
         err_console.print("interrupted; resume with `drpo resume RUN`")
         raise typer.Exit(130) from None
-    except user_error_types() as exc:
+    except (*user_error_types(), UserError) as exc:
         raise fail(str(exc)) from None
-    except UserError as exc:
-        raise fail(str(exc)) from None
+    except BaseExceptionGroup as group:
+        # an error raised inside a task group arrives wrapped: report the user's error plainly
+        known = (*user_error_types(), UserError)
+        leaves = _leaf_exceptions(group)
+        user_errors = [leaf for leaf in leaves if isinstance(leaf, known)]
+        if user_errors and len(user_errors) == len(leaves):
+            raise fail(str(user_errors[0])) from None
+        raise
+
+
+def _leaf_exceptions(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaf_exceptions(inner)]
+    return [error]
