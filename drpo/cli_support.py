@@ -39,7 +39,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 def run_async(main: Any, *args: Any) -> Any:
     """Run a coroutine function, turning known user errors into a clean exit."""
-    from drpo.errors import user_error_types
+    from drpo.errors import leaf_exceptions, user_error_types
 
     try:
         return anyio.run(main, *args)
@@ -51,14 +51,8 @@ def run_async(main: Any, *args: Any) -> Any:
     except BaseExceptionGroup as group:
         # an error raised inside a task group arrives wrapped: report the user's error plainly
         known = (*user_error_types(), UserError)
-        leaves = _leaf_exceptions(group)
+        leaves = leaf_exceptions(group)
         user_errors = [leaf for leaf in leaves if isinstance(leaf, known)]
         if user_errors and len(user_errors) == len(leaves):
             raise fail(str(user_errors[0])) from None
         raise
-
-
-def _leaf_exceptions(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaf_exceptions(inner)]
-    return [error]

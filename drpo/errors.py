@@ -25,3 +25,14 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         StoreError,
         LookupError,
     )
+
+
+def leaf_exceptions(error: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, in order; ``error`` itself otherwise.
+
+    A task group wraps what its tasks raised; callers that report or classify errors want the
+    causes, not "unhandled errors in a TaskGroup".
+    """
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaf_exceptions(inner)]
+    return [error]

@@ -9,6 +9,7 @@ run concurrently: the critical path is one chain (at most 2 + 2 x rounds calls),
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,8 +218,6 @@ async def run_icl(
 
 
 def _write_examples(path: Path, examples: Sequence[ICLExample]) -> None:
-    import json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = [e.model_dump() for e in examples]
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -33,6 +33,7 @@ from drpo.data.loaders import (
     load_icl_examples,
     load_queries,
 )
+from drpo.errors import leaf_exceptions
 from drpo.runs.journal import BudgetExceeded, JournaledCaller
 from drpo.runs.store import RunStore, StoreError
 from drpo.session import Session, agent_session
@@ -188,22 +189,15 @@ async def _run_one(
         runtime.detach(run_id)
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    """The exceptions inside (nested) exception groups, in order; ``exc`` itself otherwise."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
-
-
 def _budget_refusal(exc: BaseException) -> BudgetExceeded | None:
-    return next((e for e in _leaves(exc) if isinstance(e, BudgetExceeded)), None)
+    return next((e for e in leaf_exceptions(exc) if isinstance(e, BudgetExceeded)), None)
 
 
 def describe_error(exc: BaseException, limit: int = 3) -> str:
     """``Type: message`` of what went wrong, with exception groups unwrapped (a task group's
     "unhandled errors in a TaskGroup (2 sub-exceptions)" says nothing about the cause)."""
     seen: list[str] = []
-    for leaf in _leaves(exc):
+    for leaf in leaf_exceptions(exc):
         text = str(leaf) if isinstance(leaf, RemoteError) else f"{type(leaf).__name__}: {leaf}"
         if text not in seen:
             seen.append(text)

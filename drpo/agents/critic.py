@@ -265,13 +265,20 @@ def _critique(parsed: JudgementParse) -> Critique:
 # Aspect selection by yes/no probabilities (for small critics; the paper selects with JSON)
 
 
-def yes_probability(choice: Choice) -> float | None:
-    """P(yes) / (P(yes) + P(no)) at the first generated token; None when neither has mass."""
+def first_token_alternatives(choice: Choice) -> dict[str, float]:
+    """Token -> logprob at the first generated position (the token itself and its top
+    alternatives); empty when the backend returned no logprobs."""
     if not choice.logprobs:
-        return None
+        return {}
     first = choice.logprobs[0]
     alternatives = {top.token: top.logprob for top in first.top}
     alternatives.setdefault(first.token, first.logprob)
+    return alternatives
+
+
+def yes_probability(choice: Choice) -> float | None:
+    """P(yes) / (P(yes) + P(no)) at the first generated token; None when neither has mass."""
+    alternatives = first_token_alternatives(choice)
     mass = {"yes": 0.0, "no": 0.0}
     for token, logprob in alternatives.items():
         word = token.strip(_TOKEN_MARKERS).lower()
@@ -337,11 +344,7 @@ def digit_distribution(choice: Choice) -> dict[int, float]:
     Tokens that decode to a digit with surrounding space (" 4", "4") add up to that digit; the
     result is normalised over the digits, and empty when no digit has any probability mass.
     """
-    if not choice.logprobs:
-        return {}
-    first = choice.logprobs[0]
-    alternatives = {top.token: top.logprob for top in first.top}
-    alternatives.setdefault(first.token, first.logprob)
+    alternatives = first_token_alternatives(choice)
     mass = dict.fromkeys(DIGITS, 0.0)
     for token, logprob in alternatives.items():
         text = token.strip(_TOKEN_MARKERS)

@@ -87,9 +87,9 @@ def read_text_candidate(continuation: str) -> str:
     code fence, drop repeated lines, keep at most :data:`MAX_TEXT_PROMPT_LINES` lines.
     """
     text = TEXT_EDIT_OPENING + continuation
-    text = re.split(r"\n\s*(?:#|```|Current system prompt|Question|Feedback:|Q:|A:|Answer|The answer)", text)[
-        0
-    ]
+    text = re.split(
+        r"\n\s*(?:#|```|Current system prompt|Question|Feedback:|Q:|A:|Answer|The answer)", text
+    )[0]
     lines: list[str] = []
     for line in (part.strip() for part in text.splitlines()):
         if line and line not in lines:

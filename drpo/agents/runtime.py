@@ -11,9 +11,9 @@ share backends, rate limits and batches.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import anyio
 from anyio.abc import TaskGroup
@@ -37,7 +37,7 @@ from drpo.bus.messages import (
     SelectAspects,
 )
 from drpo.runs.journal import JournaledCaller
-from drpo.runs.store import RunStore
+from drpo.runs.store import RunStore, query_hash
 
 CallFn = Callable[[CompletionRequest], Awaitable[Completion]]
 
@@ -102,11 +102,17 @@ class AgentRuntime:
         }
         for topic, (sender, handler) in services.items():
             ready = anyio.Event()
-            task_group.start_soon(self._serve, topic, handler, sender, task_group, ready)
+            task_group.start_soon(
+                partial(
+                    self.bus.serve,
+                    topic,
+                    handler,
+                    sender=sender,
+                    task_group=task_group,
+                    ready=ready,
+                )
+            )
             await ready.wait()
-
-    async def _serve(self, topic, handler, sender, task_group, ready) -> None:
-        await self.bus.serve(topic, handler, sender=sender, task_group=task_group, ready=ready)
 
     async def _propose(self, envelope: Envelope) -> Answer:
         message: ProposeAnswer = envelope.payload  # type: ignore[assignment]
@@ -117,7 +123,7 @@ class AgentRuntime:
         message: SelectAspects = envelope.payload  # type: ignore[assignment]
         context = self._context(envelope)
         cache_key = (
-            _query_hash(message.query, f"{message.variant}/{message.mode}"),
+            query_hash(f"{message.variant}/{message.mode}\x00{message.query}"),
             message.model,
             f"{context.catalogue.version}:{PROMPTS_VERSION}",
         )
@@ -169,7 +175,3 @@ class AgentRuntime:
         if answer is None:
             return AnswerRewritten(answer=None, error="the editor's rewrite could not be parsed")
         return AnswerRewritten(answer=answer)
-
-
-def _query_hash(query: str, variant: str) -> str:
-    return hashlib.sha256(f"{variant}\x00{query}".encode()).hexdigest()
