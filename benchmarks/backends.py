@@ -159,7 +159,7 @@ BATCHED = "local, 8 concurrent (batched)"
 
 def start_servers(args: argparse.Namespace, logs: Path) -> list[tuple[Served, Any]]:
     """Export the plain copy once and start each ``transformers serve`` variant asked for."""
-    from drpo.backends.export import (
+    from tests.serving import (
         default_plain_copy_dir,
         save_plain_copy,
         start_transformers_serve,

@@ -57,12 +57,13 @@ if str(_ROOT) not in sys.path:
 # The OpenAI SDK takes ~0.3 s to import; the registry imports it at the first API call. Import it
 # here so that scenario 1 does not charge a once-per-process cost to one search.
 import drpo.backends.openai_api  # noqa: E402, F401
-import drpo.optimize as optimize_module  # noqa: E402
+import drpo.jobs.optimize as optimize_module  # noqa: E402
 from drpo.agents.search import BeamSearch  # noqa: E402
 from drpo.backends.base import Completion, CompletionRequest  # noqa: E402
 from drpo.backends.registry import BackendRegistry  # noqa: E402
-from drpo.config import EndpointSettings, OptimizeConfig, build_config  # noqa: E402
-from drpo.optimize import RunOutcome, RunPlan, run_searches  # noqa: E402
+from drpo.backends.settings import EndpointSettings  # noqa: E402
+from drpo.jobs.config import OptimizeConfig, build_config  # noqa: E402
+from drpo.jobs.optimize import RunOutcome, RunPlan, run_searches  # noqa: E402
 from drpo.runs.store import RunStore  # noqa: E402
 
 MODEL_NAME = "sim"

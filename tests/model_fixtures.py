@@ -11,7 +11,7 @@ Register them once for the whole suite in ``tests/conftest.py`` (or per test mod
   pytest's cache folder (``.pytest_cache``, ignored by git); ``LocalBackend(str(dir))`` loads
   it in well under a second.
 * ``transformers_server``: a real ``transformers serve`` on 127.0.0.1 serving that copy (a
-  :class:`~drpo.backends.export.ServedModel` with ``base_url`` and the ``model`` name to send).
+  :class:`~serving.ServedModel` with ``base_url`` and the ``model`` name to send).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import anyio
 import pytest
 
 if TYPE_CHECKING:
-    from drpo.backends.export import ServedModel
+    from serving import ServedModel
+
     from drpo.backends.local import LocalBackend
 
 # Tests must never reach the network for models; set before transformers is imported.
@@ -49,7 +50,7 @@ def plain_model_dir(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """A plain transformers copy of the embedded model (exported once, reused across sessions)."""
-    from drpo.backends.export import save_plain_copy
+    from serving import save_plain_copy
 
     cache = getattr(request.config, "cache", None)
     root = cache.mkdir("drpo-models") if cache is not None else tmp_path_factory.mktemp("models")
@@ -61,7 +62,7 @@ def transformers_server(
     plain_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServedModel]:
     """A ``transformers serve`` of the embedded model's plain copy, for the whole session."""
-    from drpo.backends.export import start_transformers_serve
+    from serving import start_transformers_serve
 
     log_path = tmp_path_factory.mktemp("transformers-serve") / "serve.log"
     served = start_transformers_serve(plain_model_dir, log_path)

@@ -46,7 +46,7 @@ from drpo.bus.messages import (
     RunFinished,
     RunStarted,
 )
-from drpo.config import build_config
+from drpo.jobs.config import build_config
 from drpo.runs.recorder import Recorder
 from drpo.runs.store import CallRecord, RunStore
 

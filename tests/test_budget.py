@@ -27,8 +27,8 @@ from sim_server_main import (
 )
 from simulated_llm import respond
 
-from drpo.config import build_config, load_toml
-from drpo.projection import project_calls, project_cost
+from drpo.jobs.config import build_config, load_toml
+from drpo.jobs.projection import project_calls, project_cost
 
 pytestmark = pytest.mark.network
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from drpo.artifact import AlignedPrompt, ArtifactError
 from drpo.bus.messages import ICLExample
-from drpo.config import ConfigError, build_config, load_toml
-from drpo.projection import describe_projection, project_calls
+from drpo.jobs.artifact import AlignedPrompt, ArtifactError
+from drpo.jobs.config import ConfigError, build_config, load_toml
+from drpo.jobs.projection import describe_projection, project_calls
 
 
 def test_paper_preset_has_the_papers_defaults():

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from drpo.agents import critic
 from drpo.agents.aspects import AspectCatalogue
-from drpo.artifact import AlignedPrompt
 from drpo.backends.base import Choice, Completion, CompletionRequest, TokenLogprob, TopLogprob
 from drpo.bus.messages import AspectSelection
 from drpo.cli import app
+from drpo.jobs.artifact import AlignedPrompt
 
 QUERIES = [
     "How do I boil an egg so the yolk stays soft?",
@@ -52,9 +52,7 @@ async def test_logprobs_selection_falls_back_when_no_probabilities():
     async def call(request: CompletionRequest) -> Completion:
         return Completion(choices=(Choice(text="maybe"),), model="scripted")
 
-    selection = await critic.select_aspects_by_logprobs(
-        call, "q", AspectCatalogue.load_default()
-    )
+    selection = await critic.select_aspects_by_logprobs(call, "q", AspectCatalogue.load_default())
     assert selection.aspects == ("Helpfulness", "Clarity", "Factuality")
     assert selection.analysis.get("fallback") == "true"
 
@@ -73,8 +71,9 @@ async def test_real_critic_in_logprobs_mode_scores_every_judgement_in_range(loca
             assert 1.0 <= verdict.reward <= 5.0
             assert all(1.0 <= s.score <= 5.0 for s in verdict.scores.values())
     fixed = AspectSelection(query=QUERIES[0], aspects=("Helpfulness", "Safety"))
-    verdict = await critic.judge(call, QUERIES[0], "Boil it 6 minutes.", fixed, catalogue,
-                                 mode="logprobs")
+    verdict = await critic.judge(
+        call, QUERIES[0], "Boil it 6 minutes.", fixed, catalogue, mode="logprobs"
+    )
     assert set(verdict.scores) == {"Helpfulness", "Safety"}
 
 
@@ -86,8 +85,21 @@ def test_optimize_then_generate_with_the_embedded_model(tmp_path, local_backend,
     runner = CliRunner()
     result = runner.invoke(
         app,
-        ["optimize", "--db", str(db), "--depth", "3", "--actions", "2", "--num-queries", "4",
-         "--depth-extension", "0", "--out", str(artifact)],
+        [
+            "optimize",
+            "--db",
+            str(db),
+            "--depth",
+            "3",
+            "--actions",
+            "2",
+            "--num-queries",
+            "4",
+            "--depth-extension",
+            "0",
+            "--out",
+            str(artifact),
+        ],
     )
     assert result.exit_code == 0, result.output
     loaded = AlignedPrompt.load(artifact)

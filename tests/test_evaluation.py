@@ -18,11 +18,12 @@ from simulated_llm import respond
 from typer.testing import CliRunner
 
 from drpo.agents.aspects import AspectCatalogue
-from drpo.artifact import AlignedPrompt
 from drpo.bus.messages import ICLExample
+from drpo.cli.evaluate import eval_command
 from drpo.data.loaders import DataFormatError
-from drpo.evaluation.cli import eval_command
-from drpo.evaluation.protocol import (
+from drpo.inspect.report import export_report
+from drpo.jobs.artifact import AlignedPrompt
+from drpo.jobs.evaluation.protocol import (
     ALL_ASPECTS,
     REGULAR_ASPECTS,
     SAFETY_ASPECTS,
@@ -38,11 +39,10 @@ from drpo.evaluation.protocol import (
     selection_for,
     unique_labels,
 )
-from drpo.evaluation.runner import EvalSettings, create_eval_run, run_eval
-from drpo.evaluation.stats import mean_of_column_means, paired_bootstrap, summarize
-from drpo.inspect.report import export_report
+from drpo.jobs.evaluation.runner import EvalSettings, create_eval_run, run_eval
+from drpo.jobs.evaluation.stats import mean_of_column_means, paired_bootstrap, summarize
+from drpo.jobs.session import agent_session
 from drpo.runs.store import RunStore
-from drpo.session import agent_session
 
 JUST_EVAL = SHARED_DATA / "just_eval_instruct.jsonl"
 JUST_EVAL_TAGS = SHARED_DATA / "just_eval_instruct_tags.jsonl"
@@ -61,7 +61,7 @@ class _LiveStderr:
 
 @pytest.fixture(autouse=True)
 def _logs_follow_stderr():
-    """``drpo.logs.configure_logging`` binds the stream it finds at its first call; under
+    """``drpo.runs.logs.configure_logging`` binds the stream it finds at its first call; under
     CliRunner that is the runner's capture, closed once the command returns. Point structlog at
     the live stderr before and after each test so no later log line writes to a closed file."""
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(_LiveStderr()))

@@ -24,8 +24,8 @@ from run_fixtures import FixtureRun, build_db, record_run
 from typer.testing import CliRunner
 
 from drpo.bus.messages import Envelope
+from drpo.cli.runs import runs_app
 from drpo.inspect.calls import load_calls
-from drpo.inspect.cli import runs_app
 from drpo.inspect.diff import diff_stats, new_text, old_text, word_diff
 from drpo.inspect.report import build_report_data, export_report, json_for_script
 from drpo.inspect.summary import summarize_run

@@ -586,7 +586,7 @@ async def test_out_of_memory_retries_the_batch_in_halves(
 
 @pytest.mark.model
 def test_plain_copy_is_complete_and_idempotent(plain_model_dir: Path) -> None:
-    from drpo.backends.export import is_complete_copy, save_plain_copy
+    from serving import is_complete_copy, save_plain_copy
 
     assert is_complete_copy(plain_model_dir)
     assert (plain_model_dir / "model.safetensors").is_file()

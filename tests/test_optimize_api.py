@@ -7,9 +7,9 @@ import pytest
 from fakeserver import serve_fake_openai
 from simulated_llm import respond
 
-from drpo.artifact import AlignedPrompt
-from drpo.config import build_config
-from drpo.optimize import RunPlan, run_searches
+from drpo.jobs.artifact import AlignedPrompt
+from drpo.jobs.config import build_config
+from drpo.jobs.optimize import RunPlan, run_searches
 from drpo.runs.store import RunStore
 
 pytestmark = [pytest.mark.anyio, pytest.mark.network]

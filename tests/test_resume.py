@@ -55,9 +55,9 @@ from sim_server_main import (
 )
 from simulated_llm import respond, role_of
 
-from drpo.config import build_config
 from drpo.data.loaders import default_train_queries
-from drpo.optimize import RunPlan, draw_query_order, run_searches
+from drpo.jobs.config import build_config
+from drpo.jobs.optimize import RunPlan, draw_query_order, run_searches
 from drpo.runs.store import RunStore
 
 pytestmark = pytest.mark.network

@@ -25,7 +25,7 @@ from drpo.bus.messages import (
     Judged,
     PromptCandidates,
 )
-from drpo.config import build_config
+from drpo.jobs.config import build_config
 
 QUERIES = [f"q{i}" for i in range(40)]
 

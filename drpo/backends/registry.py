@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from drpo.backends.base import Backend
+from drpo.backends.settings import EndpointSettings
 from drpo.backends.spec import ModelSpec, parse_model_spec
-from drpo.config import EndpointSettings
 
 
 class BackendRegistry:

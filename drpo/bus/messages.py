@@ -13,6 +13,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: How the critic selects aspects and scores answers: "json" (the paper's JSON replies) or
+#: "logprobs" (token probabilities: yes/no per aspect, the expected 1-5 digit per score).
+CriticMode = Literal["json", "logprobs"]
+
 
 class _Value(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -56,6 +60,11 @@ class Critique(_Value):
             return cls(failed=True, error="no aspect scores")
         return cls(scores=scores, reward=sum(s.score for s in scores.values()) / len(scores))
 
+    @property
+    def effective_reward(self) -> float:
+        """What the search ranks by: the reward, or 0 for a verdict that could not be read."""
+        return 0.0 if self.failed else self.reward
+
 
 # --------------------------------------------------------------------------------------------
 # Requests (to an agent) and replies (from an agent)
@@ -68,7 +77,7 @@ class SelectAspects(_Value):
     variant: Literal["search", "icl"] = "search"
     max_tokens: int = 2048
     #: "json": the paper's selection reply; "logprobs": yes/no probabilities per aspect.
-    mode: Literal["json", "logprobs"] = "json"
+    mode: CriticMode = "json"
 
 
 class AspectsSelected(_Value):
@@ -98,7 +107,7 @@ class Judge(_Value):
     query: str
     answer: str
     selection: AspectSelection
-    mode: Literal["json", "logprobs"] = "json"
+    mode: CriticMode = "json"
     variant: Literal["search", "icl"] = "search"
     max_tokens: int = 2048
 

@@ -227,10 +227,10 @@ def _evaluation_data(record: Any) -> dict[str, Any]:
 
 
 def _evaluation_html(data: dict[str, Any]) -> str:
-    """The "Evaluation" section (drawn by :mod:`drpo.evaluation.html`), or "" for other runs."""
+    """The "Evaluation" section (drawn by :mod:`drpo.inspect.evaluation`), or "" for other runs."""
     if "evaluation" not in data:
         return ""
-    from drpo.evaluation.html import evaluation_section_html
+    from drpo.inspect.evaluation import evaluation_section_html
 
     return evaluation_section_html(data["evaluation"])
 

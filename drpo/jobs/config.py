@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from drpo.backends.settings import EndpointSettings
 from drpo.backends.spec import DEFAULT_MODEL, parse_model_spec
+from drpo.bus.messages import CriticMode
 
 
 class ConfigError(ValueError):
@@ -66,7 +68,7 @@ class ProposerSettings(_Settings):
 
 
 class CriticSettings(_Settings):
-    mode: Literal["json", "logprobs"] = "json"
+    mode: CriticMode = "json"
     #: Token limit of selection and JSON-verdict replies (the paper: 2048).
     max_tokens: int = Field(default=2048, ge=16)
     #: Extra aspects with their own rubric: [{name, description, rubric}].
@@ -88,19 +90,6 @@ class DataSettings(_Settings):
     icl: str | None = None
     #: A sentence-transformers model folder for retrieval. None: the packaged all-MiniLM-L6-v2.
     retriever: str | None = None
-
-
-class EndpointSettings(_Settings):
-    """Limits and prices of one model endpoint (keyed by model spec in ``[endpoints]``)."""
-
-    rpm: float | None = None
-    tpm: float | None = None
-    max_in_flight: int = 64
-    api_key_env: str = "OPENAI_API_KEY"
-    #: USD per million tokens.
-    input_price: float | None = None
-    cached_input_price: float | None = None
-    output_price: float | None = None
 
 
 class BudgetSettings(_Settings):

@@ -14,7 +14,9 @@ from typing import Annotated, Any
 import anyio
 import typer
 
-from drpo.cli_support import (
+from drpo.cli.evaluate import eval_command
+from drpo.cli.runs import runs_app
+from drpo.cli.support import (
     DbOption,
     UserError,
     console,
@@ -23,8 +25,6 @@ from drpo.cli_support import (
     resolve_db,
     run_async,
 )
-from drpo.evaluation.cli import eval_command
-from drpo.inspect.cli import runs_app
 from drpo.runs.paths import logs_dir, run_artifacts_dir
 
 app = typer.Typer(
@@ -73,7 +73,7 @@ def optimize(
     db: DbOption = None,
 ) -> None:
     """Search for the system prompt that aligns the base model (the paper's main job)."""
-    from drpo.config import build_config, load_toml
+    from drpo.jobs.config import build_config, load_toml
 
     overrides: dict[str, Any] = {}
 
@@ -102,7 +102,7 @@ def optimize(
     put("budget", "max_cost_usd", max_cost)
     put("budget", "max_calls", max_calls)
 
-    from drpo.config import ConfigError
+    from drpo.jobs.config import ConfigError
 
     try:
         file_settings = load_toml(config) if config else {}
@@ -121,9 +121,9 @@ def optimize(
 
 
 def _run_plans(configs: list, *, out: Path | None, db: Path, resume_ids: list[str] | None = None):
-    from drpo.logs import configure_logging
-    from drpo.optimize import RunPlan
-    from drpo.projection import describe_projection
+    from drpo.jobs.optimize import RunPlan
+    from drpo.jobs.projection import describe_projection
+    from drpo.runs.logs import configure_logging
 
     configure_logging(log_folder=logs_dir(db))
     sweep = len(configs) > 1
@@ -181,7 +181,7 @@ async def _optimize_main(
 ) -> list:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from drpo.optimize import run_searches
+    from drpo.jobs.optimize import run_searches
     from drpo.runs.store import RunStore
 
     progress = Progress(
@@ -226,7 +226,7 @@ def resume(
     db: DbOption = None,
 ) -> None:
     """Continue an interrupted run: recorded calls are answered from the journal, for free."""
-    from drpo.config import OptimizeConfig
+    from drpo.jobs.config import OptimizeConfig
 
     db_path = resolve_db(db)
     record = run_async(_load_run, db_path, run)
@@ -283,7 +283,7 @@ def icl(
 ) -> None:
     """Optimize the answers of the ICL examples (the paper's offline ICL stage)."""
     from drpo.data.loaders import default_icl_examples, load_icl_examples
-    from drpo.icl import ICLConfig
+    from drpo.jobs.icl import ICLConfig
 
     try:
         config = ICLConfig(
@@ -312,10 +312,10 @@ def icl(
 
 
 async def _icl_main(pool: list, config: Any, out: Path, db: Path) -> tuple:
-    from drpo.icl import run_icl
-    from drpo.logs import configure_logging
+    from drpo.jobs.icl import run_icl
+    from drpo.jobs.session import agent_session
+    from drpo.runs.logs import configure_logging
     from drpo.runs.store import RunStore
-    from drpo.session import agent_session
 
     configure_logging(log_folder=logs_dir(db))
     async with RunStore.open(db) as store, agent_session(store) as session:
@@ -374,7 +374,7 @@ async def _generate_main(
     max_tokens: int,
     temperature: float,
 ) -> list[str]:
-    from drpo.generate import AlignedGenerator
+    from drpo.jobs.generate import AlignedGenerator
 
     generator = AlignedGenerator.from_artifact(
         artifact_path, model=model, k=k, max_tokens=max_tokens, temperature=temperature

@@ -22,23 +22,23 @@ from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.retrieval import ICLRetriever
 from drpo.agents.runtime import RunContext
 from drpo.agents.search import BeamSearch, SearchResult
-from drpo.artifact import AlignedPrompt, LevelTrace
 from drpo.backends.registry import BackendRegistry
-from drpo.bus import Bus, Envelope, RemoteError
+from drpo.bus import Bus, Envelope
 from drpo.bus.messages import ICLExample, RunFinished, RunStarted
-from drpo.config import OptimizeConfig
 from drpo.data.loaders import (
     default_icl_examples,
     default_train_queries,
     load_icl_examples,
     load_queries,
 )
-from drpo.errors import leaf_exceptions
+from drpo.jobs.artifact import AlignedPrompt, LevelTrace
+from drpo.jobs.config import OptimizeConfig
+from drpo.jobs.lifecycle import describe_error, leaf_exceptions
+from drpo.jobs.session import Session, agent_session
 from drpo.runs.journal import BudgetExceeded, JournaledCaller
 from drpo.runs.store import RunStore, StoreError
-from drpo.session import Session, agent_session
 
-log = structlog.get_logger("drpo.optimize")
+log = structlog.get_logger("drpo.jobs.optimize")
 
 
 @dataclass
@@ -191,18 +191,6 @@ async def _run_one(
 
 def _budget_refusal(exc: BaseException) -> BudgetExceeded | None:
     return next((e for e in leaf_exceptions(exc) if isinstance(e, BudgetExceeded)), None)
-
-
-def describe_error(exc: BaseException, limit: int = 3) -> str:
-    """``Type: message`` of what went wrong, with exception groups unwrapped (a task group's
-    "unhandled errors in a TaskGroup (2 sub-exceptions)" says nothing about the cause)."""
-    seen: list[str] = []
-    for leaf in leaf_exceptions(exc):
-        text = str(leaf) if isinstance(leaf, RemoteError) else f"{type(leaf).__name__}: {leaf}"
-        if text not in seen:
-            seen.append(text)
-    more = len(seen) - limit
-    return "; ".join(seen[:limit]) + (f" (and {more} more)" if more > 0 else "")
 
 
 async def _finish(

@@ -32,6 +32,7 @@ from drpo.backends.spec import DEFAULT_MODEL, parse_model_spec
 from drpo.bus import RemoteError
 from drpo.bus.messages import (
     Answer,
+    CriticMode,
     ICLExample,
     Judge,
     Judged,
@@ -40,11 +41,11 @@ from drpo.bus.messages import (
     RunFinished,
     RunStarted,
 )
-from drpo.evaluation.protocol import EvalPrompt, EvalQuery, selection_for
-from drpo.evaluation.stats import summarize
+from drpo.jobs.evaluation.protocol import EvalPrompt, EvalQuery, selection_for
+from drpo.jobs.evaluation.stats import summarize
+from drpo.jobs.session import Session
 from drpo.runs.journal import BudgetExceeded, JournaledCaller
 from drpo.runs.store import RunStore
-from drpo.session import Session
 
 log = structlog.get_logger("drpo.eval")
 
@@ -59,7 +60,7 @@ class EvalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     judge: str = DEFAULT_MODEL
-    judge_mode: Literal["json", "logprobs"] = "logprobs"
+    judge_mode: CriticMode = "logprobs"
     #: Token limit of a JSON verdict (the logprobs judge writes one token per aspect).
     judge_max_tokens: int = Field(default=2048, ge=16)
     #: Base model of prompts that name none (plain prompts); artifacts name their own.

@@ -14,11 +14,11 @@ import anyio
 
 from drpo.agents.proposer import build_answer_request, clean_answer
 from drpo.agents.retrieval import ICLRetriever
-from drpo.artifact import AlignedPrompt
 from drpo.backends.base import Backend
 from drpo.backends.registry import BackendRegistry
 from drpo.backends.spec import DEFAULT_MODEL
 from drpo.bus.messages import ICLExample
+from drpo.jobs.artifact import AlignedPrompt
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from drpo.evaluation.protocol import ALL_ASPECTS, TAG_KINDS, EvalQuery
+from drpo.jobs.evaluation.protocol import ALL_ASPECTS, TAG_KINDS, EvalQuery
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_CONFIDENCE = 0.95

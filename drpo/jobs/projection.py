@@ -24,7 +24,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from drpo.config import EndpointSettings, OptimizeConfig
+from drpo.backends.settings import EndpointSettings
+from drpo.jobs.config import OptimizeConfig
 
 #: Characters per token: the rule of thumb of ``drpo.backends.openai_api.estimate_tokens``.
 CHARS_PER_TOKEN = 4

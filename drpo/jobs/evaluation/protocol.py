@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drpo.artifact import AlignedPrompt, ArtifactError
 from drpo.bus.messages import AspectSelection, ICLExample
 from drpo.data.loaders import DataFormatError
-from drpo.generate import DEFAULT_SYSTEM_PROMPT
+from drpo.jobs.artifact import AlignedPrompt, ArtifactError
+from drpo.jobs.generate import DEFAULT_SYSTEM_PROMPT
 
 REGULAR_ASPECTS: tuple[str, ...] = ("Helpfulness", "Clarity", "Factuality", "Depth", "Engagement")
 SAFETY_ASPECTS: tuple[str, ...] = ("Safety",)

@@ -34,10 +34,10 @@ from drpo.bus.messages import (
     RunFinished,
     SelectAspects,
 )
+from drpo.jobs.session import Session
 from drpo.runs.journal import BudgetExceeded, JournaledCaller
-from drpo.session import Session
 
-log = structlog.get_logger("drpo.icl")
+log = structlog.get_logger("drpo.jobs.icl")
 
 
 class ICLConfig(BaseModel):

@@ -37,9 +37,29 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors whose message alone tells the user what is wrong and how to fix it."""
+    from drpo.backends.base import BackendError
+    from drpo.backends.spec import ModelSpecError
+    from drpo.data.loaders import DataFormatError
+    from drpo.jobs.artifact import ArtifactError
+    from drpo.jobs.config import ConfigError
+    from drpo.runs.store import StoreError
+
+    return (
+        ArtifactError,
+        BackendError,
+        ConfigError,
+        DataFormatError,
+        ModelSpecError,
+        StoreError,
+        LookupError,
+    )
+
+
 def run_async(main: Any, *args: Any) -> Any:
     """Run a coroutine function, turning known user errors into a clean exit."""
-    from drpo.errors import leaf_exceptions, user_error_types
+    from drpo.jobs.lifecycle import leaf_exceptions
 
     try:
         return anyio.run(main, *args)

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from drpo.cli_support import DbOption, console, err_console, fail, resolve_db, run_async
+from drpo.cli.support import DbOption, console, err_console, fail, resolve_db, run_async
 
 #: Options that define a new evaluation; ``--resume`` takes them from the run instead.
 _DEFINING = (
@@ -194,7 +194,7 @@ def _plan(
 
     from drpo.backends.spec import DEFAULT_MODEL, ModelSpecError, parse_model_spec
     from drpo.data.loaders import DataFormatError
-    from drpo.evaluation.protocol import (
+    from drpo.jobs.evaluation.protocol import (
         PromptSpecError,
         attach_tags,
         load_eval_queries,
@@ -203,7 +203,7 @@ def _plan(
         sample_queries,
         unique_labels,
     )
-    from drpo.evaluation.runner import EvalSettings
+    from drpo.jobs.evaluation.runner import EvalSettings
 
     try:
         chosen = [resolve_prompt(p, text_allowed=False, index=i) for i, p in enumerate(positional)]
@@ -277,11 +277,11 @@ def _plan(
 async def _eval_main(db: Path, plan: Any, resume: str | None, name: str | None, concurrency: Any):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from drpo.evaluation.runner import RUN_KIND, create_eval_run, run_eval
-    from drpo.logs import configure_logging
+    from drpo.jobs.evaluation.runner import RUN_KIND, create_eval_run, run_eval
+    from drpo.jobs.session import agent_session
+    from drpo.runs.logs import configure_logging
     from drpo.runs.paths import logs_dir
     from drpo.runs.store import RunStore
-    from drpo.session import agent_session
 
     configure_logging(log_folder=logs_dir(db))
     async with RunStore.open(db) as store:
@@ -322,7 +322,7 @@ async def _eval_main(db: Path, plan: Any, resume: str | None, name: str | None, 
 
 
 def _user_error(message: str) -> Exception:
-    from drpo.cli_support import UserError
+    from drpo.cli.support import UserError
 
     return UserError(message)
 
