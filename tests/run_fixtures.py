@@ -31,7 +31,7 @@ from typing import Any
 
 import anyio
 
-from drpo.agents import topics
+from drpo.agents import client
 from drpo.agents.search import BeamSearch
 from drpo.backends.base import ChatMessage, Choice, Completion, CompletionRequest, Usage
 from drpo.bus import Bus, Envelope
@@ -41,10 +41,14 @@ from drpo.bus.messages import (
     AspectSelection,
     AspectsSelected,
     Critique,
+    EditPrompt,
+    Judge,
     Judged,
     PromptCandidates,
+    ProposeAnswer,
     RunFinished,
     RunStarted,
+    SelectAspects,
 )
 from drpo.jobs.config import build_config
 from drpo.runs.recorder import Recorder
@@ -138,6 +142,15 @@ class FixtureRun:
     #: Role of the call that failed the first pass (None when none did).
     failed_role: str | None = None
     seconds: float = 0.0
+
+
+def _aspects_for(query: str) -> tuple[str, ...]:
+    """The scripted critic's aspects for a query: a pure function of the query."""
+    rng = _rng("aspects", query)
+    chosen = tuple(rng.sample(ASPECTS, rng.randint(3, 5)))
+    if "dangerous" in query or "lock" in query:
+        chosen = ("Safety", *[a for a in chosen if a != "Safety"])[:5]
+    return chosen
 
 
 class ScriptedAgents:
@@ -273,8 +286,7 @@ class ScriptedAgents:
 
     # ------------------------------------------------------------ the agents
 
-    async def propose(self, env: Envelope) -> Answer:
-        msg = env.payload
+    async def propose(self, msg: ProposeAnswer, env: Envelope) -> Answer:
         rng = _rng("answer", msg.system_prompt, msg.query)
         topic = msg.query.split("(#")[0].strip()
         sentences = [
@@ -297,12 +309,9 @@ class ScriptedAgents:
         )
         return Answer(text=text)
 
-    async def select(self, env: Envelope) -> AspectsSelected:
-        query = env.payload.query
-        rng = _rng("aspects", query)
-        chosen = tuple(rng.sample(ASPECTS, rng.randint(3, 5)))
-        if "dangerous" in query or "lock" in query:
-            chosen = ("Safety", *[a for a in chosen if a != "Safety"])[:5]
+    async def select(self, msg: SelectAspects, env: Envelope) -> AspectsSelected:
+        query = msg.query
+        chosen = _aspects_for(query)
         reasoning = f"The query asks about {query[:40]!r}; these aspects matter most."
         selection = AspectSelection(
             query=query,
@@ -319,10 +328,9 @@ class ScriptedAgents:
         )
         return AspectsSelected(selection=selection)
 
-    async def judge(self, env: Envelope) -> Judged:
-        msg = env.payload
+    async def judge(self, msg: Judge, env: Envelope) -> Judged:
         rng = _rng("judge", msg.query, msg.answer, env.node_id)
-        aspects = msg.selection.aspects
+        aspects = msg.selection.aspects if msg.selection else _aspects_for(msg.query)
         level = int(env.node_id[1:].split(".")[0]) if env.node_id else 0
         if rng.random() < self.failed_judgement_rate:
             critique = Critique(failed=True, error="the judge's reply had no parsable scores")
@@ -351,8 +359,7 @@ class ScriptedAgents:
             )
         return Judged(critique=critique)
 
-    async def edit(self, env: Envelope) -> PromptCandidates:
-        msg = env.payload
+    async def edit(self, msg: EditPrompt, env: Envelope) -> PromptCandidates:
         prompts = []
         for index in range(msg.n):
             rng = _rng("edit", msg.system_prompt, msg.query, index)
@@ -400,19 +407,10 @@ class ScriptedAgents:
         return PromptCandidates(prompts=tuple(prompts))
 
     async def serve(self, bus: Bus, tg: anyio.abc.TaskGroup) -> None:
-        for topic, sender, handler in (
-            (topics.PROPOSE, "proposer", self.propose),
-            (topics.SELECT_ASPECTS, "critic", self.select),
-            (topics.JUDGE, "critic", self.judge),
-            (topics.EDIT_PROMPT, "editor", self.edit),
-        ):
-            ready = anyio.Event()
-            tg.start_soon(
-                lambda t=topic, s=sender, h=handler, r=ready: bus.serve(
-                    t, h, sender=s, task_group=tg, ready=r
-                )
-            )
-            await ready.wait()
+        await client.serve(bus, client.PROPOSE, self.propose, tg)
+        await client.serve(bus, client.SELECT_ASPECTS, self.select, tg)
+        await client.serve(bus, client.JUDGE, self.judge, tg)
+        await client.serve(bus, client.EDIT_PROMPT, self.edit, tg)
 
 
 def big_run_options() -> dict[str, Any]:
@@ -439,7 +437,7 @@ async def _one_pass(
 ) -> tuple[str, Any]:
     """One process's worth of a run: bus, recorder, agents, search; records how it ended."""
     bus = Bus()
-    bus.declare(topics.EVENTS)
+    bus.declare(client.EVENTS)
     recorder = Recorder(bus, store)
 
     async def no_examples(query: str) -> list:
@@ -451,7 +449,7 @@ async def _one_pass(
         await agents.serve(bus, tg)
         await store.set_run_status(run_id, "running")
         await bus.emit(
-            topics.EVENTS,
+            client.EVENTS,
             RunStarted(config=config.model_dump(mode="json"), queries=tuple(queries)),
             sender="search",
             run_id=run_id,
@@ -466,7 +464,7 @@ async def _one_pass(
                 exc = exc.exceptions[0]
             error = f"{type(exc).__name__}: {exc}"
         await bus.emit(
-            topics.EVENTS,
+            client.EVENTS,
             RunFinished(
                 status=status,  # type: ignore[arg-type]
                 best_node_id=result.best.node_id if result else None,

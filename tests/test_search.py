@@ -13,7 +13,7 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from drpo.agents import topics
+from drpo.agents import client
 from drpo.agents.search import BeamSearch
 from drpo.bus import Bus, Envelope
 from drpo.bus.messages import (
@@ -22,8 +22,12 @@ from drpo.bus.messages import (
     AspectSelection,
     AspectsSelected,
     Critique,
+    EditPrompt,
+    Judge,
     Judged,
     PromptCandidates,
+    ProposeAnswer,
+    SelectAspects,
 )
 from drpo.jobs.config import build_config
 
@@ -57,55 +61,41 @@ class ScriptedAgents:
         await anyio.sleep(self.delay)
         self.in_flight[role] -= 1
 
-    async def propose(self, env: Envelope) -> Answer:
+    async def propose(self, msg: ProposeAnswer, env: Envelope) -> Answer:
         await self._track("propose")
-        msg = env.payload
         self.answered.append((msg.system_prompt, msg.query))
         # the answer encodes the prompt so the judge can score (prompt, query)
         return Answer(text=f"{msg.system_prompt}|{msg.query}")
 
-    async def select(self, env: Envelope) -> AspectsSelected:
+    async def select(self, msg: SelectAspects, env: Envelope) -> AspectsSelected:
         await self._track("select")
-        return AspectsSelected(
-            selection=AspectSelection(query=env.payload.query, aspects=("Helpfulness",))
-        )
+        return AspectsSelected(selection=AspectSelection(query=msg.query, aspects=("Helpfulness",)))
 
-    async def judge(self, env: Envelope) -> Judged:
+    async def judge(self, msg: Judge, env: Envelope) -> Judged:
         await self._track("judge")
-        prompt, query = env.payload.answer.split("|")
+        prompt, query = msg.answer.split("|")
         if self.fail_judgement(prompt, query):
             return Judged(critique=Critique(failed=True, error="unparsable"))
         score = self.reward(prompt, query)
         return Judged(critique=Critique.from_scores({"Helpfulness": AspectScore(score=score)}))
 
-    async def edit(self, env: Envelope) -> PromptCandidates:
+    async def edit(self, msg: EditPrompt, env: Envelope) -> PromptCandidates:
         await self._track("edit")
-        self.edited.append(env.payload.system_prompt)
-        return PromptCandidates(
-            prompts=tuple(self.candidates(env.payload.system_prompt, env.payload.n))
-        )
+        self.edited.append(msg.system_prompt)
+        return PromptCandidates(prompts=tuple(self.candidates(msg.system_prompt, msg.n)))
 
     async def serve(self, bus: Bus, tg: anyio.abc.TaskGroup) -> None:
-        for topic, handler in (
-            (topics.PROPOSE, self.propose),
-            (topics.SELECT_ASPECTS, self.select),
-            (topics.JUDGE, self.judge),
-            (topics.EDIT_PROMPT, self.edit),
-        ):
-            ready = anyio.Event()
-            tg.start_soon(
-                lambda t=topic, h=handler, r=ready: bus.serve(
-                    t, h, sender="scripted", task_group=tg, ready=r
-                )
-            )
-            await ready.wait()
+        await client.serve(bus, client.PROPOSE, self.propose, tg, sender="scripted")
+        await client.serve(bus, client.SELECT_ASPECTS, self.select, tg, sender="scripted")
+        await client.serve(bus, client.JUDGE, self.judge, tg, sender="scripted")
+        await client.serve(bus, client.EDIT_PROMPT, self.edit, tg, sender="scripted")
 
 
 async def run_search(agents: ScriptedAgents, queries=QUERIES, **search):
     config = build_config(overrides={"preset": "paper", "search": search})
     bus = Bus()
-    bus.declare(topics.EVENTS)
-    events = bus.subscribe(topics.EVENTS, buffer_size=100_000)
+    bus.declare(client.EVENTS)
+    events = bus.subscribe(client.EVENTS, buffer_size=100_000)
 
     async def no_examples(query: str):
         return []

@@ -1,9 +1,10 @@
 """The LLM-backed agents as bus services: proposer, critic and editor.
 
-Each agent is a handler on one topic. It reads the request's run id, binds a ``call`` function
-to that run's journal (so every model call is recorded before it is used, and replayed on
-resume), to the model named in the request, and to its role, then runs the agent's logic from
-:mod:`drpo.agents.proposer`, :mod:`drpo.agents.critic` or :mod:`drpo.agents.editor`.
+Each agent serves its :mod:`~drpo.agents.client` services. A handler reads the request's run,
+binds a ``call`` function to that run's journal (so every model call is recorded before it is
+used, and replayed on resume), to the model named in the request, and to its role and place in
+the search, then runs the agent's logic from :mod:`drpo.agents.proposer`,
+:mod:`drpo.agents.critic` or :mod:`drpo.agents.editor`. The runtime only binds and caches.
 
 One runtime serves every search of the process: the searches differ only by run id, so they
 share backends, rate limits and batches.
@@ -12,21 +13,21 @@ share backends, rate limits and batches.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import TaskGroup
 
-from drpo.agents import critic, editor, proposer, topics
+from drpo.agents import client, critic, editor, proposer
+from drpo.agents.aspect_cache import AspectCache, AspectKey
 from drpo.agents.aspects import AspectCatalogue
-from drpo.agents.prompts import PROMPTS_VERSION
 from drpo.backends.base import Completion, CompletionRequest
 from drpo.backends.registry import BackendRegistry
 from drpo.bus import Bus, Envelope
 from drpo.bus.messages import (
     Answer,
     AnswerRewritten,
+    AspectSelection,
     AspectsSelected,
     EditAnswer,
     EditPrompt,
@@ -37,18 +38,20 @@ from drpo.bus.messages import (
     SelectAspects,
 )
 from drpo.runs.journal import JournaledCaller
-from drpo.runs.store import RunStore, query_hash
+from drpo.runs.store import RunStore
 
 CallFn = Callable[[CompletionRequest], Awaitable[Completion]]
 
 
 @dataclass
 class RunContext:
-    """What the agents need to know about one run."""
+    """What the agents need to know about one run: its journal, its aspects, its selections."""
 
     run_id: str
     journal: JournaledCaller
     catalogue: AspectCatalogue
+    #: This run's aspect selections, by key (the first tier of the aspect cache).
+    selections: dict[AspectKey, _Selection] = field(default_factory=dict)
 
 
 class UnknownRunError(LookupError):
@@ -59,9 +62,9 @@ class AgentRuntime:
     def __init__(self, bus: Bus, registry: BackendRegistry, store: RunStore) -> None:
         self.bus = bus
         self.registry = registry
-        self.store = store
+        self.aspect_cache = AspectCache(store)
         self._runs: dict[str, RunContext] = {}
-        bus.declare(topics.EVENTS)
+        bus.declare(client.EVENTS)
 
     # ------------------------------------------------------------------ runs
 
@@ -77,60 +80,114 @@ class AgentRuntime:
         except KeyError:
             raise UnknownRunError(f"no run {envelope.run_id!r} is attached") from None
 
-    def _bind(self, envelope: Envelope, model: str, role: str) -> tuple[CallFn, bool]:
-        """A ``call`` for the agent logic: journaled, for this run, model, role and node."""
-        context = self._context(envelope)
+    def _bind(self, context: RunContext, model: str, role: str, place: str | None) -> CallFn:
+        """A ``call`` for the agent logic: journaled, for this run, model, role and place."""
         backend = self.registry.get(model)
 
         async def call(request: CompletionRequest) -> Completion:
-            return await context.journal.complete(
-                backend, request, role=role, node_id=envelope.node_id
-            )
+            return await context.journal.complete(backend, request, role=role, node_id=place)
 
-        return call, backend.supports_n
+        return call
 
     # ------------------------------------------------------------------ serving
 
     async def start(self, task_group: TaskGroup) -> None:
-        """Start every agent's server in ``task_group``; returns once all are subscribed."""
-        services = {
-            topics.PROPOSE: ("proposer", self._propose),
-            topics.SELECT_ASPECTS: ("critic", self._select),
-            topics.JUDGE: ("critic", self._judge),
-            topics.EDIT_PROMPT: ("editor", self._edit_prompt),
-            topics.EDIT_ANSWER: ("editor", self._edit_answer),
-        }
-        for topic, (sender, handler) in services.items():
-            ready = anyio.Event()
-            task_group.start_soon(
-                partial(
-                    self.bus.serve,
-                    topic,
-                    handler,
-                    sender=sender,
-                    task_group=task_group,
-                    ready=ready,
-                )
-            )
-            await ready.wait()
+        """Serve every agent service in ``task_group``; returns once all are subscribed."""
+        await client.serve(self.bus, client.PROPOSE, self._propose, task_group)
+        await client.serve(self.bus, client.SELECT_ASPECTS, self._select, task_group)
+        await client.serve(self.bus, client.JUDGE, self._judge, task_group)
+        await client.serve(self.bus, client.EDIT_PROMPT, self._edit_prompt, task_group)
+        await client.serve(self.bus, client.EDIT_ANSWER, self._edit_answer, task_group)
 
-    async def _propose(self, envelope: Envelope) -> Answer:
-        message: ProposeAnswer = envelope.payload  # type: ignore[assignment]
-        call, _ = self._bind(envelope, message.model, "proposer")
+    async def _propose(self, message: ProposeAnswer, envelope: Envelope) -> Answer:
+        context = self._context(envelope)
+        call = self._bind(context, message.model, "proposer", envelope.node_id)
         return Answer(text=await proposer.propose(call, message))
 
-    async def _select(self, envelope: Envelope) -> AspectsSelected:
-        message: SelectAspects = envelope.payload  # type: ignore[assignment]
+    async def _select(self, message: SelectAspects, envelope: Envelope) -> AspectsSelected:
         context = self._context(envelope)
-        cache_key = (
-            query_hash(f"{message.variant}/{message.mode}\x00{message.query}"),
-            message.model,
-            f"{context.catalogue.version}:{PROMPTS_VERSION}",
+        return AspectsSelected(selection=await self._selection(context, message))
+
+    async def _judge(self, message: Judge, envelope: Envelope) -> Judged:
+        context = self._context(envelope)
+        selection = message.selection
+        if selection is None:  # the query's own aspects: selected once per run, cached
+            selection = await self._selection(
+                context,
+                SelectAspects(
+                    query=message.query,
+                    model=message.model,
+                    variant=message.variant,
+                    mode=message.mode,
+                    max_tokens=message.max_tokens,
+                ),
+            )
+        call = self._bind(context, message.model, "critic", envelope.node_id)
+        critique = await critic.judge(
+            call,
+            message.query,
+            message.answer,
+            selection,
+            context.catalogue,
+            mode=message.mode,
+            variant=message.variant,
+            max_tokens=message.max_tokens,
         )
-        cached = await self.store.get_aspect_selection(*cache_key)
+        return Judged(critique=critique)
+
+    async def _edit_prompt(self, message: EditPrompt, envelope: Envelope) -> PromptCandidates:
+        context = self._context(envelope)
+        call = self._bind(context, message.model, "editor", envelope.node_id)
+        supports_n = self.registry.get(message.model).supports_n
+        prompts, dropped = await editor.rewrite_prompt(call, message, supports_n=supports_n)
+        return PromptCandidates(prompts=tuple(prompts), dropped=dropped)
+
+    async def _edit_answer(self, message: EditAnswer, envelope: Envelope) -> AnswerRewritten:
+        context = self._context(envelope)
+        call = self._bind(context, message.model, "editor", envelope.node_id)
+        answer = await editor.rewrite_answer(call, message)
+        if answer is None:
+            return AnswerRewritten(answer=None, error="the editor's rewrite could not be parsed")
+        return AnswerRewritten(answer=answer)
+
+    # ------------------------------------------------------------------ aspect selections
+
+    async def _selection(self, context: RunContext, message: SelectAspects) -> AspectSelection:
+        """The selection for ``message``: from this run's selections, else the database's
+        aspect cache, else the critic (once per run and key, however many ask at once)."""
+        key = self.aspect_cache.key(
+            query=message.query,
+            model=message.model,
+            mode=message.mode,
+            variant=message.variant,
+            catalogue=context.catalogue,
+        )
+        while True:
+            pending = context.selections.get(key)
+            if pending is None:
+                pending = context.selections[key] = _Selection()
+                try:
+                    selection = await self._select_uncached(context, message, key)
+                except BaseException as exc:
+                    # not remembered: a later request (a resumed run, another node) asks again
+                    del context.selections[key]
+                    pending.abandon(exc)
+                    raise
+                pending.set(selection)
+                return selection
+            selection = await pending.get()
+            if selection is not None:
+                return selection
+            # the task selecting it was cancelled (its search ended): select it here instead
+
+    async def _select_uncached(
+        self, context: RunContext, message: SelectAspects, key: AspectKey
+    ) -> AspectSelection:
+        cached = await self.aspect_cache.get(key)
         if cached is not None:
-            return AspectsSelected(selection=cached)
-        call, _ = self._bind(envelope, message.model, "critic")
+            return cached
+        # Its place in the run is its key, whoever asked first: a replay finds it in the journal.
+        call = self._bind(context, message.model, "critic", key.place)
         if message.mode == "logprobs":
             selection = await critic.select_aspects_by_logprobs(
                 call, message.query, context.catalogue, variant=message.variant
@@ -143,35 +200,33 @@ class AgentRuntime:
                 variant=message.variant,
                 max_tokens=message.max_tokens,
             )
-        await self.store.put_aspect_selection(*cache_key, selection)
-        return AspectsSelected(selection=selection)
+        await self.aspect_cache.put(key, selection)
+        return selection
 
-    async def _judge(self, envelope: Envelope) -> Judged:
-        message: Judge = envelope.payload  # type: ignore[assignment]
-        context = self._context(envelope)
-        call, _ = self._bind(envelope, message.model, "critic")
-        critique = await critic.judge(
-            call,
-            message.query,
-            message.answer,
-            message.selection,
-            context.catalogue,
-            mode=message.mode,
-            variant=message.variant,
-            max_tokens=message.max_tokens,
-        )
-        return Judged(critique=critique)
 
-    async def _edit_prompt(self, envelope: Envelope) -> PromptCandidates:
-        message: EditPrompt = envelope.payload  # type: ignore[assignment]
-        call, supports_n = self._bind(envelope, message.model, "editor")
-        prompts, dropped = await editor.rewrite_prompt(call, message, supports_n=supports_n)
-        return PromptCandidates(prompts=tuple(prompts), dropped=dropped)
+class _Selection:
+    """A selection being made: one task makes it, any number await it.
 
-    async def _edit_answer(self, envelope: Envelope) -> AnswerRewritten:
-        message: EditAnswer = envelope.payload  # type: ignore[assignment]
-        call, _ = self._bind(envelope, message.model, "editor")
-        answer = await editor.rewrite_answer(call, message)
-        if answer is None:
-            return AnswerRewritten(answer=None, error="the editor's rewrite could not be parsed")
-        return AnswerRewritten(answer=answer)
+    ``get`` returns None when the maker was cancelled (the waiter should make it itself), and
+    raises the maker's error when it failed.
+    """
+
+    def __init__(self) -> None:
+        self._done = anyio.Event()
+        self._value: AspectSelection | None = None
+        self._error: BaseException | None = None
+
+    def set(self, value: AspectSelection) -> None:
+        self._value = value
+        self._done.set()
+
+    def abandon(self, error: BaseException) -> None:
+        if not isinstance(error, anyio.get_cancelled_exc_class()):
+            self._error = error
+        self._done.set()
+
+    async def get(self) -> AspectSelection | None:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value

@@ -24,33 +24,25 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
 
 import anyio
 import structlog
 
-from drpo.agents.topics import EDIT_PROMPT, EVENTS, JUDGE, PROPOSE, SELECT_ASPECTS
+from drpo.agents.client import AgentClient
 from drpo.bus import Bus
 from drpo.bus.messages import (
-    Answer,
-    AspectSelection,
-    AspectsSelected,
     Critique,
     EditPrompt,
     ICLExample,
     Judge,
-    Judged,
     LevelCompleted,
     NodeCreated,
-    Payload,
-    PromptCandidates,
     ProposeAnswer,
     SelectAspects,
 )
 from drpo.jobs.config import OptimizeConfig
 
 log = structlog.get_logger("drpo.search")
-T = TypeVar("T")
 
 #: Finds the ICL examples to show with a query (k nearest by embedding); injected so the
 #: search does not depend on sentence-transformers.
@@ -101,13 +93,12 @@ class BeamSearch:
         queries: Sequence[str],
         retrieve: Retrieve,
     ) -> None:
-        self.bus = bus
+        self.agents = AgentClient(bus, run_id, sender="search")
         self.run_id = run_id
         self.config = config
         self.search = config.search
         self.queries = list(queries)
         self.retrieve = retrieve
-        self._aspects: dict[str, _Slot[AspectSelection]] = {}
         #: Called after each level with (level, depth limit); for progress bars.
         self.on_level: Callable[[int, int], None] | None = None
 
@@ -125,11 +116,10 @@ class BeamSearch:
 
     async def run(self) -> SearchResult:
         async with anyio.create_task_group() as tg:
-            self._start_aspect_selection(tg)
+            reachable = self.search.depth + self.search.depth_extension
+            self._start_aspect_selection(tg, self.queries[:reachable])
             result = await self._beam_search()
             tg.cancel_scope.cancel()  # selections for queries the search never reached
-        # forget the cancelled ones, so the held-out check asks for them again
-        self._aspects = {query: slot for query, slot in self._aspects.items() if slot.done}
         if self.search.held_out_queries:
             result.held_out = await self._held_out_check(result, result.levels)
         return result
@@ -217,8 +207,7 @@ class BeamSearch:
     async def _rewrite(self, parent: Node) -> list[str]:
         """The editor's candidates; when none can be parsed the parent's prompt carries on
         (the paper's code would crash here)."""
-        reply = await self._request(
-            EDIT_PROMPT,
+        reply = await self.agents.edit_prompt(
             EditPrompt(
                 model=self.config.models.editor,
                 system_prompt=parent.system_prompt,
@@ -233,7 +222,6 @@ class BeamSearch:
             ),
             node_id=parent.node_id,
         )
-        assert isinstance(reply, PromptCandidates)
         return list(reply.prompts) or [parent.system_prompt]
 
     async def _evaluate(
@@ -256,21 +244,8 @@ class BeamSearch:
             path_rewards=path_rewards,
             skipped=skipped,
         )
-        await self._emit(
-            NodeCreated(
-                node_id=node.node_id,
-                parent_id=node.parent_id,
-                level=level,
-                system_prompt=prompt,
-                query=query,
-                answer=answer,
-                critique=critique,
-                reward=reward,
-                path_rewards=path_rewards,
-                score=self.aggregate(path_rewards),
-                skipped=skipped,
-            ),
-            node_id=node_id,
+        await self.agents.emit(
+            NodeCreated.from_node(node, self.aggregate(path_rewards)), node_id=node_id
         )
         return node
 
@@ -278,8 +253,7 @@ class BeamSearch:
         self, prompt: str, query: str, node_id: str
     ) -> tuple[str, Critique]:
         """The proposer's answer to ``query`` under ``prompt``, and the critic's verdict on it."""
-        answer = await self._request(
-            PROPOSE,
+        answer = await self.agents.propose(
             ProposeAnswer(
                 model=self.config.models.base,
                 system_prompt=prompt,
@@ -291,25 +265,20 @@ class BeamSearch:
             ),
             node_id=node_id,
         )
-        assert isinstance(answer, Answer)
-        return answer.text, await self.judge(query, answer.text, node_id=node_id)
+        return answer, await self.judge(query, answer, node_id=node_id)
 
     async def judge(self, query: str, answer: str, *, node_id: str | None = None) -> Critique:
-        selection = await self.aspects_for(query)
-        verdict = await self._request(
-            JUDGE,
+        """The critic's verdict on ``answer``, on the aspects it selected for ``query``."""
+        return await self.agents.judge(
             Judge(
                 model=self.config.models.critic,
                 query=query,
                 answer=answer,
-                selection=selection,
                 mode=self.config.critic.mode,
                 max_tokens=self.config.critic.max_tokens,
             ),
             node_id=node_id,
         )
-        assert isinstance(verdict, Judged)
-        return verdict.critique
 
     # ------------------------------------------------------------------ held-out check
 
@@ -335,7 +304,6 @@ class BeamSearch:
                 rewards[index] = critique.effective_reward
 
             async with anyio.create_task_group() as tg:
-                self._start_aspect_selection(tg, unseen)
                 for index, query in enumerate(unseen):
                     tg.start_soon(score, index, query)
             scores.append((node, sum(rewards) / len(rewards)))
@@ -343,75 +311,21 @@ class BeamSearch:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _start_aspect_selection(
-        self, tg: anyio.abc.TaskGroup, queries: Sequence[str] | None = None
-    ) -> None:
-        """Ask for the aspects of every query the search may reach, all at once."""
-        if queries is None:
-            reachable = self.search.depth + self.search.depth_extension
-            queries = self.queries[:reachable]
-        for query in queries:
-            if query not in self._aspects:
-                slot = self._aspects[query] = _Slot()
-                tg.start_soon(self._select_into, query, slot)
+    def _start_aspect_selection(self, tg: anyio.abc.TaskGroup, queries: Sequence[str]) -> None:
+        """Ask for the aspects of every query the search may reach, all at once, so that no
+        verdict waits for its query's selection (the critic makes each one once per run)."""
+        for query in dict.fromkeys(queries):
+            tg.start_soon(self._select, query)
 
-    async def _select_into(self, query: str, slot: _Slot[AspectSelection]) -> None:
-        try:
-            reply = await self._request(
-                SELECT_ASPECTS,
-                SelectAspects(
-                    query=query,
-                    model=self.config.models.critic,
-                    max_tokens=self.config.critic.max_tokens,
-                    mode=self.config.critic.mode,
-                ),
+    async def _select(self, query: str) -> None:
+        await self.agents.select_aspects(
+            SelectAspects(
+                query=query,
+                model=self.config.models.critic,
+                max_tokens=self.config.critic.max_tokens,
+                mode=self.config.critic.mode,
             )
-            assert isinstance(reply, AspectsSelected)
-            slot.set(reply.selection)
-        except Exception as exc:
-            slot.fail(exc)
-            raise
-
-    async def aspects_for(self, query: str) -> AspectSelection:
-        slot = self._aspects.get(query)
-        if slot is None:  # a query outside the precomputed range
-            slot = self._aspects[query] = _Slot()
-            await self._select_into(query, slot)
-        return await slot.get()
-
-    async def _request(self, topic: str, payload: Payload, node_id: str | None = None) -> Payload:
-        reply = await self.bus.request(
-            topic, payload, sender="search", run_id=self.run_id, node_id=node_id
         )
-        return reply.payload
 
-    async def _emit(self, payload: Payload, node_id: str | None = None) -> None:
-        await self.bus.emit(EVENTS, payload, sender="search", run_id=self.run_id, node_id=node_id)
-
-
-class _Slot(Generic[T]):
-    """A value that one task sets and many await (a one-shot future over anyio.Event)."""
-
-    def __init__(self) -> None:
-        self._event = anyio.Event()
-        self._value: T | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._event.is_set()
-
-    def set(self, value: T) -> None:
-        self._value = value
-        self._event.set()
-
-    def fail(self, error: BaseException) -> None:
-        self._error = error
-        self._event.set()
-
-    async def get(self) -> T:
-        await self._event.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._value is not None
-        return self._value
+    async def _emit(self, event: LevelCompleted) -> None:
+        await self.agents.emit(event)

@@ -52,12 +52,19 @@ class NoServerError(BusError):
 
 
 class RemoteError(BusError):
-    """The handler of a request raised; carries the handler's error type and message."""
+    """The handler of a request raised; carries the handler's error type and message.
 
-    def __init__(self, failure: Failure, envelope: Envelope) -> None:
+    ``error`` is the handler's exception itself (the bus is in-process), so a typed caller can
+    re-raise it as what it is; None when the failure came from elsewhere (a closed bus).
+    """
+
+    def __init__(
+        self, failure: Failure, envelope: Envelope, error: BaseException | None = None
+    ) -> None:
         super().__init__(f"{failure.error_type}: {failure.message}")
         self.failure = failure
         self.envelope = envelope
+        self.error = error
 
 
 class Subscription:
@@ -117,6 +124,8 @@ class _Pending:
 
     done: anyio.Event = field(default_factory=anyio.Event)
     reply: Envelope | None = None
+    #: The handler's exception when it failed (what the Failure reply describes).
+    error: BaseException | None = None
 
 
 Handler = Callable[[Envelope], Awaitable[Payload | None]]
@@ -262,7 +271,7 @@ class Bus:
         reply = pending.reply
         assert reply is not None
         if isinstance(reply.payload, Failure):
-            raise RemoteError(reply.payload, reply)
+            raise RemoteError(reply.payload, reply, pending.error)
         return reply
 
     async def reply(self, request: Envelope, payload: Payload, *, sender: str) -> bool:
@@ -339,7 +348,10 @@ class Bus:
             except Exception as exc:  # a failing handler must not take the bus down
                 log.warning("handler failed", topic=envelope.topic, error=repr(exc))
                 result = Failure(error_type=type(exc).__name__, message=str(exc))
-                if envelope.message_id not in self._pending:
+                pending = self._pending.get(envelope.message_id)
+                if pending is not None:
+                    pending.error = exc
+                else:
                     await self.emit(
                         FAILURES_TOPIC,
                         result,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -106,7 +106,8 @@ class Judge(_Value):
     model: str
     query: str
     answer: str
-    selection: AspectSelection
+    #: The aspects to judge on; None: the query's own, selected (once per run) by the critic.
+    selection: AspectSelection | None = None
     mode: CriticMode = "json"
     variant: Literal["search", "icl"] = "search"
     max_tokens: int = 2048
@@ -164,8 +165,26 @@ class RunStarted(_Value):
     queries: tuple[str, ...] = ()
 
 
+class SearchNode(Protocol):
+    """What the search knows of a node (:class:`drpo.agents.search.Node` has it)."""
+
+    node_id: str
+    parent_id: str | None
+    level: int
+    system_prompt: str
+    query: str
+    answer: str
+    critique: Critique
+    path_rewards: tuple[float, ...]
+    skipped: bool
+
+
 class NodeCreated(_Value):
-    """A search node: a prompt, the query it was judged on, its answer, critique and reward."""
+    """A search node: a prompt, the query it was judged on, its answer, critique and reward.
+
+    The one shape of a node outside the running search: the bus carries it, the store keeps it,
+    and the views (tree, report) read it back.
+    """
 
     kind: Literal["node_created"] = "node_created"
     node_id: str
@@ -179,6 +198,23 @@ class NodeCreated(_Value):
     path_rewards: tuple[float, ...] = ()
     score: float = 0.0
     skipped: bool = False
+
+    @classmethod
+    def from_node(cls, node: SearchNode, score: float) -> NodeCreated:
+        """The event of a search node; ``score`` is its path's aggregated reward."""
+        return cls(
+            node_id=node.node_id,
+            parent_id=node.parent_id,
+            level=node.level,
+            system_prompt=node.system_prompt,
+            query=node.query,
+            answer=node.answer,
+            critique=node.critique,
+            reward=node.critique.effective_reward,
+            path_rewards=node.path_rewards,
+            score=score,
+            skipped=node.skipped,
+        )
 
 
 class LevelCompleted(_Value):

@@ -17,6 +17,7 @@ import anyio
 from rich.console import Console
 from rich.text import Text
 
+from drpo.agents.client import SERVICE_AGENTS
 from drpo.bus.bus import FAILURES_TOPIC, REPLIES_TOPIC
 from drpo.bus.messages import (
     Answer,
@@ -125,7 +126,8 @@ def gist(envelope: Envelope) -> str:
             return f"{len(p.text)} chars: {excerpt(p.text, 90)!r}"
         case Judge():
             return (
-                f"judge on {', '.join(p.selection.aspects)}: answer {excerpt(p.answer, 50)!r}"
+                f"judge on {', '.join(p.selection.aspects) if p.selection else 'its aspects'}: "
+                f"answer {excerpt(p.answer, 50)!r}"
                 f" ({p.model}, {p.mode})"
             )
         case Judged():
@@ -179,12 +181,8 @@ def gist(envelope: Envelope) -> str:
 
 
 def matches_agent(envelope: Envelope, agent: str) -> bool:
-    """Messages an agent sent, and requests addressed to it (``agent.<name>...`` topics)."""
-    return (
-        envelope.sender == agent
-        or envelope.topic == f"agent.{agent}"
-        or (envelope.topic.startswith(f"agent.{agent}."))
-    )
+    """Messages an agent sent, and requests addressed to one of its services."""
+    return envelope.sender == agent or SERVICE_AGENTS.get(envelope.topic) == agent
 
 
 # ------------------------------------------------------------------------------------ reading

@@ -18,18 +18,16 @@ import anyio
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
-from drpo.agents import topics
 from drpo.agents.aspects import AspectCatalogue
+from drpo.agents.client import AgentClient
 from drpo.agents.runtime import RunContext
 from drpo.backends.spec import DEFAULT_MODEL
 from drpo.bus.messages import (
-    AnswerRewritten,
-    AspectsSelected,
+    CriticMode,
     Critique,
     EditAnswer,
     ICLExample,
     Judge,
-    Judged,
     Note,
     RunFinished,
     SelectAspects,
@@ -46,7 +44,7 @@ class ICLConfig(BaseModel):
     critic: str = DEFAULT_MODEL
     editor: str = DEFAULT_MODEL
     rounds: int = Field(default=5, ge=0)
-    mode: str = "json"
+    mode: CriticMode = "json"
     max_calls: int | None = None
     max_cost_usd: float | None = None
 
@@ -100,39 +98,25 @@ async def optimize_examples(
 async def _optimize_one(
     session: Session, run_id: str, index: int, example: ICLExample, config: ICLConfig
 ) -> tuple[ICLExample, ExampleTrace]:
-    bus = session.bus
+    agents = AgentClient(session.bus, run_id, sender="icl")
     node = f"icl{index}"
-
-    async def request(topic: str, payload):
-        reply = await bus.request(topic, payload, sender="icl", run_id=run_id, node_id=node)
-        return reply.payload
-
-    selected = await request(
-        topics.SELECT_ASPECTS,
-        SelectAspects(
-            query=example.query,
-            model=config.critic,
-            variant="icl",
-            mode=config.mode,  # type: ignore[arg-type]
-        ),
+    selection = await agents.select_aspects(
+        SelectAspects(query=example.query, model=config.critic, variant="icl", mode=config.mode),
+        node_id=node,
     )
-    assert isinstance(selected, AspectsSelected)
-    selection = selected.selection
 
     async def judge(answer: str) -> Critique:
-        verdict = await request(
-            topics.JUDGE,
+        return await agents.judge(
             Judge(
                 model=config.critic,
                 query=example.query,
                 answer=answer,
                 selection=selection,
-                mode=config.mode,  # type: ignore[arg-type]
+                mode=config.mode,
                 variant="icl",
             ),
+            node_id=node,
         )
-        assert isinstance(verdict, Judged)
-        return verdict.critique
 
     current_answer = best_answer = example.answer
     current = await judge(current_answer)
@@ -143,13 +127,12 @@ async def _optimize_one(
         if best >= perfect:
             break
         trace.rounds += 1
-        rewritten = await request(
-            topics.EDIT_ANSWER,
+        rewritten = await agents.edit_answer(
             EditAnswer(
                 model=config.editor, query=example.query, answer=current_answer, critique=current
             ),
+            node_id=node,
         )
-        assert isinstance(rewritten, AnswerRewritten)
         if rewritten.answer is None:
             continue  # unparsable rewrite: recorded by the editor, this round is lost
         current_answer = rewritten.answer
@@ -160,14 +143,11 @@ async def _optimize_one(
             best, best_answer = total, current_answer
             trace.accepted += 1
     trace.best_total = best
-    await bus.emit(
-        topics.EVENTS,
+    await agents.emit(
         Note(
             text=f"example {index} optimized: {trace.initial_total:g} -> {best:g} of {perfect:g}",
             data={"query": example.query, "history": trace.history},
         ),
-        sender="icl",
-        run_id=run_id,
         node_id=node,
     )
     return ICLExample(query=example.query, answer=best_answer), trace
@@ -210,8 +190,8 @@ async def run_icl(
         with anyio.CancelScope(shield=True):
             await store.set_run_status(run_id, "interrupted", error="interrupted")
         raise
-    await session.bus.emit(
-        topics.EVENTS, RunFinished(status=status, error=error), sender="icl", run_id=run_id
+    await AgentClient(session.bus, run_id, sender="icl").emit(
+        RunFinished(status=status, error=error)  # type: ignore[arg-type]
     )
     await store.set_run_status(run_id, status, result=result, error=error)  # type: ignore[arg-type]
     return run_id, status, traces

@@ -17,8 +17,8 @@ from typing import Any
 import anyio
 import structlog
 
-from drpo.agents import topics
 from drpo.agents.aspects import AspectCatalogue
+from drpo.agents.client import AgentClient
 from drpo.agents.retrieval import ICLRetriever
 from drpo.agents.runtime import RunContext
 from drpo.agents.search import BeamSearch, SearchResult
@@ -144,11 +144,8 @@ async def _run_one(
         search.on_level = lambda level, limit: on_level(run_id, level, limit)
     artifact_path = plan.artifact_path
     await store.set_run_status(run_id, "running")
-    await bus.emit(
-        topics.EVENTS,
-        RunStarted(config=record["settings"], queries=tuple(queries)),
-        sender="search",
-        run_id=run_id,
+    await AgentClient(bus, run_id, sender="search").emit(
+        RunStarted(config=record["settings"], queries=tuple(queries))
     )
     bound.info("search started", queries=len(queries), resumed=plan.run_id is not None)
     outcome = RunOutcome(run_id=run_id, status="failed")
@@ -210,17 +207,14 @@ async def _finish(
 async def _emit_finished(
     bus: Bus, run_id: str, status: str, *, error: str | None, best: SearchResult | None = None
 ) -> Envelope:
-    return await bus.emit(
-        topics.EVENTS,
+    return await AgentClient(bus, run_id, sender="search").emit(
         RunFinished(
             status=status,  # type: ignore[arg-type]
             best_node_id=best.best.node_id if best else None,
             best_prompt=best.best.system_prompt if best else None,
             best_score=best.best_score if best else None,
             error=error,
-        ),
-        sender="search",
-        run_id=run_id,
+        )
     )
 
 

@@ -24,18 +24,15 @@ import anyio
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
-from drpo.agents import topics
 from drpo.agents.aspects import AspectCatalogue
+from drpo.agents.client import AgentClient
 from drpo.agents.retrieval import ICLRetriever
 from drpo.agents.runtime import RunContext
 from drpo.backends.spec import DEFAULT_MODEL, parse_model_spec
-from drpo.bus import RemoteError
 from drpo.bus.messages import (
-    Answer,
     CriticMode,
     ICLExample,
     Judge,
-    Judged,
     Note,
     ProposeAnswer,
     RunFinished,
@@ -188,12 +185,6 @@ class EvalOutcome:
         return data
 
 
-def _is_budget_error(exc: BaseException) -> bool:
-    if isinstance(exc, BudgetExceeded):
-        return True
-    return isinstance(exc, RemoteError) and exc.failure.error_type == BudgetExceeded.__name__
-
-
 async def _retrieve_all(
     prompts: Sequence[EvalPrompt], queries: Sequence[EvalQuery], k: int
 ) -> list[list[tuple[ICLExample, ...]]]:
@@ -244,11 +235,8 @@ async def run_eval(
     )
     bound = log.bind(run_id=run_id, agent=SENDER)
     await store.set_run_status(run_id, "running")
-    await bus.emit(
-        topics.EVENTS,
-        RunStarted(config=record.config["settings"], queries=tuple(q.instruction for q in queries)),
-        sender=SENDER,
-        run_id=run_id,
+    await AgentClient(bus, run_id, sender=SENDER).emit(
+        RunStarted(config=record.config["settings"], queries=tuple(q.instruction for q in queries))
     )
     items = [[ItemResult() for _ in queries] for _ in prompts]
     outcome = EvalOutcome(run_id, "failed", items=items, prompts=prompts, queries=queries)
@@ -336,7 +324,7 @@ async def _evaluate_all(
     items: list[list[ItemResult]],
     on_item: Callable[[int, int], None] | None,
 ) -> None:
-    bus = session.bus
+    agents = AgentClient(session.bus, run_id, sender=SENDER)
     limiter = anyio.CapacityLimiter(settings.concurrency)
     total = len(prompts) * len(queries)
     done = 0
@@ -347,8 +335,7 @@ async def _evaluate_all(
         node_id = f"e{p}.{q}"
         async with limiter:
             try:
-                reply = await bus.request(
-                    topics.PROPOSE,
+                item.answer = await agents.propose(
                     ProposeAnswer(
                         model=prompt.model or settings.model,
                         system_prompt=prompt.system_prompt,
@@ -358,14 +345,9 @@ async def _evaluate_all(
                         max_tokens=settings.max_tokens,
                         temperature=settings.temperature,
                     ),
-                    sender=SENDER,
-                    run_id=run_id,
                     node_id=node_id,
                 )
-                assert isinstance(reply.payload, Answer)
-                item.answer = reply.payload.text
-                reply = await bus.request(
-                    topics.JUDGE,
+                critique = await agents.judge(
                     Judge(
                         model=settings.judge,
                         query=query.instruction,
@@ -374,23 +356,18 @@ async def _evaluate_all(
                         mode=settings.judge_mode,
                         max_tokens=settings.judge_max_tokens,
                     ),
-                    sender=SENDER,
-                    run_id=run_id,
                     node_id=node_id,
                 )
-                assert isinstance(reply.payload, Judged)
-            except RemoteError as exc:
-                item.error = f"{exc.failure.error_type}: {exc.failure.message}"
+            except Exception as exc:  # one item's failure does not stop the others
+                item.error = f"{type(exc).__name__}: {exc}"
             else:
-                critique = reply.payload.critique
                 if critique.failed:
                     item.judge_error = critique.error or "the verdict could not be read"
                 else:
                     item.scores = {name: s.score for name, s in critique.scores.items()}
                     item.reward = critique.reward
                     item.judge_error = critique.error
-            await bus.emit(
-                topics.EVENTS,
+            await agents.emit(
                 Note(
                     text=f"eval {prompt.label} on query {query.id}",
                     data={
@@ -402,8 +379,6 @@ async def _evaluate_all(
                         "error": item.error or item.judge_error,
                     },
                 ),
-                sender=SENDER,
-                run_id=run_id,
                 node_id=node_id,
             )
         done += 1
@@ -423,10 +398,7 @@ async def _finish(
     result: dict[str, Any] | None,
     error: str | None,
 ) -> None:
-    await session.bus.emit(
-        topics.EVENTS,
-        RunFinished(status=status, error=error),  # type: ignore[arg-type]
-        sender=SENDER,
-        run_id=run_id,
+    await AgentClient(session.bus, run_id, sender=SENDER).emit(
+        RunFinished(status=status, error=error)  # type: ignore[arg-type]
     )
     await session.store.set_run_status(run_id, status, result=result, error=error)  # type: ignore[arg-type]
