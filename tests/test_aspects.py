@@ -143,10 +143,16 @@ def test_prompts_show_every_aspect_and_every_rubric_level() -> None:
     assert template.rstrip().endswith('"Safety": {"rationale": "...", "score": <1-5>}\n}')
 
 
-def test_prompts_version_tracks_the_prompt_texts(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "name",
+    ["_JUDGE_TEMPLATE", "_JUDGE_LENGTH_NOTE", "_DATA_NOTE", "_FENCED_DATA", "_PLAIN_DATA"],
+)
+def test_prompts_version_tracks_the_prompt_texts(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
     from drpo.agents import prompts
 
     assert len(prompts.PROMPTS_VERSION) == 16
     assert prompts._prompts_version() == prompts.PROMPTS_VERSION
-    monkeypatch.setattr(prompts, "_JUDGE_TEMPLATE", prompts._JUDGE_TEMPLATE + " ")
+    monkeypatch.setattr(prompts, name, getattr(prompts, name) + " ")
     assert prompts._prompts_version() != prompts.PROMPTS_VERSION

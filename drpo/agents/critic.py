@@ -1,23 +1,32 @@
 """The critic (dynamic rewarder): picks the aspects that matter for a query, then judges answers.
 
+Both jobs have two modes, chosen per call (:data:`CriticMode`): "json", the paper's JSON replies,
+and "logprobs", a drpo addition for models that expose token probabilities (yes/no per aspect for
+the selection, the expected 1-5 digit per score), which is smoother than a greedy integer and
+meaningful even for a very small local judge. :func:`select_aspects` and :func:`judge` dispatch
+on the mode, so a caller (the agent runtime) only binds a model call and caches.
+
 Faithful to the paper where it matters for the search: the same settings (T=0, seed 0, 2048
 tokens), 2-5 aspects per query in the search and 3-6 for the stricter ICL-stage critic, a 1-5
 score with a rationale per aspect, and the reward as the mean score, 0 for an unreadable verdict.
 
-Where the original crashed or silently zeroed a reward on formatting noise (spec §2.2, §2.3, §9.6),
-the critic instead asks once more with a reminder of the format, then degrades in a recorded way:
-a selection falls back to a fixed default set, a judgement becomes ``Critique(failed=True)``.
+Where the paper crashed or silently zeroed a reward on formatting noise (spec §2.2, §2.3, §9.6),
+drpo can do better, and :class:`CriticPolicy` says which of those repairs are on: ``robust()``
+(the default) has all of them, ``paper()`` none, so the paper preset scores answers the way the
+paper did. Two things hold under every policy: the verdict is read as the last JSON value that
+scores the selected aspects and is not copied from the answer (a reading that changes no
+well-formed verdict, and that hostile text cannot steer), and names are resolved through the
+catalogue with unknown ones dropped (the paper's KeyError on them is a crash worth nothing).
 Backend errors are not caught here; they belong to the caller.
-
-``judge(mode="logprobs")`` is a drpo addition for models that expose token probabilities: each
-aspect is scored by the expected value of the digit the judge would write, which is smoother than
-a greedy integer and meaningful even for a very small local judge.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import anyio
@@ -42,15 +51,116 @@ Variant = Literal["search", "icl"]
 #: The critic's sampling settings in the original (spec §1.1): greedy, seeded, 2048 tokens.
 CRITIC_SETTINGS = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 2048, "seed": 0}
 
-#: Used when the critic's selection cannot be read even after a reminder: the three aspects the
-#: original's critic chose most often (spec §2.2), padded from the catalogue when more are needed.
+#: Used when the critic's selection cannot be read (and the policy allows a fallback): the three
+#: aspects the original's critic chose most often (spec §2.2), padded from the catalogue.
 DEFAULT_SELECTION = ("Helpfulness", "Clarity", "Factuality")
 
-#: Keys added to ``AspectSelection.analysis`` to record what the critic had to repair.
+#: Keys added to ``AspectSelection.analysis`` to record what the critic had to repair. A selection
+#: with ``analysis[FALLBACK_KEY] == "true"`` was not made by the critic and must not be cached.
 FALLBACK_KEY = "fallback"
 ERROR_KEY = "selection_error"
 DROPPED_KEY = "dropped_aspects"
 PADDED_KEY = "padded_aspects"
+
+
+# --------------------------------------------------------------------------------------------
+# Policy
+
+
+@dataclass(frozen=True)
+class CriticPolicy:
+    """Which of drpo's repairs of the paper's critic are on. Each field is one switch.
+
+    ``robust()`` (every field True, the default) is drpo's critic; ``paper()`` (every field
+    False) is the paper's, made usable where it crashed: an unreadable selection stops the run
+    with a :class:`SelectionError` instead of a traceback, and an unreadable verdict is a failed
+    critique (reward 0, as in the paper) instead of a crash on ``int(score)``.
+    """
+
+    #: Ask once more, showing the unusable reply and a reminder of the format, when a selection
+    #: cannot be read (paper: no retry anywhere).
+    selection_retry: bool = True
+    #: Hold a selection to the variant's bounds (2-5, or 3-6 for the ICL critic): too few known
+    #: aspects is unreadable on the first try, padded with defaults after the retry; extra ones
+    #: are cut. Paper: every known aspect the critic named is kept, however many.
+    selection_bounds: bool = True
+    #: When the selection cannot be read, use the default aspects (marked as a fallback, never
+    #: cached). Paper: the run crashed; here it stops with a SelectionError naming the fix.
+    selection_fallback: bool = True
+    #: Ask once more, with a reminder, when a verdict cannot be read or misses selected aspects
+    #: (paper: no retry).
+    judge_retry: bool = True
+    #: Reward = mean over the selected aspects the verdict scores usably; unreadable and
+    #: unselected entries are dropped and recorded. Paper: the mean over every aspect entry
+    #: returned, and one unreadable score makes the whole verdict unreadable.
+    partial_verdicts: bool = True
+    #: Read scores as a careful reader would ("4/5", "Score: 4", "four", "4.5", "8/10" is 4).
+    #: Paper: ``int(score)``, so anything but a whole number is unreadable.
+    lenient_scores: bool = True
+    #: The search judge is told that length alone is neither a virtue nor a fault (not in the
+    #: paper's judge prompt).
+    length_note: bool = True
+    #: The judge prompt quotes the query and answer between lines they cannot close and says the
+    #: quoted parts are data, never instructions (paper: plain <query>/<answer> tags).
+    hardened_wording: bool = True
+
+    @classmethod
+    def robust(cls) -> CriticPolicy:
+        """drpo's critic: every repair on."""
+        return cls()
+
+    @classmethod
+    def paper(cls) -> CriticPolicy:
+        """The paper's critic, usable: every repair off."""
+        return cls(**dict.fromkeys(cls.field_names(), False))
+
+    @classmethod
+    def named(cls, name: str) -> CriticPolicy:
+        """The policy called ``name``: "robust" or "paper"."""
+        if name == "robust":
+            return cls.robust()
+        if name == "paper":
+            return cls.paper()
+        raise ValueError(f"unknown critic policy {name!r}: use 'robust' or 'paper'")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict[str, bool]:
+        return dataclasses.asdict(self)
+
+    @property
+    def selection_version(self) -> str:
+        """A short hash of the switches a selection depends on, for an aspect-cache key: a
+        selection made under one policy is not reused under another that would read it
+        differently."""
+        switches = (self.selection_retry, self.selection_bounds, self.selection_fallback)
+        text = ",".join(str(int(v)) for v in switches)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+ROBUST = CriticPolicy.robust()
+PAPER = CriticPolicy.paper()
+
+
+class SelectionError(ValueError):
+    """The critic's aspect selection could not be read and the policy has no fallback.
+
+    The paper's run crashed here (spec §2.2); the message says why and what to change.
+    """
+
+    def __init__(self, query: str, reason: str) -> None:
+        self.query = query
+        self.reason = reason
+        shown = query if len(query) <= 80 else query[:80] + "..."
+        super().__init__(
+            f"the critic's aspect selection for the query {shown!r} could not be read: {reason}. "
+            "Under the paper's critic policy this stops the run, as it did in the paper. To go "
+            "on, use a critic model that answers the selection reliably (the JSON reply, or yes/no "
+            "token probabilities in logprobs mode), or turn on the critic's fallback to default "
+            "aspects (CriticPolicy.selection_fallback, part of the 'robust' critic policy)."
+        )
 
 
 def _user(content: str) -> ChatMessage:
@@ -82,6 +192,34 @@ def _retry_messages(first: Sequence[ChatMessage], reply: str, reminder: str) -> 
 # Aspect selection
 
 
+async def select_aspects(
+    call: Call,
+    query: str,
+    catalogue: AspectCatalogue,
+    *,
+    mode: CriticMode = "json",
+    variant: Variant = "search",
+    max_tokens: int = 2048,
+    policy: CriticPolicy = ROBUST,
+) -> AspectSelection:
+    """The aspects an answer to ``query`` should be judged on.
+
+    ``mode`` "json" asks for the paper's selection reply (:func:`select_aspects_json`);
+    "logprobs" asks yes/no per aspect (:func:`select_aspects_by_logprobs`, which ignores
+    ``max_tokens``). A selection the critic could not make is a fallback, marked with
+    ``analysis["fallback"] == "true"``, or, when ``policy`` has no fallback, a SelectionError.
+    """
+    if mode == "json":
+        return await select_aspects_json(
+            call, query, catalogue, variant=variant, max_tokens=max_tokens, policy=policy
+        )
+    if mode == "logprobs":
+        return await select_aspects_by_logprobs(
+            call, query, catalogue, variant=variant, policy=policy
+        )
+    raise ValueError(f"unknown critic mode {mode!r}: use 'json' or 'logprobs'")
+
+
 def default_selection(catalogue: AspectCatalogue, count: int) -> tuple[str, ...]:
     """``count`` aspects: the defaults the catalogue has, then catalogue order."""
     names = [n for n in DEFAULT_SELECTION if n in catalogue]
@@ -89,33 +227,44 @@ def default_selection(catalogue: AspectCatalogue, count: int) -> tuple[str, ...]
     return tuple(names[:count])
 
 
-async def select_aspects(
+async def select_aspects_json(
     call: Call,
     query: str,
     catalogue: AspectCatalogue,
     *,
     variant: Variant = "search",
     max_tokens: int = 2048,
+    policy: CriticPolicy = ROBUST,
 ) -> AspectSelection:
-    """The aspects an answer to ``query`` should be judged on; never raises on bad output.
+    """The selection from the paper's JSON reply; raises only SelectionError (see the policy).
 
-    First try: the reply must name at least the variant's minimum of catalogue aspects. Retry
-    (with a reminder): any catalogue aspect is kept, padded with defaults up to the minimum.
-    Otherwise the default selection, marked with ``analysis["fallback"] == "true"``.
     Names outside the catalogue are dropped and listed under ``analysis["dropped_aspects"]``.
+    With ``policy.selection_bounds``, the first reply must name at least the variant's minimum of
+    catalogue aspects, a reply after the retry is padded with defaults up to it, and extra ones
+    are cut at the maximum; without it, any number of known aspects (at least one) is kept.
+    With ``policy.selection_retry`` an unreadable first reply is asked again with a reminder.
+    An unreadable selection is then the default one (``policy.selection_fallback``) or an error.
     """
     low, high = SELECTION_BOUNDS[variant]
+    need = low if policy.selection_bounds else 1
     messages = [_user(selection_prompt(query, catalogue, variant))]
     reply = (await call(_critic_request(messages, max_tokens))).text
     dropped: list[str] = []
     try:
         parsed = parse_selection(reply, catalogue)
         dropped += parsed.dropped
-        if len(parsed.aspects) < low:
-            raise ParseError(f"it named {len(parsed.aspects)} known aspects, at least {low} needed")
-        return _selection(query, parsed.aspects[:high], parsed.reasoning, parsed.analysis, dropped)
+        if len(parsed.aspects) < need:
+            raise ParseError(
+                f"it named {len(parsed.aspects)} known aspects, at least {need} needed"
+                if parsed.aspects
+                else "it named no aspect from the list"
+            )
+        aspects = parsed.aspects[:high] if policy.selection_bounds else parsed.aspects
+        return _selection(query, aspects, parsed.reasoning, parsed.analysis, dropped)
     except ParseError as error:
         first_error = error.reason
+    if not policy.selection_retry:
+        return _unreadable_selection(query, catalogue, low, first_error, policy)
     retry = _retry_messages(messages, reply, selection_reminder(first_error, catalogue, variant))
     reply = (await call(_critic_request(retry, max_tokens))).text
     try:
@@ -124,7 +273,11 @@ async def select_aspects(
         if not parsed.aspects:
             raise ParseError("it named no aspect from the list")
     except ParseError as error:
-        return _fallback_selection(query, catalogue, low, f"{first_error}; then {error.reason}")
+        return _unreadable_selection(
+            query, catalogue, low, f"{first_error}; then {error.reason}", policy
+        )
+    if not policy.selection_bounds:
+        return _selection(query, parsed.aspects, parsed.reasoning, parsed.analysis, dropped)
     aspects = parsed.aspects[:high]
     padding = [n for n in default_selection(catalogue, len(catalogue)) if n not in aspects]
     padded = tuple(padding[: max(0, low - len(aspects))])
@@ -149,9 +302,12 @@ def _selection(
     )
 
 
-def _fallback_selection(
-    query: str, catalogue: AspectCatalogue, count: int, error: str
+def _unreadable_selection(
+    query: str, catalogue: AspectCatalogue, count: int, error: str, policy: CriticPolicy
 ) -> AspectSelection:
+    """The default selection, marked as a fallback, or (no fallback in the policy) an error."""
+    if not policy.selection_fallback:
+        raise SelectionError(query, error)
     aspects = default_selection(catalogue, max(count, len(DEFAULT_SELECTION)))
     return AspectSelection(
         query=query,
@@ -177,13 +333,17 @@ async def judge(
     mode: CriticMode = "json",
     variant: Variant = "search",
     max_tokens: int = 2048,
+    policy: CriticPolicy = ROBUST,
 ) -> Critique:
     """Score ``answer`` on each selected aspect; the reward is the mean score.
 
     Selected names are resolved through the catalogue (aliases included); unknown ones are left
     out. A judgement with no usable score is ``Critique(failed=True)`` with reward 0, as in the
-    paper. When some aspects have scores and others do not, the reward is the mean of those that
-    do and ``error`` says which were missing, while ``failed`` stays False.
+    paper. ``mode`` "json" reads the paper's verdict (``policy`` says how: retry, partial
+    verdicts, score reading, prompt wording); "logprobs" scores each aspect by the expected digit
+    (``policy`` and ``max_tokens`` do not apply: there is nothing to read or retry). When some
+    aspects have scores and others do not, ``error`` says which were missing, while ``failed``
+    stays False.
     """
     aspects = _resolve_selection(selection, catalogue)
     if not aspects:
@@ -193,7 +353,15 @@ async def judge(
         )
     if mode == "json":
         return await _judge_json(
-            call, query, answer, aspects, selection.reasoning, variant, catalogue, max_tokens
+            call,
+            query,
+            answer,
+            aspects,
+            selection.reasoning,
+            variant,
+            catalogue,
+            max_tokens,
+            policy,
         )
     if mode == "logprobs":
         return await _judge_logprobs(call, query, answer, aspects, variant)
@@ -217,18 +385,32 @@ async def _judge_json(
     reasoning: str,
     variant: Variant,
     catalogue: AspectCatalogue,
-    max_tokens: int = 2048,
+    max_tokens: int,
+    policy: CriticPolicy,
 ) -> Critique:
     names = [a.name for a in aspects]
-    messages = [_user(judge_prompt(query, answer, aspects, reasoning, variant))]
-    reply = (await call(_critic_request(messages, max_tokens))).text
-    first, first_error = _try_judgement(reply, names, catalogue)
-    if first is not None and not first.missing:
-        return _critique(first)
-    retry = _retry_messages(messages, reply, judge_reminder(first_error, aspects))
-    second, second_error = _try_judgement(
-        (await call(_critic_request(retry, max_tokens))).text, names, catalogue
+    prompt = judge_prompt(
+        query,
+        answer,
+        aspects,
+        reasoning,
+        variant,
+        length_note=policy.length_note,
+        hardened=policy.hardened_wording,
     )
+    messages = [_user(prompt)]
+
+    def read(reply: str) -> tuple[JudgementParse | None, str]:
+        return _try_judgement(reply, names, catalogue, policy, quoted=(query, answer))
+
+    reply = (await call(_critic_request(messages, max_tokens))).text
+    first, first_error = read(reply)
+    if first is not None and (not first.missing or not policy.judge_retry):
+        return _critique(first)
+    if not policy.judge_retry:
+        return Critique(failed=True, error=f"judge output unreadable: {first_error}")
+    retry = _retry_messages(messages, reply, judge_reminder(first_error, aspects))
+    second, second_error = read((await call(_critic_request(retry, max_tokens))).text)
     candidates = [p for p in (second, first) if p is not None]
     if not candidates:
         return Critique(
@@ -239,11 +421,22 @@ async def _judge_json(
 
 
 def _try_judgement(
-    reply: str, names: Sequence[str], catalogue: AspectCatalogue
+    reply: str,
+    names: Sequence[str],
+    catalogue: AspectCatalogue,
+    policy: CriticPolicy,
+    quoted: Sequence[str],
 ) -> tuple[JudgementParse | None, str]:
     """The parsed judgement (None if unreadable) and what to tell the judge about it."""
     try:
-        parsed = parse_judgement(reply, names, catalogue)
+        parsed = parse_judgement(
+            reply,
+            names,
+            catalogue,
+            lenient_scores=policy.lenient_scores,
+            partial=policy.partial_verdicts,
+            quoted=quoted,
+        )
     except ParseError as error:
         return None, error.reason
     if parsed.missing:
@@ -289,10 +482,20 @@ def yes_probability(choice: Choice) -> float | None:
 
 
 async def select_aspects_by_logprobs(
-    call: Call, query: str, catalogue: AspectCatalogue, *, variant: Variant = "search"
+    call: Call,
+    query: str,
+    catalogue: AspectCatalogue,
+    *,
+    variant: Variant = "search",
+    policy: CriticPolicy = ROBUST,
 ) -> AspectSelection:
     """Ask, for every aspect at once, whether it matters for ``query``; keep those more likely
-    "yes" than "no", most likely first, within the variant's 2-5 (or 3-6) bounds."""
+    "yes" than "no", most likely first, within the variant's 2-5 (or 3-6) bounds.
+
+    The bounds hold under every policy: they are how a ranking becomes a selection, not a repair
+    of a reply. Of the policy only ``selection_fallback`` applies: when no aspect has a yes/no
+    probability, the default selection or a SelectionError.
+    """
     low, high = SELECTION_BOUNDS[variant]
     aspects = list(catalogue)
     relevance: dict[str, float] = {}
@@ -310,7 +513,9 @@ async def select_aspects_by_logprobs(
         for aspect in aspects:
             group.start_soon(ask, aspect)
     if not relevance:
-        return _fallback_selection(query, catalogue, low, "no yes/no probability for any aspect")
+        return _unreadable_selection(
+            query, catalogue, low, "no yes/no probability for any aspect", policy
+        )
     ranked = sorted(relevance, key=lambda name: -relevance[name])  # stable: catalogue order
     likely = [name for name in ranked if relevance[name] > 0.5]
     chosen = ranked[: max(low, min(high, len(likely)))]

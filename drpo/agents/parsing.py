@@ -6,6 +6,11 @@ all, wrap JSON in prose and fences, use single quotes, leave trailing commas, ru
 the middle of an object, and write scores as "4/5" or "Score: 4". Everything here accepts what a
 careful human reader would accept, rejects what they would not, and raises :class:`ParseError`
 with the reason and a snippet of the text when nothing usable is there.
+
+A judge's verdict is read with the text it judged in mind (:func:`find_verdict`): the last JSON
+value that scores the selected aspects and is not a copy of something in the query or answer, so
+neither a quoted list before the verdict nor a verdict-shaped object planted in the answer can
+take its place. Scores outside 1-5 are unreadable rather than clamped (:class:`ScoreRangeError`).
 """
 
 from __future__ import annotations
@@ -102,13 +107,13 @@ def _loads_repaired(candidate: str) -> Any:
         return None
 
 
-def _segments(text: str) -> Iterator[tuple[str, int]]:
-    """Split text into (chunk, state) pieces, honouring both quote styles and escapes.
+def _segments(text: str, begin: int = 0) -> Iterator[tuple[str, int]]:
+    """Split ``text[begin:]`` into (chunk, state) pieces, honouring both quote styles and escapes.
 
     state is 0 outside strings, 1 for a closed string, 2 for a string still open at the end
     (cut off), so callers can use it as a truth value for "inside a string".
     """
-    start, i, quote = 0, 0, ""
+    start, i, quote = begin, begin, ""
     while i < len(text):
         char = text[i]
         if quote:
@@ -148,7 +153,7 @@ def _balanced_end(text: str, start: int) -> int | None:
     stack: list[str] = []
     pairs = {"{": "}", "[": "]"}
     pos = start
-    for chunk, in_string in _segments(text[start:]):
+    for chunk, in_string in _segments(text, start):
         if not in_string:
             for offset, char in enumerate(chunk):
                 if char in pairs:
@@ -194,6 +199,95 @@ def _with_closers(prefix: str) -> str:
     return body + "".join(reversed(stack))
 
 
+_DECODER = json.JSONDecoder(strict=False)
+_OPENER = re.compile(r"[{\[]")
+#: What may follow an opening bracket (after spaces) for a strict read to be worth trying.
+_STRICT_AFTER = {"{": '"}', "[": '"-0123456789{[]tfn'}
+#: What may follow an opening bracket for the repairing reader to try it: a key or an empty
+#: object after "{", an object after "[". Braces in prose and code ("{ return x; }") are skipped.
+_JSONISH_AFTER = {"{": "\"'}", "[": "{"}
+#: Characters the repairing reader may scan per text. Strict JSON is read at C speed; the repairs
+#: scan in Python, and without a bound a long reply full of braces (a judge echoing a 100k-character
+#: answer made of code) would take quadratic time.
+_REPAIR_SCAN_BUDGET = 400_000
+#: The first stretch of text a strict read looks at (it grows when a value runs past it): a
+#: failed read computes its error's line number from the start of what it was given, so reading
+#: in the whole remaining text at every bracket would be quadratic in a long reply.
+_DECODE_WINDOW = 4096
+
+
+def iter_json_values(text: str) -> Iterator[tuple[int, Any]]:
+    """Every complete top-level JSON object or list in ``text``, in reading order, as
+    ``(start, value)``.
+
+    Reading resumes after each value's end, so objects nested inside one are not yielded again.
+    Each value is read strictly first, then with the light repairs of :func:`extract_json`
+    (trailing commas, Python-style quotes and literals). Values cut off by the token limit are not
+    yielded; :func:`cut_off_values` reads those.
+    """
+    budget = _REPAIR_SCAN_BUDGET
+    pos = 0
+    while (match := _OPENER.search(text, pos)) is not None:
+        start = match.start()
+        after = text[start + 1 : start + 200].lstrip()[:1]
+        value: Any = None
+        end = -1
+        if after and after in _STRICT_AFTER[match[0]]:
+            try:
+                value, end = _decode_at(text, start)
+            except (json.JSONDecodeError, RecursionError):
+                value = None
+        if value is None and budget > 0 and (not after or after in _JSONISH_AFTER[match[0]]):
+            close = _balanced_end(text, start)
+            budget -= (len(text) if close is None else close) - start
+            if close is not None:
+                value, end = _loads_repaired(text[start : close + 1]), close + 1
+        if isinstance(value, dict | list):
+            yield start, value
+            pos = end
+        else:
+            pos = start + 1
+
+
+def _decode_at(text: str, start: int) -> tuple[Any, int]:
+    """``raw_decode`` at ``start``, over a window that grows while the value runs past it."""
+    window = _DECODE_WINDOW
+    while True:
+        chunk = text[start : start + window]
+        try:
+            value, end = _DECODER.raw_decode(chunk)
+            return value, start + end
+        except json.JSONDecodeError as error:
+            ran_out = error.msg.startswith("Unterminated") or error.pos >= len(chunk) - 16
+            if start + window >= len(text) or not ran_out:
+                raise
+            window *= 4
+
+
+def cut_off_values(text: str, tries: int = 3) -> Iterator[Any]:
+    """Objects the token limit cut off, each closed and read as far as it goes (see
+    :func:`extract_json`): from the first ``tries`` object openings that never close."""
+    budget = _REPAIR_SCAN_BUDGET
+    for match in re.finditer(r"\{", text):
+        start = match.start()
+        if tries <= 0 or budget <= 0:
+            return
+        if not _looks_like_json(text, start):
+            continue
+        close = _balanced_end(text, start)
+        budget -= (len(text) if close is None else close) - start
+        if close is None:
+            tries -= 1
+            value = _close_truncated(text[start:])
+            if value:
+                yield value
+
+
+def _looks_like_json(text: str, start: int) -> bool:
+    rest = text[start + 1 : start + 200].lstrip()
+    return not rest or rest[0] in _JSONISH_AFTER[text[start]]
+
+
 # --------------------------------------------------------------------------------------------
 # Fields, text and scores
 
@@ -237,39 +331,69 @@ _NUMBER = re.compile(
     r"(?<![\w.])(-?\d+(?:\.\d+)?)(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?))?", re.IGNORECASE
 )
 _WORD_SCORES = {"one": 1.0, "two": 2.0, "three": 3.0, "four": 4.0, "five": 5.0}
+#: What Python's ``int()`` reads from a string (the paper's score reader), bar digit separators.
+_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
 
 
-def parse_score(value: Any) -> float:
-    """A 1-5 score from what a judge wrote: 4, 4.5, "4", "4/5", "8/10", "Score: 4", "four".
+class ScoreRangeError(ParseError):
+    """A score that is a number, but not on the 1-5 scale ("7", 0, "6/5").
 
-    Values are clamped to [1, 5]. A fraction is rescaled to 5 points. Anything with no number,
-    a boolean, NaN, or a number outside [0, 10] (not plausibly a 1-5 score) raises ParseError.
+    Not clamped: a judge that writes 7 on a 1-5 scale has misread the scale or been steered (a
+    hostile answer can ask for "10/5"), and clamping it to 5 would hand that answer a perfect
+    score that can trigger the skip rule. The whole verdict is unreadable instead.
+    """
+
+
+def parse_score(value: Any, *, lenient: bool = True) -> float:
+    """A 1-5 score from what a judge wrote.
+
+    ``lenient`` (drpo's reading) accepts what a careful reader would: 4, 4.5, "4", "4/5",
+    "Score: 4", "**5**", "four"; an explicit fraction is rescaled to 5 points ("8/10" is 4, and a
+    fraction's own bottom, "0/10", is our bottom, 1). Without it, the paper's ``int(score)``: a
+    whole number, as a number or a string of digits; "4.5" or "4/5" is a ParseError.
+    Either way a number outside 1-5 raises :class:`ScoreRangeError`, and anything with no number,
+    a boolean or NaN raises ParseError. A mapping is read through its "score" field.
     """
     if isinstance(value, Mapping):
-        return parse_score(get_field(value, "score", "rating", "value"))
-    if isinstance(value, bool) or value is None:
+        return parse_score(get_field(value, "score", "rating", "value"), lenient=lenient)
+    if isinstance(value, bool) or value is None or not isinstance(value, int | float | str):
         raise ParseError(f"score {value!r} is not a number")
-    if isinstance(value, int | float):
-        number = float(value)
-    elif isinstance(value, str):
-        match = _NUMBER.search(value)
-        if match is None:
-            word = value.strip().strip("*.").lower()
-            if word not in _WORD_SCORES:
-                raise ParseError(f"score {value!r} has no number in it")
-            number = _WORD_SCORES[word]
-        else:
-            number = float(match[1])
-            if match[2] is not None:
-                denominator = float(match[2])
-                if denominator <= 0:
-                    raise ParseError(f"score {value!r} divides by zero")
-                number = number / denominator * 5
-    else:
-        raise ParseError(f"score {value!r} is not a number")
-    if not math.isfinite(number) or not 0 <= number <= 10:
-        raise ParseError(f"score {value!r} is not a score on a 1-5 scale")
-    return min(5.0, max(1.0, number))
+    number = _lenient_number(value) if lenient else _whole_number(value)
+    if not math.isfinite(number) or not 1 <= number <= 5:
+        raise ScoreRangeError(f"score {value!r} is outside the 1-5 scale")
+    return number
+
+
+def _whole_number(value: int | float | str) -> float:
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ParseError(f"score {value!r} is not a whole number")
+        return value
+    if not _INTEGER.fullmatch(value):
+        raise ParseError(f"score {value!r} is not a whole number")
+    return float(int(value))
+
+
+def _lenient_number(value: int | float | str) -> float:
+    if not isinstance(value, str):
+        return float(value)
+    match = _NUMBER.search(value)
+    if match is None:
+        word = value.strip().strip("*.").lower()
+        if word not in _WORD_SCORES:
+            raise ParseError(f"score {value!r} has no number in it")
+        return _WORD_SCORES[word]
+    number = float(match[1])
+    if match[2] is None:
+        return number
+    denominator = float(match[2])
+    if denominator <= 0:
+        raise ParseError(f"score {value!r} divides by zero")
+    if not 0 <= number <= denominator:
+        raise ScoreRangeError(f"score {value!r} is outside its own scale")
+    return max(1.0, number / denominator * 5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +468,7 @@ def _aspect_names(raw: Any) -> list[str]:
 
 @dataclass(frozen=True)
 class JudgementParse:
-    """Scores for the selected aspects, the entries that could not be used, and the selected
+    """Scores for the aspects that count, the entries that could not be used, and the selected
     aspects the judge left out."""
 
     scores: dict[str, AspectScore]
@@ -359,29 +483,51 @@ def parse_judgement(
     source: str | Mapping[str, Any] | list[Any],
     selected: Sequence[str] | None,
     catalogue: AspectCatalogue,
+    *,
+    lenient_scores: bool = True,
+    partial: bool = True,
+    quoted: Sequence[str] = (),
 ) -> JudgementParse:
     """Read ``{Aspect: {"rationale": ..., "score": ...}}`` (the paper's shape) or the variants
     models drift into: bare scores ``{Aspect: 4}``, a wrapper ``{"scores": {...}}``, or a list of
-    ``{"aspect", "score", "rationale"}`` objects. Only the ``selected`` aspects (all catalogue
-    aspects when None) are kept; other keys and unreadable scores are recorded in ``dropped``.
-    Raises ParseError when no selected aspect has a usable score."""
+    ``{"aspect", "score", "rationale"}`` objects.
+
+    From a text, the verdict is the **last** JSON value that names a ``selected`` aspect (any
+    catalogue aspect when None) and is not a copy of a value in the ``quoted`` texts (the query and
+    the answer being judged): see :func:`find_verdict`. Names are resolved through the catalogue
+    (aliases included) and names outside it are dropped, under either setting below: the paper's
+    KeyError on an unknown name would crash a run for nothing.
+
+    ``partial`` (drpo): the verdict counts its selected aspects with a usable score; unselected
+    entries and scores with no number are dropped and recorded. Without it (the paper): every
+    catalogue aspect the verdict returns counts, selected or not, and one unreadable score makes
+    the whole verdict unreadable, as ``int(score)`` raised in the original.
+    ``lenient_scores`` is :func:`parse_score`'s ``lenient``. A score outside 1-5 makes the whole
+    verdict unreadable in every setting (see :class:`ScoreRangeError`).
+    Raises ParseError when no aspect that counts has a usable score.
+    """
     text = source if isinstance(source, str) else None
-    obj = extract_json(source, allow_list=True) if isinstance(source, str) else source
     wanted = None if selected is None else {catalogue[n].name for n in selected if n in catalogue}
+    obj = find_verdict(source, wanted, catalogue, quoted) if isinstance(source, str) else source
     scores: dict[str, AspectScore] = {}
     dropped: list[str] = []
     for name, value in _judgement_entries(obj, catalogue):
         aspect = catalogue.resolve(name)
-        if aspect is None or (wanted is not None and aspect.name not in wanted):
+        if aspect is None:
+            dropped.append(f"{name} (not an aspect in the catalogue)")
+            continue
+        if partial and wanted is not None and aspect.name not in wanted:
             dropped.append(f"{name} (not a selected aspect)")
             continue
         if aspect.name in scores:
             continue
         try:
-            score = parse_score(value)
+            score = parse_score(value, lenient=lenient_scores)
         except ParseError as error:
-            dropped.append(f"{name} ({error.reason})")
-            continue
+            if partial and not isinstance(error, ScoreRangeError):
+                dropped.append(f"{name} ({error.reason})")
+                continue
+            raise ParseError(f"{name}: {error.reason}", text) from None
         rationale = as_text(get_field(value, "rationale", "reason", "explanation", "justification"))
         scores[aspect.name] = AspectScore(score=score, rationale=rationale)
     if not scores:
@@ -392,21 +538,108 @@ def parse_judgement(
     return JudgementParse(scores, tuple(dropped), missing)
 
 
+def find_verdict(
+    text: str,
+    wanted: set[str] | None,
+    catalogue: AspectCatalogue,
+    quoted: Sequence[str] = (),
+) -> Any:
+    """The verdict in a judge's reply: the last JSON value that scores a ``wanted`` aspect.
+
+    Not the first JSON value: a judge may quote a list or an object (often from the answer)
+    before its verdict, and a hostile answer may carry a verdict-shaped object of its own. The
+    last one is where a judge that writes prose, quotes and then its verdict puts the verdict. A
+    value equal to one found anywhere in the ``quoted`` texts is an echo of the material under
+    judgement, not the judge's own verdict, wherever it sits in the reply, so it never counts.
+    None of this changes the reading of a reply that holds one verdict and nothing else.
+    When no complete value qualifies, an object cut off by the token limit is read if it does.
+    """
+    echoes = _json_fingerprints(quoted)
+    found: Any = None
+    copied = 0
+    for _, value in iter_json_values(text):
+        if not _scores_an_aspect(value, wanted, catalogue):
+            continue
+        if _is_echo(value, echoes, catalogue):
+            copied += 1
+            continue
+        found = value
+    if found is not None:
+        return found
+    for value in cut_off_values(text):
+        if _scores_an_aspect(value, wanted, catalogue) and not _is_echo(value, echoes, catalogue):
+            return value
+    names = ", ".join(sorted(wanted)) if wanted else "any aspect"
+    detail = (
+        f"; {copied} verdict-shaped object(s) only repeat one from the query or answer"
+        if copied
+        else ""
+    )
+    raise ParseError(f"no JSON object with scores for {names}{detail}", text)
+
+
+def _scores_an_aspect(value: Any, wanted: set[str] | None, catalogue: AspectCatalogue) -> bool:
+    for name, _ in _judgement_entries(value, catalogue):
+        aspect = catalogue.resolve(name)
+        if aspect is not None and (wanted is None or aspect.name in wanted):
+            return True
+    return False
+
+
+def _is_echo(value: Any, echoes: set[str], catalogue: AspectCatalogue) -> bool:
+    if not echoes:
+        return False
+    return _fingerprint(value) in echoes or _fingerprint(_verdict_body(value, catalogue)) in echoes
+
+
+def _json_fingerprints(texts: Sequence[str]) -> set[str]:
+    """A fingerprint of every JSON object and list in ``texts``, nested ones included."""
+    found: set[str] = set()
+    for text in texts:
+        for _, value in iter_json_values(text):
+            stack = [value]
+            while stack:
+                item = stack.pop()
+                if isinstance(item, dict | list):
+                    found.add(_fingerprint(item))
+                    stack.extend(item.values() if isinstance(item, dict) else item)
+    found.discard("")
+    return found
+
+
+def _fingerprint(value: Any) -> str:
+    """The value as canonical JSON ("" when it cannot be written): equal values, equal text."""
+    try:
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        return ""
+
+
+def _verdict_body(obj: Any, catalogue: AspectCatalogue) -> Any:
+    """The object or list that holds the verdict's entries (inside a wrapper, if any; a few
+    levels at most, so a hostile tower of wrappers cannot exhaust the stack)."""
+    for _ in range(4):
+        if not isinstance(obj, Mapping) or any(catalogue.resolve(str(k)) for k in obj):
+            break
+        inner = get_field(obj, *_WRAPPERS)
+        if not isinstance(inner, Mapping | list):
+            break
+        obj = inner
+    return obj
+
+
 def _judgement_entries(obj: Any, catalogue: AspectCatalogue) -> list[tuple[str, Any]]:
-    if isinstance(obj, list):
+    body = _verdict_body(obj, catalogue)
+    if isinstance(body, list):
         entries = []
-        for item in obj:
+        for item in body:
             name = get_field(item, "aspect", "name", "criterion")
             if isinstance(name, str):
                 entries.append((name, item))
         return entries
-    if not isinstance(obj, Mapping):
+    if not isinstance(body, Mapping):
         return []
-    if not any(catalogue.resolve(str(k)) for k in obj):
-        inner = get_field(obj, *_WRAPPERS)
-        if isinstance(inner, Mapping | list):
-            return _judgement_entries(inner, catalogue)
-    return [(str(k), v) for k, v in obj.items()]
+    return [(str(k), v) for k, v in body.items()]
 
 
 # --------------------------------------------------------------------------------------------
