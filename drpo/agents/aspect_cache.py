@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from drpo.agents.aspects import AspectCatalogue
+from drpo.agents.critic import CriticPolicy
 from drpo.agents.prompts import PROMPTS_VERSION
 from drpo.bus.messages import AspectSelection, CriticMode
 from drpo.runs.store import RunStore, query_hash
@@ -53,12 +54,13 @@ class AspectCache:
         model: str,
         mode: CriticMode,
         variant: str,
+        policy: CriticPolicy,
         catalogue: AspectCatalogue,
     ) -> AspectKey:
         return AspectKey(
             query_hash=query_hash(f"{variant}/{mode}\x00{query}"),
             model=model,
-            version=f"{catalogue.version}:{PROMPTS_VERSION}",
+            version=f"{catalogue.version}:{PROMPTS_VERSION}:{policy.selection_version}",
         )
 
     async def get(self, key: AspectKey) -> AspectSelection | None:

@@ -21,6 +21,7 @@ from anyio.abc import TaskGroup
 from drpo.agents import client, critic, editor, proposer
 from drpo.agents.aspect_cache import AspectCache, AspectKey
 from drpo.agents.aspects import AspectCatalogue
+from drpo.agents.critic import CriticPolicy
 from drpo.backends.base import Completion, CompletionRequest
 from drpo.backends.registry import BackendRegistry
 from drpo.bus import Bus, Envelope
@@ -120,6 +121,7 @@ class AgentRuntime:
                     variant=message.variant,
                     mode=message.mode,
                     max_tokens=message.max_tokens,
+                    policy=message.policy,
                 ),
             )
         call = self._bind(context, message.model, "critic", envelope.node_id)
@@ -132,6 +134,7 @@ class AgentRuntime:
             mode=message.mode,
             variant=message.variant,
             max_tokens=message.max_tokens,
+            policy=CriticPolicy.named(message.policy),
         )
         return Judged(critique=critique)
 
@@ -160,6 +163,7 @@ class AgentRuntime:
             model=message.model,
             mode=message.mode,
             variant=message.variant,
+            policy=CriticPolicy.named(message.policy),
             catalogue=context.catalogue,
         )
         while True:
@@ -188,18 +192,15 @@ class AgentRuntime:
             return cached
         # Its place in the run is its key, whoever asked first: a replay finds it in the journal.
         call = self._bind(context, message.model, "critic", key.place)
-        if message.mode == "logprobs":
-            selection = await critic.select_aspects_by_logprobs(
-                call, message.query, context.catalogue, variant=message.variant
-            )
-        else:
-            selection = await critic.select_aspects(
-                call,
-                message.query,
-                context.catalogue,
-                variant=message.variant,
-                max_tokens=message.max_tokens,
-            )
+        selection = await critic.select_aspects(
+            call,
+            message.query,
+            context.catalogue,
+            mode=message.mode,
+            variant=message.variant,
+            max_tokens=message.max_tokens,
+            policy=CriticPolicy.named(message.policy),
+        )
         await self.aspect_cache.put(key, selection)
         return selection
 

@@ -1,23 +1,42 @@
-"""Settings of one model endpoint: limits, prices and the variable its API key is read from.
+"""Settings of one model endpoint, keyed by model spec under ``[endpoints]`` in a config file.
 
-They are keyed by model spec under ``[endpoints]`` in a config file; the backend kinds read them.
+Each backend kind has its own settings model (see :mod:`drpo.backends.kinds`): an API endpoint
+has rate limits, prices and the variable its key is read from; a local model has a device and
+a dtype. A config names the kind in the key (``[endpoints."openai:gpt-4o"]``), so each entry is
+checked against its own kind's settings.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
-class EndpointSettings(BaseModel):
-    """Limits and prices of one model endpoint (keyed by model spec in ``[endpoints]``)."""
+class KindSettings(BaseModel):
+    """What every kind's settings share: frozen, and unknown keys are errors (typos)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rpm: float | None = None
-    tpm: float | None = None
-    max_in_flight: int = 64
+
+class EndpointSettings(KindSettings):
+    """An OpenAI-compatible endpoint: limits, prices, the key's variable, what it honours."""
+
+    rpm: float | None = Field(default=None, gt=0)
+    tpm: float | None = Field(default=None, gt=0)
+    max_in_flight: int = Field(default=64, ge=1)
+    #: The environment variable the API key is read from (never the key itself).
     api_key_env: str = "OPENAI_API_KEY"
     #: USD per million tokens.
-    input_price: float | None = None
-    cached_input_price: float | None = None
-    output_price: float | None = None
+    input_price: float | None = Field(default=None, ge=0)
+    cached_input_price: float | None = Field(default=None, ge=0)
+    output_price: float | None = Field(default=None, ge=0)
+
+
+class LocalSettings(KindSettings):
+    """A local transformers model: where it runs and in which precision."""
+
+    #: "cpu", "cuda", "cuda:1", ...; None: the GPU when there is one, else the CPU.
+    device: str | None = None
+    #: "float32", "bfloat16", ...; None: the measured default for the device.
+    dtype: str | None = None
+    #: Sequences generated together in one batch.
+    max_batch_size: int = Field(default=8, ge=1)

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 #: How the critic selects aspects and scores answers: "json" (the paper's JSON replies) or
 #: "logprobs" (token probabilities: yes/no per aspect, the expected 1-5 digit per score).
 CriticMode = Literal["json", "logprobs"]
+#: Which of drpo's repairs of the paper's critic are on (see ``drpo.agents.critic.CriticPolicy``).
+CriticPolicyName = Literal["robust", "paper"]
 
 
 class _Value(BaseModel):
@@ -78,6 +80,7 @@ class SelectAspects(_Value):
     max_tokens: int = 2048
     #: "json": the paper's selection reply; "logprobs": yes/no probabilities per aspect.
     mode: CriticMode = "json"
+    policy: CriticPolicyName = "robust"
 
 
 class AspectsSelected(_Value):
@@ -111,6 +114,7 @@ class Judge(_Value):
     mode: CriticMode = "json"
     variant: Literal["search", "icl"] = "search"
     max_tokens: int = 2048
+    policy: CriticPolicyName = "robust"
 
 
 class Judged(_Value):

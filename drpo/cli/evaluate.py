@@ -192,7 +192,7 @@ def _plan(
     """Resolve prompts, load and select queries, build settings; every error is a clean exit."""
     from pydantic import ValidationError
 
-    from drpo.backends.spec import DEFAULT_MODEL, ModelSpecError, parse_model_spec
+    from drpo.backends.kinds import DEFAULT_MODEL, ModelSpecError, parse_model_spec
     from drpo.data.loaders import DataFormatError
     from drpo.jobs.evaluation.protocol import (
         PromptSpecError,

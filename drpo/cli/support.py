@@ -40,7 +40,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors whose message alone tells the user what is wrong and how to fix it."""
     from drpo.backends.base import BackendError
-    from drpo.backends.spec import ModelSpecError
+    from drpo.backends.kinds import ModelSpecError
     from drpo.data.loaders import DataFormatError
     from drpo.jobs.artifact import ArtifactError
     from drpo.jobs.config import ConfigError

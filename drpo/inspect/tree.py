@@ -44,19 +44,10 @@ class AspectVerdict:
 
 @dataclass
 class TreeNode:
-    node_id: str
-    parent_id: str | None
-    level: int
-    system_prompt: str
-    query: str
-    answer: str
-    reward: float
-    score: float
-    path_rewards: list[float]
-    skipped: bool
-    failed: bool
-    error: str | None
-    aspects: list[AspectVerdict]
+    """A search node as the search published it (its ``NodeCreated`` event), and where it stands
+    in the tree."""
+
+    event: NodeCreated
     timestamp: float
     #: ``root``, ``kept`` (by the beam at its level), ``pruned``, or ``open`` (level not done).
     status: str = "open"
@@ -64,6 +55,61 @@ class TreeNode:
     rank: int | None = None
     on_best_path: bool = False
     children: list[str] = field(default_factory=list)
+
+    @property
+    def node_id(self) -> str:
+        return self.event.node_id
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.event.parent_id
+
+    @property
+    def level(self) -> int:
+        return self.event.level
+
+    @property
+    def system_prompt(self) -> str:
+        return self.event.system_prompt
+
+    @property
+    def query(self) -> str:
+        return self.event.query
+
+    @property
+    def answer(self) -> str:
+        return self.event.answer
+
+    @property
+    def reward(self) -> float:
+        return self.event.reward
+
+    @property
+    def score(self) -> float:
+        return self.event.score
+
+    @property
+    def path_rewards(self) -> list[float]:
+        return list(self.event.path_rewards)
+
+    @property
+    def skipped(self) -> bool:
+        return self.event.skipped
+
+    @property
+    def failed(self) -> bool:
+        return self.event.critique.failed
+
+    @property
+    def error(self) -> str | None:
+        return self.event.critique.error
+
+    @property
+    def aspects(self) -> list[AspectVerdict]:
+        return [
+            AspectVerdict(name, verdict.score, verdict.rationale)
+            for name, verdict in self.event.critique.scores.items()
+        ]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -166,24 +212,8 @@ def build_tree(
     nodes: dict[str, TreeNode] = {}
     for node_id in sorted(created, key=node_sort_key):
         event = created[node_id]
-        critique = event.critique
         nodes[node_id] = TreeNode(
-            node_id=node_id,
-            parent_id=event.parent_id,
-            level=event.level,
-            system_prompt=event.system_prompt,
-            query=event.query,
-            answer=event.answer,
-            reward=event.reward,
-            score=event.score,
-            path_rewards=list(event.path_rewards),
-            skipped=event.skipped,
-            failed=critique.failed,
-            error=critique.error,
-            aspects=[
-                AspectVerdict(name, verdict.score, verdict.rationale)
-                for name, verdict in critique.scores.items()
-            ],
+            event=event,
             timestamp=stamps[node_id],
             status="root" if event.parent_id is None else "open",
         )

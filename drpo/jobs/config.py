@@ -11,10 +11,18 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from drpo.backends.settings import EndpointSettings
-from drpo.backends.spec import DEFAULT_MODEL, parse_model_spec
+from drpo.backends.kinds import DEFAULT_MODEL, parse_model_spec, validate_endpoints
+from drpo.backends.settings import KindSettings
 from drpo.bus.messages import CriticMode
 
 
@@ -106,8 +114,14 @@ class OptimizeConfig(_Settings):
     critic: CriticSettings = CriticSettings()
     editor: EditorSettings = EditorSettings()
     data: DataSettings = DataSettings()
-    endpoints: dict[str, EndpointSettings] = Field(default_factory=dict)
+    #: Per model spec, that kind's settings (``[endpoints."openai:gpt-4o"]``).
+    endpoints: dict[str, SerializeAsAny[KindSettings]] = Field(default_factory=dict)
     budget: BudgetSettings = BudgetSettings()
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _endpoints_by_kind(cls, value: Any) -> Any:
+        return validate_endpoints(value) if isinstance(value, dict) else value
 
 
 #: The paper's defaults (spec §3.4): beam 2, 3 actions, depth 20 (+10), T=0.2, k=2, 180 queries,

@@ -15,8 +15,8 @@ import anyio
 from drpo.agents.proposer import build_answer_request, clean_answer
 from drpo.agents.retrieval import ICLRetriever
 from drpo.backends.base import Backend
+from drpo.backends.kinds import DEFAULT_MODEL
 from drpo.backends.registry import BackendRegistry
-from drpo.backends.spec import DEFAULT_MODEL
 from drpo.bus.messages import ICLExample
 from drpo.jobs.artifact import AlignedPrompt
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.client import AgentClient
 from drpo.agents.runtime import RunContext
-from drpo.backends.spec import DEFAULT_MODEL
+from drpo.backends.kinds import DEFAULT_MODEL
 from drpo.bus.messages import (
     CriticMode,
     Critique,

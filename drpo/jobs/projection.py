@@ -24,7 +24,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from drpo.backends.settings import EndpointSettings
 from drpo.jobs.config import OptimizeConfig
 
 #: Characters per token: the rule of thumb of ``drpo.backends.openai_api.estimate_tokens``.
@@ -212,21 +211,12 @@ def estimate_tokens_per_call(config: OptimizeConfig) -> dict[str, TokensPerCall]
 
 
 def price_of(config: OptimizeConfig, spec_text: str) -> Price | None:
-    """What the backend for ``spec_text`` charges, looked up as the backend registry does:
-    the ``[endpoints]`` entry (by full spec, then by model name), else the built-in table;
-    local models are free; None when nothing is known."""
-    from drpo.backends.pricing import PriceTable
-    from drpo.backends.spec import parse_model_spec
+    """What the backend for ``spec_text`` charges (its kind's price lookup, with the run's
+    ``[endpoints]`` settings); None when nothing is known."""
+    from drpo.backends.kinds import parse_model_spec, price_of
 
-    spec = parse_model_spec(spec_text)
-    if spec.kind == "local":
-        return Price(0.0, 0.0)
-    settings = config.endpoints.get(str(spec)) or config.endpoints.get(spec.model)
-    settings = settings or EndpointSettings()
-    if settings.input_price is not None or settings.output_price is not None:
-        return Price(settings.input_price or 0.0, settings.output_price or 0.0)
-    known = PriceTable.default().price_for(spec.model)
-    return Price(known.input_per_m, known.output_per_m) if known is not None else None
+    price = price_of(spec_text, config.endpoints.get(str(parse_model_spec(spec_text))))
+    return Price(price.input_per_m, price.output_per_m) if price is not None else None
 
 
 def project_cost(config: OptimizeConfig, depth: int | None = None) -> CostProjection:
@@ -245,7 +235,7 @@ def project_cost(config: OptimizeConfig, depth: int | None = None) -> CostProjec
         "critic_judge": calls.critic_judge,
         "editor": calls.editor,
     }
-    from drpo.backends.spec import parse_model_spec
+    from drpo.backends.kinds import parse_model_spec
 
     cost: dict[str, float | None] = {}
     unpriced: list[str] = []

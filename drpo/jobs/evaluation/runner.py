@@ -28,7 +28,7 @@ from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.client import AgentClient
 from drpo.agents.retrieval import ICLRetriever
 from drpo.agents.runtime import RunContext
-from drpo.backends.spec import DEFAULT_MODEL, parse_model_spec
+from drpo.backends.kinds import DEFAULT_MODEL, parse_model_spec
 from drpo.bus.messages import (
     CriticMode,
     ICLExample,
