@@ -88,15 +88,29 @@ class AspectsSelected(_Value):
     selection: AspectSelection
 
 
+#: How the aligned model is prompted: "raw" (one completion prompt: the paper's search layout
+#: for models it served itself), "chat" (the paper's layout for chat-only API models: the
+#: instructions and examples as the system message, the framed query as the user message), or
+#: "inference" (the paper's inference layout: no "# instructions" header).
+Framing = Literal["raw", "chat", "inference"]
+#: How the ICL examples are headed: "paper" ("# Query:" first, then "#Query:"/"#Answer:", as the
+#: paper's code writes them) or "uniform" ("# Query:"/"# Answer:" everywhere, like the query).
+ICLHeaders = Literal["paper", "uniform"]
+
+
 class ProposeAnswer(_Value):
     kind: Literal["propose_answer"] = "propose_answer"
     model: str
     system_prompt: str
     icl_examples: tuple[ICLExample, ...] = ()
     query: str
-    framing: Literal["raw", "chat"] = "raw"
+    framing: Framing = "raw"
     max_tokens: int = 512
     temperature: float = 0.0
+    top_p: float = 1.0
+    icl_headers: ICLHeaders = "uniform"
+    #: Cut a runaway continuation (a "# Query:" block the model invents after its answer).
+    cut_runaway: bool = True
 
 
 class Answer(_Value):
@@ -136,6 +150,10 @@ class EditPrompt(_Value):
     max_tokens: int = 2048
     #: "json": the paper's reply format; "text": a plain continuation, for small models.
     format: Literal["json", "text"] = "json"
+    #: Most prompts of the path the editor is shown, the current one included (paper: 5).
+    history_limit: int = Field(default=5, ge=1)
+    #: Ask once more, with a format reminder, for a candidate that cannot be read (paper: no).
+    retry_unreadable: bool = True
 
 
 class PromptCandidates(_Value):
@@ -151,6 +169,11 @@ class EditAnswer(_Value):
     answer: str
     critique: Critique
     max_tokens: int = 2048
+    #: "json": the paper's {analysis, thought, new_response}; "text": a plain continuation.
+    format: Literal["json", "text"] = "json"
+    #: Ask once more, with a format reminder, when the rewrite cannot be read (paper: once too,
+    #: through a bare retry of the same call).
+    retry_unreadable: bool = True
 
 
 class AnswerRewritten(_Value):
