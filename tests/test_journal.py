@@ -103,6 +103,34 @@ def test_content_key_names_what_was_asked_and_the_sample() -> None:
         ),
     }
     assert key not in others and len(others) == 7
+    # the same request at another place in the run (another node or role) is another call
+    assert content_key("openai", "https://api.example/v1", "gpt", request, 0, "editor@n1") != key
+
+
+async def test_replays_follow_the_place_not_the_arrival_order(store: RunStore) -> None:
+    """Identical sampled requests at two nodes: whichever reply arrives first, a replay hands
+    each node the sample it got (the index counts within a place, not across the run)."""
+    run_id = await store.create_run("optimize", {})
+
+    async def two_nodes(caller: JournaledCaller, backend: CountingBackend, first: str):
+        got: dict[str, str] = {}
+
+        async def ask(node: str) -> None:
+            got[node] = (
+                await caller.complete(backend, _ask("same"), role="editor", node_id=node)
+            ).text
+
+        async with anyio.create_task_group() as tg:
+            for node in ("n1.0", "n1.1") if first == "n1.0" else ("n1.1", "n1.0"):
+                tg.start_soon(ask, node)
+                await anyio.wait_all_tasks_blocked()
+        return got
+
+    original = await two_nodes(JournaledCaller(store, run_id), CountingBackend(), "n1.0")
+    assert original["n1.0"] != original["n1.1"]  # two samples
+    backend = CountingBackend()
+    replayed = await two_nodes(JournaledCaller(store, run_id), backend, "n1.1")  # other order
+    assert replayed == original and backend.calls == 0
 
 
 async def test_a_resumed_caller_replays_recorded_calls_without_the_backend(
@@ -122,17 +150,22 @@ async def test_a_resumed_caller_replays_recorded_calls_without_the_backend(
 
     second_backend = CountingBackend()
     second = JournaledCaller(store, run_id)
-    replayed = [await second.complete(second_backend, r, role="proposer") for r in asked]
+    replayed = [
+        await second.complete(second_backend, r, role="proposer", node_id="n0") for r in asked
+    ]
     assert second_backend.calls == 0
     assert [a.text for a in replayed] == [a.text for a in answers]
     assert all(a.replayed and a.latency_s == 0.5 for a in replayed)
     assert [a.journal_key for a in replayed] == [a.journal_key for a in answers]
     assert second.counters["proposer"].replayed == 4 and second.counters["proposer"].calls == 0
 
-    extra = await second.complete(second_backend, _ask("a"), role="proposer")  # a third sample
+    # a third sample of "a" at n0, and a first one elsewhere: both new calls
+    extra = await second.complete(second_backend, _ask("a"), role="proposer", node_id="n0")
     assert (extra.text, extra.replayed, second_backend.calls) == ("a #1", False, 1)
     await store.flush()
     assert [c.replayed for c in await store.list_calls(run_id)] == [1, 1, 1, 1, 0]
+    elsewhere = await second.complete(second_backend, _ask("a"), role="proposer", node_id="n1")
+    assert not elsewhere.replayed and second_backend.calls == 2
     other_run = JournaledCaller(store, await store.create_run("optimize", {}))
     assert not (await other_run.complete(second_backend, _ask("a"), role="proposer")).replayed
 

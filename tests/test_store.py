@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -12,17 +14,19 @@ import anyio.lowlevel
 import pytest
 
 from drpo.bus.messages import AspectSelection, Envelope, Note
-from drpo.runs import paths
+from drpo.runs import paths, schema
 from drpo.runs.schema import APPLICATION_ID, SCHEMA_VERSION
 from drpo.runs.store import (
     AmbiguousRunIdError,
     CallRecord,
     DatabaseNotFoundError,
+    LeaseLostError,
     NotADatabaseError,
     NotADrpoDatabaseError,
     ReadOnlyPathError,
     ReadOnlyStoreError,
     RunNotFoundError,
+    RunOwnedError,
     RunStore,
     SchemaVersionError,
     StoreClosedError,
@@ -288,11 +292,31 @@ async def test_a_blank_sqlite_file_becomes_a_drpo_database(tmp_path: Path) -> No
         assert len(await store.list_runs()) == 1
 
 
+async def test_an_older_schema_is_migrated_in_place_keeping_its_runs(tmp_path: Path) -> None:
+    path = tmp_path / "drpo.db"
+    async with RunStore.open(path) as store:
+        run_id = await store.create_run("optimize", {"settings": {}})
+    conn = sqlite3.connect(path)  # make it a version-1 database: no leases table
+    conn.execute("DROP TABLE leases")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    async with RunStore.open(path, readonly=True) as store:  # a viewer reads it as it is
+        assert (await store.get_run(run_id)).kind == "optimize"
+    async with RunStore.open(path) as store:
+        assert (await store.get_run(run_id)).kind == "optimize"
+        assert await store.get_lease(run_id) is None  # the new table exists
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
 @pytest.mark.parametrize("version", [SCHEMA_VERSION + 98, SCHEMA_VERSION - 1])
 @pytest.mark.parametrize("readonly", [False, True], ids=["write", "readonly"])
 async def test_another_schema_version_is_refused_untouched(
-    tmp_path: Path, version: int, readonly: bool
+    tmp_path: Path, version: int, readonly: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(schema, "MIGRATIONS", {})  # an older version with no migration path
     path = tmp_path / "drpo.db"
     await _make_db(path)
     conn = sqlite3.connect(path)
@@ -432,3 +456,57 @@ def test_default_paths_follow_xdg_and_drpo_db(
     )
     with pytest.raises(ValueError):
         paths.run_log_path("../escape")
+
+
+# ------------------------------------------------------------------------------------ leases
+
+
+async def test_one_owner_per_run_and_a_clear_refusal_for_the_second(tmp_path: Path) -> None:
+    async with RunStore.open(tmp_path / "drpo.db") as store:
+        run_id = await store.create_run("optimize", {})
+        mine = await store.acquire_lease(run_id, "a", pid=os.getpid(), host="h", ttl_s=30)
+        assert (mine.owner, mine.pid) == ("a", os.getpid())
+        with pytest.raises(RunOwnedError, match=rf"process {os.getpid()} on h.*--force"):
+            await store.acquire_lease(run_id, "b", pid=os.getpid(), host="h", ttl_s=30)
+        again = await store.acquire_lease(run_id, "a", pid=os.getpid(), host="h", ttl_s=30)
+        assert again.owner == "a"  # the owner may take it again (a heartbeat of sorts)
+        await store.release_lease(run_id, "a")
+        assert (await store.acquire_lease(run_id, "b", pid=1, host="h", ttl_s=30)).owner == "b"
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped: it names no process now."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
+async def test_a_dead_owners_lease_is_taken_over(tmp_path: Path) -> None:
+    dead_pid = _dead_pid()
+    async with RunStore.open(tmp_path / "drpo.db") as store:
+        run_id = await store.create_run("optimize", {})
+        await store.acquire_lease(run_id, "killed", pid=dead_pid, host="h", ttl_s=30)
+        # on the same host a vanished pid frees the lease at once
+        taken = await store.acquire_lease(run_id, "next", pid=os.getpid(), host="h", ttl_s=30)
+        assert taken.owner == "next"
+        # on another host only the heartbeat can tell: fresh, it is refused; stale, taken
+        with pytest.raises(RunOwnedError):
+            await store.acquire_lease(run_id, "far", pid=os.getpid(), host="other", ttl_s=30)
+        assert (
+            await store.acquire_lease(run_id, "far", pid=os.getpid(), host="other", ttl_s=0)
+        ).owner == "far"
+
+
+async def test_force_takes_a_live_lease_and_the_old_owner_learns_it(tmp_path: Path) -> None:
+    async with RunStore.open(tmp_path / "drpo.db") as store:
+        run_id = await store.create_run("optimize", {})
+        await store.acquire_lease(run_id, "old", pid=os.getpid(), host="h", ttl_s=30)
+        await store.renew_lease(run_id, "old")
+        forced = await store.acquire_lease(
+            run_id, "new", pid=os.getpid(), host="h", ttl_s=30, force=True
+        )
+        assert forced.owner == "new"
+        with pytest.raises(LeaseLostError, match="taken over"):
+            await store.renew_lease(run_id, "old")
+        await store.release_lease(run_id, "old")  # releasing someone else's lease does nothing
+        assert (await store.get_lease(run_id)).owner == "new"

@@ -5,11 +5,11 @@ makes again is answered from the journal instead of the backend, so a run killed
 resumes to the same result and pays for no call twice. That needs three things:
 
 * **A content key** (:func:`content_key`) that names a call by what was asked (backend, endpoint,
-  model, request) and by its ``sample_index``: how many times this same request was asked before
-  in the run. Asking the same thing twice at temperature 0.7 must give two samples, and a replay
-  must hand them back in the same order. The index is assigned when :meth:`JournaledCaller.complete`
-  is entered, before it awaits anything, so concurrent identical requests are numbered in call
-  order, which a replayed search reproduces.
+  model, request), by where it was asked (its *place*: the agent role and the search node, such
+  as ``editor@n3.1``), and by its ``sample_index``: how many identical requests were made at that
+  place before. Asking the same thing twice at temperature 0.7 gives two samples, and a replay
+  hands each node back its own samples whatever order the replies arrive in, because the index
+  counts only within one place, whose requests are made in a fixed order.
 * **Write before use.** A new call's journal entry is committed before ``complete`` returns.
 * **Failures are not results.** A failed call is journaled with status ``error`` (for the record
   and the budget) and is made again on replay.
@@ -39,7 +39,7 @@ from drpo.backends.base import Backend, Completion, CompletionRequest
 from drpo.runs.store import CallRecord, RunStore
 
 #: Part of every key, so that a future change of the key's recipe cannot match old entries.
-KEY_FORMAT = "drpo.call/1"
+KEY_FORMAT = "drpo.call/2"
 
 
 class BudgetExceeded(Exception):
@@ -86,8 +86,13 @@ def _request_identity(
     )
 
 
-def _key_of(identity: str, sample_index: int) -> str:
-    return hashlib.sha256(f"{identity}#{sample_index}".encode()).hexdigest()
+def _key_of(identity: str, place: str, sample_index: int) -> str:
+    return hashlib.sha256(f"{identity}@{place}#{sample_index}".encode()).hexdigest()
+
+
+def place_of(role: str, node_id: str | None) -> str:
+    """Where in a run a call is made: its role at its search node (``critic@n2.0.1``)."""
+    return f"{role}@{node_id or ''}"
 
 
 def content_key(
@@ -96,10 +101,12 @@ def content_key(
     model: str,
     request: CompletionRequest,
     sample_index: int,
+    place: str = "",
 ) -> str:
-    """The journal key of a call: sha256 over canonical JSON of what was asked, and the index of
-    this sample among identical requests of the run."""
-    return _key_of(_request_identity(backend_name, endpoint, model, request), sample_index)
+    """The journal key of a call: sha256 over canonical JSON of what was asked, where it was
+    asked, and the index of this sample among identical requests at that place."""
+    identity = _request_identity(backend_name, endpoint, model, request)
+    return _key_of(identity, place, sample_index)
 
 
 @dataclass(slots=True)
@@ -134,7 +141,7 @@ class JournaledCaller:
         self.run_id = run_id
         self.max_calls = max_calls
         self.max_cost_usd = max_cost_usd
-        self._asked: Counter[str] = Counter()
+        self._asked: Counter[tuple[str, str]] = Counter()
         self._loaded = False
         self._load_lock = anyio.Lock()
         self._replayable: set[str] = set()
@@ -225,11 +232,12 @@ class JournaledCaller:
         Raises :class:`BudgetExceeded` instead of making a new call over budget, and re-raises
         the backend's error after journaling it.
         """
-        # Numbered before the first await, so concurrent identical requests keep call order.
+        # Numbered before the first await, among identical requests at the same place only.
         identity = _request_identity(backend.name, backend.endpoint, backend.model, request)
-        sample_index = self._asked[identity]
-        self._asked[identity] += 1
-        key = _key_of(identity, sample_index)
+        place = place_of(role, node_id)
+        sample_index = self._asked[identity, place]
+        self._asked[identity, place] += 1
+        key = _key_of(identity, place, sample_index)
 
         if not self._loaded:
             await self._load()

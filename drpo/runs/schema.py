@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: Bump when the schema changes; add a migration from the previous version when you do.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: ``PRAGMA application_id`` of drpo databases ("DRPO" in ASCII): tells other SQLite files apart.
 APPLICATION_ID = 0x4452504F
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -79,6 +79,14 @@ class WriteFailedError(StoreError):
     """A write that nobody awaited failed; reported by the next :meth:`flush`."""
 
 
+class RunOwnedError(StoreError):
+    """Another live process owns the run (holds its lease): two owners would pay twice."""
+
+
+class LeaseLostError(StoreError):
+    """This process's lease on a run was taken over (``--force`` elsewhere): stop working on it."""
+
+
 class RunNotFoundError(StoreError, KeyError):
     """No run has that id (or id prefix)."""
 
@@ -93,7 +101,23 @@ class AmbiguousRunIdError(StoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-DDL = f"""
+#: Who is running a run: one owner at a time, proven alive by its heartbeat (schema 2).
+LEASES_DDL = """
+CREATE TABLE IF NOT EXISTS leases (
+    run_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    acquired_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+#: SQL that brings a database of version N up to N + 1, run in the writer's first transaction.
+MIGRATIONS: dict[int, str] = {1: LEASES_DDL}
+
+DDL = (
+    f"""
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -163,6 +187,20 @@ CREATE TABLE IF NOT EXISTS aspect_cache (
     PRIMARY KEY (query_hash, critic_model, catalogue_version)
 ) WITHOUT ROWID;
 """
+    + LEASES_DDL
+)
+
+
+def check_version(path: Path, version: int) -> None:
+    """Refuse a version this drpo neither writes nor can migrate from (a newer one, or an older
+    one with no migration path)."""
+    if version == SCHEMA_VERSION:
+        return
+    if 0 < version < SCHEMA_VERSION and all(
+        v in MIGRATIONS for v in range(version, SCHEMA_VERSION)
+    ):
+        return
+    raise SchemaVersionError(path, version)
 
 
 @dataclass(frozen=True)
@@ -258,8 +296,7 @@ def probe_database(path: Path) -> Probe:
         return Probe(path, exists=True)  # an empty file is an empty SQLite database
     application_id, version = _header_ids(path, header)
     if application_id == APPLICATION_ID:
-        if version != SCHEMA_VERSION:
-            raise SchemaVersionError(path, version)
+        check_version(path, version)
         return Probe(path, exists=True, version=version)
     tables = _list_tables(path) if application_id == 0 and version == 0 else None
     if tables == []:
@@ -268,8 +305,7 @@ def probe_database(path: Path) -> Probe:
         # the header may be stale while the ids still sit in an un-checkpointed WAL
         application_id, version = _pragma_ids(path)
         if application_id == APPLICATION_ID:
-            if version != SCHEMA_VERSION:
-                raise SchemaVersionError(path, version)
+            check_version(path, version)
             return Probe(path, exists=True, version=version)
     raise NotADrpoDatabaseError(
         f"{path} is an SQLite database of another application (application_id="

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -39,21 +40,25 @@ from drpo.runs.paths import default_db_path
 from drpo.runs.schema import (
     APPLICATION_ID,
     DDL,
+    MIGRATIONS,
     RUN_STATUSES,
     SCHEMA_VERSION,
     TERMINAL_STATUSES,
     AmbiguousRunIdError,
     DatabaseNotFoundError,
+    LeaseLostError,
     NotADatabaseError,
     NotADrpoDatabaseError,
     Probe,
     ReadOnlyPathError,
     ReadOnlyStoreError,
     RunNotFoundError,
+    RunOwnedError,
     SchemaVersionError,
     StoreClosedError,
     StoreError,
     WriteFailedError,
+    check_version,
     check_writable,
     probe_database,
     read_only_uri,
@@ -123,6 +128,18 @@ class CallRecord:
     created_at: float = 0.0
     updated_at: float = 0.0
     id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Who runs a run: an owner token, its process and host, and when it last proved alive."""
+
+    run_id: str
+    owner: str
+    pid: int
+    host: str
+    acquired_at: float
+    heartbeat_at: float
 
 
 @dataclass(slots=True)
@@ -229,6 +246,16 @@ ON CONFLICT (run_id, key) DO UPDATE SET
     updated_at = excluded.updated_at
 WHERE calls.status <> 'ok'
 """
+_TAKE_LEASE = """
+INSERT INTO leases (run_id, owner, pid, host, acquired_at, heartbeat_at)
+VALUES (:run_id, :owner, :pid, :host, :now, :now)
+ON CONFLICT (run_id) DO UPDATE SET
+    owner = excluded.owner, pid = excluded.pid, host = excluded.host,
+    acquired_at = excluded.acquired_at, heartbeat_at = excluded.heartbeat_at
+WHERE leases.owner = :observed OR leases.owner = excluded.owner
+"""
+_RENEW_LEASE = "UPDATE leases SET heartbeat_at = ? WHERE run_id = ? AND owner = ?"
+_DROP_LEASE = "DELETE FROM leases WHERE run_id = ? AND owner = ?"
 _MARK_REPLAYED = "UPDATE calls SET replayed = replayed + 1 WHERE run_id = ? AND key = ?"
 _PUT_ASPECTS = """
 INSERT OR REPLACE INTO aspect_cache (query_hash, critic_model, catalogue_version, selection,
@@ -661,6 +688,84 @@ class RunStore:
             ],
         )
 
+    # ---------------------------------------------------------------- leases
+
+    async def get_lease(self, run_id: str) -> Lease | None:
+        rows = await self._fetchall("SELECT * FROM leases WHERE run_id = ?", (run_id,))
+        return Lease(**{name: rows[0][name] for name in rows[0].keys()}) if rows else None
+
+    async def acquire_lease(
+        self,
+        run_id: str,
+        owner: str,
+        *,
+        pid: int,
+        host: str,
+        ttl_s: float,
+        force: bool = False,
+    ) -> Lease:
+        """Make ``owner`` the run's one owner, unless another live owner holds it.
+
+        A lease is free when nobody holds it, when its heartbeat is older than ``ttl_s``, when
+        its process is gone (same host, no such pid: a kill -9), or with ``force``. The take-over
+        is one conditional write, so of two processes racing for a free lease exactly one wins.
+        Raises :class:`RunOwnedError` naming the owner otherwise.
+        """
+        writer = self._require_writer()
+        held = await self.get_lease(run_id)
+        if held is not None and held.owner != owner and not force and _alive(held, host, ttl_s):
+            raise RunOwnedError(_owned_message(held, ttl_s))
+        params = {
+            "run_id": run_id,
+            "owner": owner,
+            "pid": pid,
+            "host": host,
+            "now": time.time(),
+            "observed": held.owner if held is not None else owner,
+        }
+        await writer.write(_TAKE_LEASE, [params])
+        now_held = await self.get_lease(run_id)
+        if now_held is None or now_held.owner != owner:
+            assert now_held is not None
+            raise RunOwnedError(_owned_message(now_held, ttl_s))
+        return now_held
+
+    async def renew_lease(self, run_id: str, owner: str) -> None:
+        """Prove ``owner`` is alive; raises :class:`LeaseLostError` if the lease was taken."""
+        await self._require_writer().write(_RENEW_LEASE, [(time.time(), run_id, owner)])
+        held = await self.get_lease(run_id)
+        if held is None or held.owner != owner:
+            by = f"process {held.pid} on {held.host}" if held else "nobody"
+            raise LeaseLostError(f"run {run_id} was taken over by {by} (--force); stopping here")
+
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        await self._require_writer().write(_DROP_LEASE, [(run_id, owner)])
+
+
+def _alive(lease: Lease, host: str, ttl_s: float) -> bool:
+    """Whether a lease's owner may still be running: a fresh heartbeat, and (on this host) a
+    process with its pid."""
+    if time.time() - lease.heartbeat_at > ttl_s:
+        return False
+    if lease.host != host:
+        return True  # another machine: only its heartbeat can tell
+    try:
+        os.kill(lease.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _owned_message(lease: Lease, ttl_s: float) -> str:
+    ago = max(0.0, time.time() - lease.heartbeat_at)
+    return (
+        f"run {lease.run_id} is being run by process {lease.pid} on {lease.host} (alive "
+        f"{ago:.0f} s ago); stop that process first. A lease whose owner died is taken over "
+        f"once its heartbeat is {ttl_s:g} s old, or at once with --force"
+    )
+
 
 def _db_path(path: Path | str | None) -> Path:
     if path is not None and str(path) == ":memory:":
@@ -704,15 +809,27 @@ async def _prepare_writer_connection(conn: aiosqlite.Connection, probe: Probe) -
             await conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             created = True
-        elif version != SCHEMA_VERSION:
-            raise SchemaVersionError(probe.path, version)
         else:
+            check_version(probe.path, version)
+            for step in range(version, SCHEMA_VERSION):  # older: migrate in this transaction
+                for statement in MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        await conn.execute(statement)
+            if version != SCHEMA_VERSION:
+                await conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    ("schema_version", str(SCHEMA_VERSION)),
+                )
+                await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             created = False
         await conn.execute("COMMIT")
         if created:
             # move the new header into the main file now, so a reader's header probe sees a
-            # drpo database even while this writer holds the WAL (or if it is killed)
-            await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # drpo database even while this writer holds the WAL (or if it is killed). The
+            # pragma returns a row: read it and close the cursor, or its statement stays in
+            # progress until the cursor is collected, and a COMMIT meanwhile fails.
+            async with conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+                await cursor.fetchall()
     except BaseException:
         with anyio.CancelScope(shield=True):
             await conn.execute("ROLLBACK")
@@ -723,12 +840,15 @@ __all__ = [
     "AmbiguousRunIdError",
     "CallRecord",
     "DatabaseNotFoundError",
+    "Lease",
+    "LeaseLostError",
     "NotADatabaseError",
     "NotADrpoDatabaseError",
     "ReadOnlyPathError",
     "ReadOnlyStoreError",
     "RoleTotals",
     "RunNotFoundError",
+    "RunOwnedError",
     "RunRecord",
     "RunStatus",
     "RunStore",
