@@ -53,7 +53,7 @@ def drpo_env() -> dict[str, str]:
 #: (what a user's Ctrl-C reaches) never starts that way.
 _DRPO_MAIN = (
     "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    "from drpo.cli import main; sys.exit(main())"
+    "from drpo.cli.app import main; sys.exit(main())"
 )
 
 

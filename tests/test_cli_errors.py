@@ -6,7 +6,7 @@ import os
 
 from typer.testing import CliRunner
 
-from drpo.cli import app
+from drpo.cli.app import app
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ from drpo.agents import critic
 from drpo.agents.aspects import AspectCatalogue
 from drpo.backends.base import Choice, Completion, CompletionRequest, TokenLogprob, TopLogprob
 from drpo.bus.messages import AspectSelection
-from drpo.cli import app
+from drpo.cli.app import app
 from drpo.jobs.artifact import AlignedPrompt
 
 QUERIES = [

@@ -439,7 +439,8 @@ def test_eval_stops_at_its_call_budget_and_says_how_to_continue(tmp_path):
         )  # fmt: skip
         assert server.total <= 5
     assert result.exit_code == 1
-    assert "budget_exhausted" in result.output and "--resume" in result.output
+    assert "stopped: budget exhausted" in result.output
+    assert "drpo resume" in result.output and "--max-calls N" in result.output
 
 
 def test_eval_command_rejects_bad_input_cleanly(tmp_path):

@@ -95,12 +95,13 @@ class BeamSearch:
     ) -> None:
         self.agents = AgentClient(bus, run_id, sender="search")
         self.run_id = run_id
-        self.config = config
+        self.config = config = config.settled()
         self.search = config.search
         self.queries = list(queries)
         self.retrieve = retrieve
         #: Called after each level with (level, depth limit); for progress bars.
-        self.on_level: Callable[[int, int], None] | None = None
+        #: Called after each level with (level, depth limit, best score, mean score of the beam).
+        self.on_level: Callable[[int, int, float, float], None] | None = None
 
     # ------------------------------------------------------------------ the algorithm
 
@@ -161,7 +162,7 @@ class BeamSearch:
                 )
             )
             if self.on_level is not None:
-                self.on_level(depth + 1, max_depth)
+                self.on_level(depth + 1, max_depth, scores[0], sum(scores) / len(scores))
             depth += 1
         best, best_score = max(terminal, key=lambda item: item[1])  # first wins ties
         final_beam = sorted(terminal, key=lambda item: item[1], reverse=True)
@@ -219,6 +220,8 @@ class BeamSearch:
                 temperature=self.search.temperature,
                 max_tokens=self.config.editor.max_tokens,
                 format=self.config.editor.format,
+                history_limit=self.search.history,
+                retry_unreadable=self.config.editor.retry_unreadable,
             ),
             node_id=parent.node_id,
         )
@@ -259,9 +262,12 @@ class BeamSearch:
                 system_prompt=prompt,
                 icl_examples=tuple(await self.retrieve(query)),
                 query=query,
-                framing=self.config.proposer.framing,
+                framing=self.config.proposer_framing(),
                 max_tokens=self.config.proposer.max_tokens,
                 temperature=self.config.proposer.temperature,
+                top_p=self.config.proposer.top_p,
+                icl_headers=self.config.proposer.icl_headers,
+                cut_runaway=self.config.proposer.cut_runaway,
             ),
             node_id=node_id,
         )
@@ -276,6 +282,7 @@ class BeamSearch:
                 answer=answer,
                 mode=self.config.critic.mode,
                 max_tokens=self.config.critic.max_tokens,
+                policy=self.config.critic.policy,
             ),
             node_id=node_id,
         )
@@ -324,6 +331,7 @@ class BeamSearch:
                 model=self.config.models.critic,
                 max_tokens=self.config.critic.max_tokens,
                 mode=self.config.critic.mode,
+                policy=self.config.critic.policy,
             )
         )
 

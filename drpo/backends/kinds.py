@@ -50,6 +50,8 @@ class BackendKind:
     build: Callable[[ModelSpec, Any], Backend]
     #: USD per million tokens, or None when unknown.
     price: Callable[[ModelSpec, Any], ModelPrice | None]
+    #: True when the model is served on chat completions only (no raw completion prompts).
+    chat_only: Callable[[ModelSpec], bool] = lambda spec: False
 
 
 # ------------------------------------------------------------------------------------ openai
@@ -116,6 +118,9 @@ KINDS: dict[str, BackendKind] = {
             check=_check_openai,
             build=_build_openai,
             price=_price_openai,
+            # OpenAI's own API serves its chat models on /v1/chat/completions only; another
+            # server (vLLM, SGLang, TGI) may serve a base model on /v1/completions.
+            chat_only=lambda spec: spec.base_url is None,
         ),
         BackendKind(
             name="local",
@@ -184,6 +189,12 @@ def price_of(spec_text: str, settings: Any = None) -> ModelPrice | None:
     """What calls to ``spec_text`` cost, as its backend will charge them."""
     spec = parse_model_spec(spec_text)
     return kind_of(spec.kind).price(spec, endpoint_settings(spec_text, settings))
+
+
+def is_chat_only(spec_text: str) -> bool:
+    """Whether ``spec_text`` names a model served on chat completions only."""
+    spec = parse_model_spec(spec_text)
+    return kind_of(spec.kind).chat_only(spec)
 
 
 def build_backend(spec_text: str, settings: Any = None) -> Backend:

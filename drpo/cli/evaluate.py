@@ -15,7 +15,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from drpo.cli.support import DbOption, console, err_console, fail, resolve_db, run_async
+from drpo.cli.support import (
+    DbOption,
+    console,
+    err_console,
+    fail,
+    report_outcome,
+    resolve_db,
+    run_async,
+)
 
 #: Options that define a new evaluation; ``--resume`` takes them from the run instead.
 _DEFINING = (
@@ -27,6 +35,7 @@ _DEFINING = (
     "model",
     "judge",
     "judge_mode",
+    "preset",
     "limit",
     "sample",
     "seed",
@@ -88,7 +97,14 @@ def eval_command(
     ] = None,
     judge_mode: Annotated[
         str | None,
-        typer.Option(help="json or logprobs. (default: logprobs for a local judge, else json)"),
+        typer.Option(
+            help="json or logprobs. (default: the --preset's; without one, logprobs for a local "
+            "judge, else json)"
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="small (default), robust or paper: the judge's mode and policy."),
     ] = None,
     limit: Annotated[
         int | None, typer.Option(help="Only the first N queries (after --sample).")
@@ -111,7 +127,9 @@ def eval_command(
     ] = None,
     framing: Annotated[
         str | None,
-        typer.Option(help="raw or chat for every prompt (default: the artifact's, else raw)."),
+        typer.Option(
+            help="raw, chat or inference for every prompt (default: the artifact's, else raw)."
+        ),
     ] = None,
     resamples: Annotated[
         int | None, typer.Option(help="Bootstrap resamples. (default: 2000)")
@@ -159,6 +177,7 @@ def eval_command(
             model=model,
             judge=judge,
             judge_mode=judge_mode,
+            preset=preset,
             limit=limit,
             sample=sample,
             seed=seed,
@@ -172,14 +191,33 @@ def eval_command(
             max_calls=max_calls,
             max_cost=max_cost,
         )
-    outcome = run_async(_eval_main, db_path, plan, resume, name, concurrency)
+    _evaluate(db_path, plan, resume, name=name, concurrency=concurrency, json_out=json_out)
+
+
+def resume_evaluation(db: Path, run_id: str, *, budget: Any, force: bool) -> None:
+    """``drpo resume`` of an evaluation: the missing calls, then the report."""
+    _evaluate(db, None, run_id, budget=budget, force=force)
+
+
+def _evaluate(
+    db: Path,
+    plan: Any,
+    resume: str | None,
+    *,
+    name: str | None = None,
+    concurrency: int | None = None,
+    json_out: Path | None = None,
+    budget: Any = None,
+    force: bool = False,
+) -> None:
+    outcome = run_async(_eval_main, db, plan, resume, name, concurrency, budget, force)
     if outcome.result is not None:
         print_report(outcome.result)
     if json_out is not None:
         _write_json(json_out, outcome.export())
         console.print(f"wrote {json_out}")
-    if outcome.status != "finished":
-        raise fail(f"run {outcome.run_id} {outcome.status}: {outcome.error}", code=1)
+    if not report_outcome(outcome):
+        raise typer.Exit(1)
     console.print(f"[bold green]eval run {outcome.run_id} finished[/]")
 
 
@@ -194,6 +232,7 @@ def _plan(
 
     from drpo.backends.kinds import DEFAULT_MODEL, ModelSpecError, parse_model_spec
     from drpo.data.loaders import DataFormatError
+    from drpo.jobs.config import ConfigError, build_config
     from drpo.jobs.evaluation.protocol import (
         PromptSpecError,
         attach_tags,
@@ -240,11 +279,19 @@ def _plan(
     judge = options["judge"] or DEFAULT_MODEL
     judge_mode = options["judge_mode"]
     try:
+        critic = build_config(overrides={"preset": options["preset"] or "small"}).critic
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    try:
+        if judge_mode is None and options["preset"] is not None:
+            judge_mode = critic.mode
         if judge_mode is None:
             judge_mode = "logprobs" if parse_model_spec(judge).kind == "local" else "json"
         fields = {
             "judge": judge,
             "judge_mode": judge_mode,
+            "judge_policy": critic.policy,
+            "judge_max_tokens": critic.max_tokens,
             # plain prompts answer with the artifacts' model, so a comparison is like for like
             "model": next((p.model for p in chosen if p.model), DEFAULT_MODEL),
             "model_override": options["model"],
@@ -274,7 +321,15 @@ def _plan(
     return chosen, query_set, settings, {"tagged": tagged}
 
 
-async def _eval_main(db: Path, plan: Any, resume: str | None, name: str | None, concurrency: Any):
+async def _eval_main(
+    db: Path,
+    plan: Any,
+    resume: str | None,
+    name: str | None,
+    concurrency: Any,
+    budget: Any = None,
+    force: bool = False,
+) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from drpo.jobs.evaluation.runner import RUN_KIND, create_eval_run, run_eval
@@ -298,8 +353,7 @@ async def _eval_main(db: Path, plan: Any, resume: str | None, name: str | None, 
             total = len(prompts) * len(queries)
             verb = "evaluating"
         err_console.print(
-            f"eval run {run_id}: {verb} {total} answers "
-            f"(resume with `drpo eval --resume {run_id[:12]}`)",
+            f"eval run {run_id}: {verb} {total} answers (resume with `drpo resume {run_id[:12]}`)",
             highlight=False,
         )
         progress = Progress(
@@ -309,6 +363,7 @@ async def _eval_main(db: Path, plan: Any, resume: str | None, name: str | None, 
             TimeElapsedColumn(),
             console=err_console,
             transient=True,
+            disable=not err_console.is_terminal,
         )
         task = progress.add_task(f"eval {run_id[:8]}", total=total)
         async with agent_session(store) as session:
@@ -318,6 +373,8 @@ async def _eval_main(db: Path, plan: Any, resume: str | None, name: str | None, 
                     run_id,
                     concurrency=concurrency,
                     on_item=lambda done, _: progress.update(task, completed=done),
+                    budget=budget,
+                    force=force,
                 )
 
 

@@ -1,7 +1,12 @@
-"""What every ``drpo`` subcommand shares: consoles, the --db option, and clean error exits."""
+"""What every ``drpo`` subcommand shares: consoles, the --db option, clean error exits, and how
+a job stops on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,8 +16,19 @@ from rich.console import Console
 
 from drpo.runs.paths import default_db_path
 
-console = Console()
-err_console = Console(stderr=True)
+#: Width of output that is not a terminal (a file, a pipe, CI): wide enough that rich never
+#: wraps or truncates a table cell, so every number is there in full.
+UNBOUNDED_WIDTH = 10_000
+
+
+def _console(*, stderr: bool) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else UNBOUNDED_WIDTH
+    return Console(stderr=stderr, width=width)
+
+
+console = _console(stderr=False)
+err_console = _console(stderr=True)
 
 DbOption = Annotated[
     Path | None,
@@ -37,8 +53,27 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def report_outcome(outcome: Any, *, resume_hint: bool = True) -> bool:
+    """Print how a run ended when it did not finish; True when it finished."""
+    if outcome.status == "finished":
+        return True
+    run_id = outcome.run_id
+    if outcome.status == "budget_exhausted":
+        what = "--max-cost USD" if " cost budget " in (outcome.error or "") else "--max-calls N"
+        title, hint = "stopped: budget exhausted", f"`drpo resume {run_id} {what}`"
+    else:
+        title, hint = outcome.status, f"`drpo resume {run_id}`"
+    err_console.print(
+        f"[bold red]run {run_id} {title}[/]: {outcome.error}"
+        + (f"\n  continue it with {hint}" if resume_hint else ""),
+        highlight=False,
+    )
+    return False
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors whose message alone tells the user what is wrong and how to fix it."""
+    from drpo.agents.critic import SelectionError
     from drpo.backends.base import BackendError
     from drpo.backends.kinds import ModelSpecError
     from drpo.data.loaders import DataFormatError
@@ -52,20 +87,30 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         ConfigError,
         DataFormatError,
         ModelSpecError,
+        SelectionError,
         StoreError,
         LookupError,
     )
 
 
-def run_async(main: Any, *args: Any) -> Any:
-    """Run a coroutine function, turning known user errors into a clean exit."""
+def run_async(main: Any, *args: Any, on_interrupt: Callable[[], None] | None = None) -> Any:
+    """Run a job's coroutine function, turning known user errors into a clean exit.
+
+    Ctrl-C (or SIGTERM) stops the job: every run in flight is cancelled, recorded as
+    interrupted, and its journal committed; then ``on_interrupt`` says how to go on, and the
+    process exits with 130 without waiting for a worker thread still busy (a model being
+    loaded). A second Ctrl-C exits at once.
+    """
     from drpo.jobs.lifecycle import leaf_exceptions
 
     try:
-        return anyio.run(main, *args)
+        return anyio.run(_until_signalled, main, args)
     except KeyboardInterrupt:
-        err_console.print("interrupted; resume with `drpo resume RUN`")
-        raise typer.Exit(130) from None
+        if on_interrupt is not None:
+            on_interrupt()
+        else:
+            err_console.print("interrupted; resume with `drpo resume RUN`")
+        _exit_now(130)
     except (*user_error_types(), UserError) as exc:
         raise fail(str(exc)) from None
     except BaseExceptionGroup as group:
@@ -76,3 +121,39 @@ def run_async(main: Any, *args: Any) -> Any:
         if user_errors and len(user_errors) == len(leaves):
             raise fail(str(user_errors[0])) from None
         raise
+
+
+async def _until_signalled(main: Any, args: tuple[Any, ...]) -> Any:
+    """``main(*args)``, cancelled by the first SIGINT/SIGTERM (then KeyboardInterrupt is raised,
+    once the cancellation has been recorded); a second signal ends the process at once."""
+    stopping = False
+    result: Any = None
+    async with anyio.create_task_group() as watcher:
+        work = anyio.CancelScope()
+
+        async def watch() -> None:
+            nonlocal stopping
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    if stopping:
+                        err_console.print("stopped at once; `drpo resume RUN` continues it")
+                        _exit_now(130)
+                    stopping = True
+                    err_console.print("stopping (press Ctrl-C again to quit at once)...")
+                    work.cancel()
+
+        watcher.start_soon(watch)
+        with work:
+            result = await main(*args)
+        watcher.cancel_scope.cancel()
+    if stopping:
+        raise KeyboardInterrupt
+    return result
+
+
+def _exit_now(code: int) -> None:
+    """Leave without waiting for worker threads (a model load or a batch that is winding
+    down): what must be kept is already committed by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,8 +1,17 @@
 """Settings of a run, from a TOML file and command-line flags, with presets.
 
-Two presets: ``paper`` reproduces the defaults the paper's code runs with (spec §3.4), and
-``small`` (the default) is sized for the embedded 135M model so that ``drpo optimize`` with no
-files given finishes on a 2-core CPU in a few minutes. Every run records its full settings.
+Three presets, for every job alike (optimize, icl, eval, generate):
+
+* ``paper`` is the paper's code to the letter (spec §1-§4): its sizes and sampling, its JSON
+  replies, its ICL block spelling, and none of drpo's repairs (no retries of unreadable replies,
+  no fallback aspects, whole-number scores only, ...);
+* ``robust`` has the paper's sizes with drpo's repairs on (README lists each: setting, the
+  paper's behaviour, ours, why);
+* ``small`` (the default) is ``robust`` sized for the embedded 135M model, so that every job
+  with no files given finishes on a 2-core CPU in minutes: token probabilities instead of JSON
+  verdicts, and plain-text rewrites.
+
+Every run records its full settings.
 """
 
 from __future__ import annotations
@@ -21,9 +30,14 @@ from pydantic import (
     model_validator,
 )
 
-from drpo.backends.kinds import DEFAULT_MODEL, parse_model_spec, validate_endpoints
+from drpo.backends.kinds import (
+    DEFAULT_MODEL,
+    is_chat_only,
+    parse_model_spec,
+    validate_endpoints,
+)
 from drpo.backends.settings import KindSettings
-from drpo.bus.messages import CriticMode
+from drpo.bus.messages import CriticMode, CriticPolicyName, Framing, ICLHeaders
 
 
 class ConfigError(ValueError):
@@ -69,10 +83,19 @@ class SearchSettings(_Settings):
 
 
 class ProposerSettings(_Settings):
-    framing: Literal["raw", "chat"] = "raw"
+    """The model being aligned, during the search (spec §1.1, §1.2)."""
+
+    #: "auto": the paper's chat layout for chat-only API models, else the raw completion layout
+    #: (settled when the run is created and recorded); or "raw", "chat", "inference".
+    framing: Literal["auto", "raw", "chat", "inference"] = "auto"
     k: int = Field(default=2, ge=0, le=8)
     max_tokens: int = Field(default=2048, ge=1)
-    temperature: float = 0.0
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    #: "paper": the ICL block spelled as the paper's code writes it; "uniform": like the query.
+    icl_headers: ICLHeaders = "uniform"
+    #: Cut a "# Query:" block a model invents after its answer (the paper keeps it).
+    cut_runaway: bool = True
 
 
 class CriticSettings(_Settings):
@@ -81,6 +104,8 @@ class CriticSettings(_Settings):
     max_tokens: int = Field(default=2048, ge=16)
     #: Extra aspects with their own rubric: [{name, description, rubric}].
     custom_aspects: tuple[dict[str, Any], ...] = ()
+    #: "robust": drpo's repairs of the paper's critic; "paper": none of them.
+    policy: CriticPolicyName = "robust"
 
 
 class EditorSettings(_Settings):
@@ -89,6 +114,29 @@ class EditorSettings(_Settings):
     #: "json" (the paper's analysis/thought/new_system_prompt reply) or "text" (the prompt is
     #: written as a plain continuation: for models too small to write that JSON).
     format: Literal["json", "text"] = "json"
+    #: Ask once more, with a format reminder, for a rewrite that cannot be read (paper: no).
+    retry_unreadable: bool = True
+
+
+class GenerateSettings(_Settings):
+    """Answering with an aligned prompt (spec §1.3; ``drpo generate`` and ``drpo eval``)."""
+
+    k: int = Field(default=3, ge=0, le=8)
+    max_tokens: int = Field(default=512, ge=1)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    #: "searched": the layout the prompt was searched with (no train/inference mismatch);
+    #: "inference": the paper's inference layout (spec §1.3).
+    framing: Literal["searched", "inference"] = "searched"
+
+
+class ICLSettings(_Settings):
+    """The offline optimization of the ICL examples' answers (spec §4)."""
+
+    #: Rewrite rounds per example (the paper: 5).
+    rounds: int = Field(default=5, ge=0)
+    #: Token limit of a rewritten answer.
+    max_tokens: int = Field(default=2048, ge=16)
 
 
 class DataSettings(_Settings):
@@ -106,13 +154,15 @@ class BudgetSettings(_Settings):
 
 
 class OptimizeConfig(_Settings):
-    preset: Literal["small", "paper"] = "small"
+    preset: Literal["small", "robust", "paper"] = "small"
     name: str | None = None
     models: ModelsSettings = ModelsSettings()
     search: SearchSettings = SearchSettings()
     proposer: ProposerSettings = ProposerSettings()
     critic: CriticSettings = CriticSettings()
     editor: EditorSettings = EditorSettings()
+    generate: GenerateSettings = GenerateSettings()
+    icl: ICLSettings = ICLSettings()
     data: DataSettings = DataSettings()
     #: Per model spec, that kind's settings (``[endpoints."openai:gpt-4o"]``).
     endpoints: dict[str, SerializeAsAny[KindSettings]] = Field(default_factory=dict)
@@ -123,9 +173,26 @@ class OptimizeConfig(_Settings):
     def _endpoints_by_kind(cls, value: Any) -> Any:
         return validate_endpoints(value) if isinstance(value, dict) else value
 
+    def proposer_framing(self) -> Framing:
+        """The concrete layout the search prompts the base model with (see :meth:`settled`)."""
+        framing = self.proposer.framing
+        if framing == "auto":
+            return "chat" if is_chat_only(self.models.base) else "raw"
+        return framing
 
-#: The paper's defaults (spec §3.4): beam 2, 3 actions, depth 20 (+10), T=0.2, k=2, 180 queries,
-#: a JSON judge. Meant for a strong API critic and editor.
+    def settled(self) -> OptimizeConfig:
+        """This config with ``proposer.framing = "auto"`` made concrete for its base model: the
+        paper's chat layout for chat-only API models (OpenAI serves them only on chat
+        completions), the raw completion layout otherwise (base models on vLLM, SGLang, TGI,
+        and the embedded model), as the paper's code did. A run records the settled config."""
+        if self.proposer.framing != "auto":
+            return self
+        proposer = self.proposer.model_copy(update={"framing": self.proposer_framing()})
+        return self.model_copy(update={"proposer": proposer})
+
+
+#: The paper's code to the letter (spec §1-§4, §3.4): beam 2, 3 actions, depth 20 (+10),
+#: T=0.2, k=2, 180 queries, JSON replies, and none of drpo's repairs. Meant for strong API models.
 PAPER_PRESET: dict[str, Any] = {
     "preset": "paper",
     "search": {
@@ -135,15 +202,43 @@ PAPER_PRESET: dict[str, Any] = {
         "depth_extension": 10,
         "temperature": 0.2,
         "num_train_queries": 180,
+        "history": 5,
     },
-    "proposer": {"k": 2, "max_tokens": 2048},
-    "critic": {"mode": "json"},
+    "proposer": {
+        "k": 2,
+        "max_tokens": 2048,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "icl_headers": "paper",
+        "cut_runaway": False,
+    },
+    "critic": {"mode": "json", "max_tokens": 2048, "policy": "paper"},
+    "editor": {"max_tokens": 2048, "format": "json", "retry_unreadable": False},
+    "generate": {
+        "k": 3,
+        "max_tokens": 512,
+        "temperature": 0.7,
+        "top_p": 0.95,
+        "framing": "inference",
+    },
+    "icl": {"rounds": 5, "max_tokens": 2048},
 }
 
-#: Sized for the embedded SmolLM2-135M on a 2-core CPU: a short, narrow search with the
-#: logprobs judge (a 135M model cannot write reliable JSON verdicts, but its digit
-#: probabilities are usable).
+#: The paper's sizes and sampling with drpo's repairs on (see README for each one).
+ROBUST_PRESET: dict[str, Any] = {
+    **PAPER_PRESET,
+    "preset": "robust",
+    "proposer": {**PAPER_PRESET["proposer"], "icl_headers": "uniform", "cut_runaway": True},
+    "critic": {**PAPER_PRESET["critic"], "policy": "robust"},
+    "editor": {**PAPER_PRESET["editor"], "retry_unreadable": True},
+    "generate": {**PAPER_PRESET["generate"], "framing": "searched"},
+}
+
+#: ``robust`` sized for the embedded SmolLM2-135M on a 2-core CPU: a short, narrow search with
+#: the logprobs critic (a 135M model cannot write reliable JSON verdicts, but its digit
+#: probabilities are usable) and plain-text rewrites.
 SMALL_PRESET: dict[str, Any] = {
+    **ROBUST_PRESET,
     "preset": "small",
     "search": {
         "beam_size": 2,
@@ -152,13 +247,16 @@ SMALL_PRESET: dict[str, Any] = {
         "depth_extension": 2,
         "temperature": 0.7,
         "num_train_queries": 12,
+        "history": 5,
     },
-    "proposer": {"k": 1, "max_tokens": 128},
-    "critic": {"mode": "logprobs", "max_tokens": 256},
-    "editor": {"max_tokens": 160, "format": "text"},
+    "proposer": {**ROBUST_PRESET["proposer"], "k": 1, "max_tokens": 128},
+    "critic": {**ROBUST_PRESET["critic"], "mode": "logprobs", "max_tokens": 256},
+    "editor": {**ROBUST_PRESET["editor"], "max_tokens": 160, "format": "text"},
+    "generate": {**ROBUST_PRESET["generate"], "max_tokens": 256},
+    "icl": {"rounds": 2, "max_tokens": 320},
 }
 
-PRESETS = {"small": SMALL_PRESET, "paper": PAPER_PRESET}
+PRESETS = {"small": SMALL_PRESET, "robust": ROBUST_PRESET, "paper": PAPER_PRESET}
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,12 @@
-"""Answer queries with an aligned prompt: the artifact's system prompt plus the top-k ICL
-examples retrieved for each query (spec §1.3).
+"""Answer queries with an aligned prompt: the artifact's system prompt plus the top-k ICL examples
+retrieved for each query (spec §1.3).
 
-The framing defaults to the one the prompt was searched with (recorded in the artifact), which
-removes the paper's train/inference mismatch of header and chat template (spec §9, item 9).
+A generation is a run like any other: its record holds the prompt, the examples, the model, the
+layout and the sampling settings, every answer goes through the run's journal, and an
+interrupted generation resumes for free. The sampling defaults are the paper's at inference
+(T 0.7, top_p 0.95, 512 new tokens): greedy decoding makes small models repeat themselves until
+their token limit. The layout is the one the prompt was searched with (no train/inference
+mismatch, spec §9 item 9) unless the settings ask for the paper's inference layout.
 """
 
 from __future__ import annotations
@@ -11,102 +15,142 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+import structlog
+from pydantic import ValidationError
 
-from drpo.agents.proposer import build_answer_request, clean_answer
+from drpo.agents.aspects import AspectCatalogue
+from drpo.agents.client import AgentClient
 from drpo.agents.retrieval import ICLRetriever
-from drpo.backends.base import Backend
-from drpo.backends.kinds import DEFAULT_MODEL
-from drpo.backends.registry import BackendRegistry
-from drpo.bus.messages import ICLExample
-from drpo.jobs.artifact import AlignedPrompt
+from drpo.agents.runtime import RunContext
+from drpo.backends.kinds import DEFAULT_MODEL, is_chat_only
+from drpo.bus.messages import Framing, ICLExample, ProposeAnswer, RunStarted
+from drpo.jobs.artifact import AlignedPrompt, ArtifactError
+from drpo.jobs.config import BudgetSettings, GenerateSettings, OptimizeConfig
+from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
+from drpo.jobs.session import Session
+from drpo.runs.journal import JournaledCaller
+from drpo.runs.store import RunStore
 
+log = structlog.get_logger("drpo.jobs.generate")
+
+RUN_KIND = "generate"
+SENDER = "generate"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+#: Answers generated at once (the local backend batches them, the API backend pipelines them).
+CONCURRENCY = 64
 
 
-class AlignedGenerator:
-    def __init__(
-        self,
-        backend: Backend,
-        system_prompt: str,
-        examples: Sequence[ICLExample],
-        *,
-        framing: str = "raw",
-        k: int = 3,
-        max_tokens: int = 512,
-        temperature: float = 0.0,
-        registry: BackendRegistry | None = None,
-    ) -> None:
-        self.backend = backend
-        self.system_prompt = system_prompt
-        self.retriever = ICLRetriever(list(examples)) if examples and k else None
-        self.framing = framing
-        self.k = k
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self._registry = registry
+def generation_plan(
+    artifact_path: Path | None,
+    *,
+    model: str | None = None,
+    settings: GenerateSettings | None = None,
+) -> dict:
+    """What a generation needs, from an artifact (or, with none, the unaligned default prompt
+    with no examples): prompt, examples, model, layout and sampling, ready to record."""
+    if artifact_path is None:
+        chosen = settings or GenerateSettings()
+        base = model or DEFAULT_MODEL
+        return {
+            "system_prompt": DEFAULT_SYSTEM_PROMPT,
+            "icl_examples": [],
+            "model": base,
+            "framing": "chat" if is_chat_only(base) else "raw",
+            "artifact": None,
+            "settings": chosen.model_dump(mode="json"),
+        }
+    artifact = AlignedPrompt.load(artifact_path)
+    searched = _searched_config(artifact)
+    chosen = settings or searched.generate
+    framing: Framing = "inference" if chosen.framing == "inference" else searched.proposer_framing()
+    base = model or artifact.base_model
+    return {
+        "system_prompt": artifact.system_prompt,
+        "icl_examples": [e.model_dump() for e in artifact.icl_examples],
+        "model": base,
+        "framing": framing,
+        "artifact": str(artifact_path),
+        "settings": chosen.model_dump(mode="json"),
+    }
 
-    @classmethod
-    def from_artifact(
-        cls,
-        path: Path | None,
-        *,
-        model: str | None = None,
-        k: int = 3,
-        max_tokens: int = 512,
-        temperature: float = 0.0,
-    ) -> AlignedGenerator:
-        """From an artifact file, or (no file) the unaligned default prompt with no examples."""
-        registry = BackendRegistry()
-        if path is None:
-            backend = registry.get(model or DEFAULT_MODEL)
-            return cls(
-                backend,
-                DEFAULT_SYSTEM_PROMPT,
-                (),
-                k=0,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                registry=registry,
-            )
-        artifact = AlignedPrompt.load(path)
-        framing = str(artifact.settings.get("proposer", {}).get("framing", "raw"))
-        backend = registry.get(model or artifact.base_model)
-        return cls(
-            backend,
-            artifact.system_prompt,
-            artifact.icl_examples,
-            framing=framing,
-            k=k,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            registry=registry,
-        )
 
-    async def answer(self, query: str) -> str:
-        examples = await self.retriever.atop_k(query, self.k) if self.retriever else []
-        request = build_answer_request(
-            self.system_prompt,
-            examples,
-            query,
-            framing=self.framing,  # type: ignore[arg-type]
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-        )
-        completion = await self.backend.complete(request)
-        return clean_answer(completion.text)
+def _searched_config(artifact: AlignedPrompt) -> OptimizeConfig:
+    """The settings the artifact's prompt was searched with (defaults where it recorded none,
+    as artifacts written before a setting existed did not)."""
+    known = {k: v for k, v in artifact.settings.items() if k in OptimizeConfig.model_fields}
+    try:
+        return OptimizeConfig.model_validate(known)
+    except ValidationError as exc:
+        raise ArtifactError(f"the artifact's settings cannot be read: {exc}") from None
 
-    async def answer_many(self, queries: Sequence[str]) -> list[str]:
-        """All queries at once: the backend batches (local) or pipelines (API) them."""
+
+async def create_generate_run(
+    store: RunStore, queries: Sequence[str], plan: dict, *, name: str | None = None
+) -> str:
+    """Record a new generation (status ``created``): the plan, the queries, the versions."""
+    if not queries:
+        raise ValueError("a generation needs at least one query")
+    record = {**plan, "queries": list(queries), "versions": run_versions()}
+    return await store.create_run(RUN_KIND, record, name=name)
+
+
+async def run_generate(
+    session: Session,
+    run_id: str,
+    *,
+    budget: BudgetSettings | None = None,
+    force: bool = False,
+) -> RunOutcome[list[str]]:
+    """Run (or resume) the generation recorded as ``run_id``; its result is the answers, in
+    query order."""
+    record = await session.store.get_run(run_id)
+    run_id = record.run_id
+    if record.kind != RUN_KIND:
+        raise ValueError(f"run {run_id} is a {record.kind} run, not a generation")
+    plan = record.config
+    settings = GenerateSettings.model_validate(plan["settings"])
+    queries: list[str] = list(plan["queries"])
+    examples = [ICLExample.model_validate(e) for e in plan["icl_examples"]]
+    budget = budget or BudgetSettings()
+    journal = JournaledCaller(
+        session.store, run_id, max_calls=budget.max_calls, max_cost_usd=budget.max_cost_usd
+    )
+    agents = AgentClient(session.bus, run_id, sender=SENDER)
+
+    async def job() -> JobResult[list[str]]:
+        retriever = ICLRetriever(examples) if examples and settings.k else None
+        chosen = await retriever.atop_k_many(queries, settings.k) if retriever else None
         answers: list[str] = [""] * len(queries)
+        limiter = anyio.CapacityLimiter(CONCURRENCY)
 
-        async def one(index: int, query: str) -> None:
-            answers[index] = await self.answer(query)
+        async def one(index: int) -> None:
+            async with limiter:
+                answers[index] = await agents.propose(
+                    ProposeAnswer(
+                        model=plan["model"],
+                        system_prompt=plan["system_prompt"],
+                        icl_examples=tuple(chosen[index]) if chosen else (),
+                        query=queries[index],
+                        framing=plan["framing"],
+                        max_tokens=settings.max_tokens,
+                        temperature=settings.temperature,
+                        top_p=settings.top_p,
+                    ),
+                    node_id=f"g{index}",
+                )
 
         async with anyio.create_task_group() as tg:
-            for index, query in enumerate(queries):
-                tg.start_soon(one, index, query)
-        return answers
+            for index in range(len(queries)):
+                tg.start_soon(one, index)
+        pairs = zip(queries, answers, strict=True)
+        summary = {"answers": [{"query": q, "answer": a} for q, a in pairs]}
+        return JobResult(answers, summary=summary)
 
-    async def aclose(self) -> None:
-        if self._registry is not None:
-            await self._registry.aclose()
+    catalogue = AspectCatalogue.load_default()
+    session.runtime.attach(RunContext(run_id=run_id, journal=journal, catalogue=catalogue))
+    try:
+        lifecycle = RunLifecycle(session, run_id, sender=SENDER, journal=journal, force=force)
+        started = RunStarted(config={"generate": plan["settings"]}, queries=tuple(queries))
+        return await lifecycle.run(job, started)
+    finally:
+        session.runtime.detach(run_id)

@@ -1,52 +1,52 @@
 """Offline optimization of the ICL examples' answers (spec §4), every example at once.
 
 For each (query, answer): the critic (its "ruthless" variant, 3-6 aspects) judges the answer;
-then, for up to ``rounds`` rounds, the editor rewrites the *latest* answer from its critique and
-the critic judges the rewrite; a rewrite is accepted when its total score is not lower than the
-best so far, and the chain stops early at a perfect score. The chains are independent, so all
-run concurrently: the critical path is one chain (at most 2 + 2 x rounds calls), not the sum.
+then, for up to ``icl.rounds`` rounds, the editor rewrites the *latest* answer from its critique
+and the critic judges the rewrite; a rewrite is accepted when its total score is not lower than
+the best so far, and the chain stops early at a perfect score. The chains are independent, so
+all run concurrently: the critical path is one chain (at most 2 + 2 x rounds calls), not the sum.
+
+An ICL run is a run like a search: its record holds the settings (from the same presets as
+``drpo optimize``), the examples and the output path, every call goes through its journal, and
+``drpo resume RUN`` finishes an interrupted one for free. The examples file is rewritten
+(atomically) each time an example improves, so it always holds the best answers so far.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
 
 from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.client import AgentClient
 from drpo.agents.runtime import RunContext
-from drpo.backends.kinds import DEFAULT_MODEL
 from drpo.bus.messages import (
-    CriticMode,
     Critique,
     EditAnswer,
     ICLExample,
     Judge,
     Note,
-    RunFinished,
+    RunStarted,
     SelectAspects,
 )
+from drpo.jobs.config import BudgetSettings, OptimizeConfig
+from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
 from drpo.jobs.session import Session
-from drpo.runs.journal import BudgetExceeded, JournaledCaller
+from drpo.runs.journal import JournaledCaller
+from drpo.runs.store import RunStore
 
 log = structlog.get_logger("drpo.jobs.icl")
 
-
-class ICLConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    critic: str = DEFAULT_MODEL
-    editor: str = DEFAULT_MODEL
-    rounds: int = Field(default=5, ge=0)
-    mode: CriticMode = "json"
-    max_calls: int | None = None
-    max_cost_usd: float | None = None
+RUN_KIND = "icl"
+SENDER = "icl"
 
 
 @dataclass
@@ -65,71 +65,146 @@ def total_score(critique: Critique) -> float:
     return 0.0 if critique.failed else sum(s.score for s in critique.scores.values())
 
 
-async def optimize_examples(
+async def create_icl_run(
+    store: RunStore,
+    examples: Sequence[ICLExample],
+    config: OptimizeConfig,
+    out: Path,
+    *,
+    limit: int | None = None,
+) -> str:
+    """Record a new ICL run (status ``created``): settings, examples, output file, versions."""
+    chosen = list(examples)[:limit] if limit else list(examples)
+    if not chosen:
+        raise ValueError("an ICL run needs at least one example")
+    record = {
+        "settings": config.model_dump(mode="json"),
+        "icl_examples": [example.model_dump() for example in chosen],
+        "out": str(out),
+        "versions": run_versions(),
+    }
+    return await store.create_run(RUN_KIND, record, name=config.name)
+
+
+async def run_icl(
     session: Session,
     run_id: str,
-    examples: Sequence[ICLExample],
-    config: ICLConfig,
-) -> tuple[list[ICLExample], list[ExampleTrace]]:
-    """Optimize every example's answer concurrently; returns them in input order."""
+    *,
+    budget: BudgetSettings | None = None,
+    force: bool = False,
+) -> RunOutcome[list[ExampleTrace]]:
+    """Run (or resume) the ICL run recorded as ``run_id``, from its record alone."""
+    record = await session.store.get_run(run_id)
+    run_id = record.run_id
+    if record.kind != RUN_KIND:
+        raise ValueError(f"run {run_id} is a {record.kind} run, not an ICL run")
+    config = OptimizeConfig.model_validate(record.config["settings"])
+    if budget is not None:
+        config = config.model_copy(update={"budget": budget})
+    examples = [ICLExample.model_validate(item) for item in record.config["icl_examples"]]
+    out = Path(record.config["out"])
     journal = JournaledCaller(
-        session.store, run_id, max_calls=config.max_calls, max_cost_usd=config.max_cost_usd
+        session.store,
+        run_id,
+        max_calls=config.budget.max_calls,
+        max_cost_usd=config.budget.max_cost_usd,
     )
-    session.runtime.attach(
-        RunContext(run_id=run_id, journal=journal, catalogue=AspectCatalogue.load_default())
-    )
-    improved: list[ICLExample | None] = [None] * len(examples)
-    traces: list[ExampleTrace | None] = [None] * len(examples)
+    catalogue = AspectCatalogue.load_default().with_custom(list(config.critic.custom_aspects))
+    agents = AgentClient(session.bus, run_id, sender=SENDER)
+    best = list(examples)
+    writing = anyio.Lock()
 
-    async def one(index: int, example: ICLExample) -> None:
-        improved[index], traces[index] = await _optimize_one(
-            session, run_id, index, example, config
-        )
+    async def improved(index: int, answer: str) -> None:
+        best[index] = ICLExample(query=examples[index].query, answer=answer)
+        async with writing:
+            await anyio.to_thread.run_sync(write_examples, out, list(best))
 
-    try:
+    async def job() -> JobResult[list[ExampleTrace]]:
+        traces: list[ExampleTrace | None] = [None] * len(examples)
+
+        async def one(index: int) -> None:
+            traces[index] = await _optimize_one(agents, config, index, examples[index], improved)
+
         async with anyio.create_task_group() as tg:
-            for index, example in enumerate(examples):
-                tg.start_soon(one, index, example)
+            for index in range(len(examples)):
+                tg.start_soon(one, index)
+        async with writing:
+            await anyio.to_thread.run_sync(write_examples, out, list(best))
+        done = [trace for trace in traces if trace is not None]
+        summary = {
+            "out": str(out),
+            "examples": len(best),
+            "initial_total": sum(t.initial_total for t in done),
+            "best_total": sum(t.best_total for t in done),
+        }
+        return JobResult(done, summary=summary)
+
+    session.runtime.attach(RunContext(run_id=run_id, journal=journal, catalogue=catalogue))
+    try:
+        lifecycle = RunLifecycle(session, run_id, sender=SENDER, journal=journal, force=force)
+        started = RunStarted(
+            config=record.config["settings"], queries=tuple(e.query for e in examples)
+        )
+        return await lifecycle.run(job, started)
     finally:
         session.runtime.detach(run_id)
-    return [e for e in improved if e is not None], [t for t in traces if t is not None]
 
 
 async def _optimize_one(
-    session: Session, run_id: str, index: int, example: ICLExample, config: ICLConfig
-) -> tuple[ICLExample, ExampleTrace]:
-    agents = AgentClient(session.bus, run_id, sender="icl")
+    agents: AgentClient,
+    config: OptimizeConfig,
+    index: int,
+    example: ICLExample,
+    improved: Callable[[int, str], Awaitable[None]],
+) -> ExampleTrace:
+    """One example's chain: judge, then rewrite the latest answer and judge it, round by round."""
     node = f"icl{index}"
+    critic = config.critic
     selection = await agents.select_aspects(
-        SelectAspects(query=example.query, model=config.critic, variant="icl", mode=config.mode),
+        SelectAspects(
+            query=example.query,
+            model=config.models.critic,
+            variant="icl",
+            mode=critic.mode,
+            max_tokens=critic.max_tokens,
+            policy=critic.policy,
+        ),
         node_id=node,
     )
 
     async def judge(answer: str) -> Critique:
         return await agents.judge(
             Judge(
-                model=config.critic,
+                model=config.models.critic,
                 query=example.query,
                 answer=answer,
                 selection=selection,
-                mode=config.mode,
+                mode=critic.mode,
                 variant="icl",
+                max_tokens=critic.max_tokens,
+                policy=critic.policy,
             ),
             node_id=node,
         )
 
-    current_answer = best_answer = example.answer
+    current_answer = example.answer
     current = await judge(current_answer)
     best = total_score(current)
     perfect = 5.0 * len(selection.aspects)
     trace = ExampleTrace(example.query, best, best, perfect, history=[best])
-    for _ in range(config.rounds):
+    for _ in range(config.icl.rounds):
         if best >= perfect:
             break
         trace.rounds += 1
         rewritten = await agents.edit_answer(
             EditAnswer(
-                model=config.editor, query=example.query, answer=current_answer, critique=current
+                model=config.models.editor,
+                query=example.query,
+                answer=current_answer,
+                critique=current,
+                max_tokens=config.icl.max_tokens,
+                format=config.editor.format,
+                retry_unreadable=config.editor.retry_unreadable,
             ),
             node_id=node,
         )
@@ -140,8 +215,9 @@ async def _optimize_one(
         total = total_score(current)
         trace.history.append(total)
         if total >= best:  # ties are accepted, as in the paper
-            best, best_answer = total, current_answer
+            best = total
             trace.accepted += 1
+            await improved(index, current_answer)
     trace.best_total = best
     await agents.emit(
         Note(
@@ -150,54 +226,17 @@ async def _optimize_one(
         ),
         node_id=node,
     )
-    return ICLExample(query=example.query, answer=best_answer), trace
+    return trace
 
 
-async def run_icl(
-    session: Session,
-    examples: Sequence[ICLExample],
-    config: ICLConfig,
-    out: Path,
-    *,
-    run_id: str | None = None,
-) -> tuple[str, str, list[ExampleTrace]]:
-    """Create (or resume) an ICL run, optimize, write the examples JSON; returns (id, status)."""
-    store = session.store
-    if run_id is None:
-        run_id = await store.create_run(
-            "icl",
-            {
-                "settings": config.model_dump(),
-                "icl_examples": [e.model_dump() for e in examples],
-                "out": str(out),
-            },
-        )
-    await store.set_run_status(run_id, "running")
-    traces: list[ExampleTrace] = []
-    try:
-        improved, traces = await optimize_examples(session, run_id, examples, config)
-        _write_examples(out, improved)
-        result = {
-            "out": str(out),
-            "examples": len(improved),
-            "initial_total": sum(t.initial_total for t in traces),
-            "best_total": sum(t.best_total for t in traces),
-        }
-        status, error = "finished", None
-    except BudgetExceeded as exc:
-        status, error, result = "budget_exhausted", str(exc), None
-    except anyio.get_cancelled_exc_class():
-        with anyio.CancelScope(shield=True):
-            await store.set_run_status(run_id, "interrupted", error="interrupted")
-        raise
-    await AgentClient(session.bus, run_id, sender="icl").emit(
-        RunFinished(status=status, error=error)  # type: ignore[arg-type]
-    )
-    await store.set_run_status(run_id, status, result=result, error=error)  # type: ignore[arg-type]
-    return run_id, status, traces
-
-
-def _write_examples(path: Path, examples: Sequence[ICLExample]) -> None:
+def write_examples(path: Path, examples: Sequence[ICLExample]) -> None:
+    """Write the examples as a JSON list, atomically (a temp file renamed into place), so a
+    reader or a crash never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = [e.model_dump() for e in examples]
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
+    payload = json.dumps([e.model_dump() for e in examples], indent=2, ensure_ascii=False)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
+    ) as handle:
+        handle.write(payload)
+        temp = handle.name
+    os.replace(temp, path)

@@ -12,19 +12,16 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 import structlog
 
 from drpo.agents.aspects import AspectCatalogue
-from drpo.agents.client import AgentClient
 from drpo.agents.retrieval import ICLRetriever
 from drpo.agents.runtime import RunContext
 from drpo.agents.search import BeamSearch, SearchResult
 from drpo.backends.registry import BackendRegistry
-from drpo.bus import Bus, Envelope
-from drpo.bus.messages import ICLExample, RunFinished, RunStarted
+from drpo.bus.messages import ICLExample, RunStarted
 from drpo.data.loaders import (
     default_icl_examples,
     default_train_queries,
@@ -32,31 +29,42 @@ from drpo.data.loaders import (
     load_queries,
 )
 from drpo.jobs.artifact import AlignedPrompt, LevelTrace
-from drpo.jobs.config import OptimizeConfig
-from drpo.jobs.lifecycle import describe_error, leaf_exceptions
+from drpo.jobs.config import BudgetSettings, OptimizeConfig
+from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
 from drpo.jobs.session import Session, agent_session
-from drpo.runs.journal import BudgetExceeded, JournaledCaller
-from drpo.runs.store import RunStore, StoreError
+from drpo.runs.journal import JournaledCaller
+from drpo.runs.paths import run_artifacts_dir
+from drpo.runs.store import RunStore, new_run_id
 
 log = structlog.get_logger("drpo.jobs.optimize")
+
+RUN_KIND = "optimize"
 
 
 @dataclass
 class RunPlan:
-    """A search to run: a new one (``run_id`` None) or one to resume."""
+    """A search to run: a new one (``run_id`` None) or one to resume.
+
+    ``artifact_path`` may hold ``{run_id}``, filled in when the run is created (a sweep's
+    artifacts in one folder); None: ``artifacts/<run>/aligned_prompt.json`` beside the database.
+    """
 
     config: OptimizeConfig
     artifact_path: Path | None = None
     run_id: str | None = None
 
 
-@dataclass
-class RunOutcome:
+@dataclass(frozen=True)
+class LevelProgress:
+    """Where a search stands after a level: for progress bars and progress lines."""
+
     run_id: str
-    status: str
-    artifact_path: Path | None = None
-    result: SearchResult | None = None
-    error: str | None = None
+    level: int
+    depth_limit: int
+    best_score: float
+    mean_score: float
+    calls: int
+    cost_usd: float
 
 
 def draw_query_order(queries: Sequence[str], count: int, seed: int) -> list[str]:
@@ -83,156 +91,141 @@ def run_record(config: OptimizeConfig, queries: list[str], examples: list[ICLExa
     }
 
 
+async def create_search_run(
+    store: RunStore, config: OptimizeConfig, *, artifact_path: Path | None = None
+) -> str:
+    """Record a new search (status ``created``) with everything needed to run it again exactly:
+    its settings (the layout settled for its base model), query order, ICL pool, where its
+    artifact goes, and the versions its requests depend on."""
+    config = config.settled()
+    queries, examples = prepare_inputs(config)
+    run_id = new_run_id()
+    record = {
+        **run_record(config, queries, examples),
+        "artifact": str(artifact_path).replace("{run_id}", run_id) if artifact_path else None,
+        "versions": run_versions(),
+    }
+    return await store.create_run(RUN_KIND, record, name=config.name, run_id=run_id)
+
+
 async def run_searches(
     plans: Sequence[RunPlan],
     *,
     store: RunStore,
     registry: BackendRegistry | None = None,
-    on_level: Callable[[str, int, int], None] | None = None,
+    on_level: Callable[[LevelProgress], None] | None = None,
     on_created: Callable[[str, OptimizeConfig], None] | None = None,
-) -> list[RunOutcome]:
-    """Run every plan concurrently on one bus; returns one outcome per plan, in order."""
+    force: bool = False,
+) -> list[RunOutcome[SearchResult]]:
+    """Run every plan concurrently on one bus; returns one outcome per plan, in order.
+
+    A new plan (no ``run_id``) is created first; a plan with a ``run_id`` resumes that run, its
+    ``config.budget`` replacing the recorded budget.
+    """
     registry = registry or BackendRegistry()
     for plan in plans:
         registry.configure(plan.config.endpoints)
-    outcomes: list[RunOutcome | None] = [None] * len(plans)
+    outcomes: list[RunOutcome[SearchResult] | None] = [None] * len(plans)
+
+    async def one(index: int, plan: RunPlan, session: Session) -> None:
+        run_id = plan.run_id
+        if run_id is None:
+            run_id = await create_search_run(store, plan.config, artifact_path=plan.artifact_path)
+        if on_created is not None:
+            on_created(run_id, plan.config)
+        outcomes[index] = await run_search(
+            session,
+            run_id,
+            budget=plan.config.budget,
+            artifact_path=plan.artifact_path if plan.run_id else None,
+            force=force,
+            on_level=on_level,
+        )
+
     async with agent_session(store, registry) as session:
         async with anyio.create_task_group() as searches:
             for index, plan in enumerate(plans):
-                searches.start_soon(_run_one, index, plan, session, outcomes, on_level, on_created)
+                searches.start_soon(one, index, plan, session)
     return [outcome for outcome in outcomes if outcome is not None]
 
 
-async def _run_one(
-    index: int,
-    plan: RunPlan,
+async def run_search(
     session: Session,
-    outcomes: list[RunOutcome | None],
-    on_level: Callable[[str, int, int], None] | None,
-    on_created: Callable[[str, OptimizeConfig], None] | None,
-) -> None:
-    config = plan.config
-    store, bus, runtime = session.store, session.bus, session.runtime
-    if plan.run_id is None:
-        queries, examples = prepare_inputs(config)
-        record = run_record(config, queries, examples)
-        run_id = await store.create_run("optimize", record, name=config.name)
-    else:
-        run_id = plan.run_id
-        record = (await store.get_run(run_id)).config
-        queries = list(record["queries"])
-        examples = [ICLExample.model_validate(item) for item in record["icl_examples"]]
-    if on_created is not None:
-        on_created(run_id, config)
-    bound = log.bind(run_id=run_id, agent="search")
+    run_id: str,
+    *,
+    budget: BudgetSettings | None = None,
+    artifact_path: Path | None = None,
+    force: bool = False,
+    on_level: Callable[[LevelProgress], None] | None = None,
+) -> RunOutcome[SearchResult]:
+    """Run (or resume) the search recorded as ``run_id``, from its record alone (``budget`` and
+    ``artifact_path`` replace the recorded ones)."""
+    record = await session.store.get_run(run_id)
+    run_id = record.run_id
+    if record.kind != RUN_KIND:
+        raise ValueError(f"run {run_id} is a {record.kind} run, not a search")
+    config = OptimizeConfig.model_validate(record.config["settings"])
+    if budget is not None:
+        config = config.model_copy(update={"budget": budget})
+    queries = list(record.config["queries"])
+    examples = [ICLExample.model_validate(item) for item in record.config["icl_examples"]]
     journal = JournaledCaller(
-        store,
+        session.store,
         run_id,
         max_calls=config.budget.max_calls,
         max_cost_usd=config.budget.max_cost_usd,
     )
     catalogue = AspectCatalogue.load_default().with_custom(list(config.critic.custom_aspects))
-    runtime.attach(RunContext(run_id=run_id, journal=journal, catalogue=catalogue))
     retriever = ICLRetriever(examples, model_path=config.data.retriever)
     k = config.proposer.k
 
     async def retrieve(query: str) -> list[ICLExample]:
         return await retriever.atop_k(query, k) if k else []
 
-    search = BeamSearch(bus, run_id, config, queries, retrieve)
+    search = BeamSearch(session.bus, run_id, config, queries, retrieve)
     if on_level is not None:
-        search.on_level = lambda level, limit: on_level(run_id, level, limit)
-    artifact_path = plan.artifact_path
-    await store.set_run_status(run_id, "running")
-    await AgentClient(bus, run_id, sender="search").emit(
-        RunStarted(config=record["settings"], queries=tuple(queries))
-    )
-    bound.info("search started", queries=len(queries), resumed=plan.run_id is not None)
-    outcome = RunOutcome(run_id=run_id, status="failed")
-    try:
+
+        def level_done(level: int, limit: int, best: float, mean: float) -> None:
+            spent = (journal.calls_spent, journal.cost_spent_usd)
+            on_level(LevelProgress(run_id, level, limit, best, mean, *spent))
+
+        search.on_level = level_done
+    bound = log.bind(run_id=run_id, agent="search")
+
+    async def job() -> JobResult[SearchResult]:
+        bound.info("search started", queries=len(queries), resumed=record.status != "created")
         result = await search.run()
         artifact = build_artifact(run_id, config, result, examples)
-        if artifact_path is not None:
-            artifact.save(artifact_path)
-        outcome = RunOutcome(run_id, "finished", artifact_path, result)
-        summary = {
-            "best_prompt": result.best.system_prompt,
-            "best_score": result.best_score,
-            "best_node_id": result.best.node_id,
-            "levels": result.levels,
-            "artifact": str(artifact_path) if artifact_path else None,
-            "artifact_json": artifact.model_dump(mode="json"),
-        }
-        await _finish(store, bus, run_id, "finished", result=summary, best=result)
-        bound.info("search finished", score=round(result.best_score, 3), levels=result.levels)
-    except anyio.get_cancelled_exc_class():
-        with anyio.CancelScope(shield=True):
-            await _mark_interrupted(store, bus, run_id)
-        raise
-    except Exception as exc:
-        # A budget refusal reaches the search as the agent's RemoteError, often inside
-        # exception groups; the journal knows whether it refused a call for the budget.
-        refused = _budget_refusal(exc) or journal.exhausted
-        if refused is not None:
-            outcome = RunOutcome(run_id, "budget_exhausted", error=str(refused))
-            await _finish(store, bus, run_id, "budget_exhausted", error=str(refused))
-            bound.warning("budget reached; resume with a larger budget", error=str(refused))
-        else:
-            outcome = RunOutcome(run_id, "failed", error=describe_error(exc))
-            await _finish(store, bus, run_id, "failed", error=outcome.error)
-            bound.error("search failed", error=outcome.error)
-    finally:
-        outcomes[index] = outcome
-        runtime.detach(run_id)
-
-
-def _budget_refusal(exc: BaseException) -> BudgetExceeded | None:
-    return next((e for e in leaf_exceptions(exc) if isinstance(e, BudgetExceeded)), None)
-
-
-async def _finish(
-    store: RunStore,
-    bus: Bus,
-    run_id: str,
-    status: str,
-    *,
-    result: dict[str, Any] | None = None,
-    error: str | None = None,
-    best: SearchResult | None = None,
-) -> None:
-    await _emit_finished(bus, run_id, status, error=error, best=best)
-    await store.set_run_status(run_id, status, result=result, error=error)
-
-
-async def _emit_finished(
-    bus: Bus, run_id: str, status: str, *, error: str | None, best: SearchResult | None = None
-) -> Envelope:
-    return await AgentClient(bus, run_id, sender="search").emit(
-        RunFinished(
-            status=status,  # type: ignore[arg-type]
-            best_node_id=best.best.node_id if best else None,
-            best_prompt=best.best.system_prompt if best else None,
-            best_score=best.best_score if best else None,
-            error=error,
+        path = Path(
+            artifact_path
+            or record.config.get("artifact")
+            or run_artifacts_dir(run_id, session.store.path) / "aligned_prompt.json"
         )
-    )
+        artifact.save(path)
+        bound.info("search finished", score=round(result.best_score, 3), levels=result.levels)
+        return JobResult(
+            result,
+            summary={
+                "best_prompt": result.best.system_prompt,
+                "best_score": result.best_score,
+                "best_node_id": result.best.node_id,
+                "levels": result.levels,
+                "artifact": str(path),
+                "artifact_json": artifact.model_dump(mode="json"),
+            },
+            best_node_id=result.best.node_id,
+            best_prompt=result.best.system_prompt,
+            best_score=result.best_score,
+        )
 
-
-async def _mark_interrupted(store: RunStore, bus: Bus, run_id: str) -> None:
-    """Record that a cancelled run was interrupted (call shielded).
-
-    The status comes first: it is what ``drpo resume`` and the views go by. The recorder is
-    being cancelled at the same moment, so the event may miss its last batch; it is also
-    written straight to the store (a message id is stored once, so it is never recorded twice),
-    and both are bounded in time so that a Ctrl-C can never hang on them.
-    """
-    await store.set_run_status(run_id, "interrupted", error="interrupted")
-    with anyio.move_on_after(5):
-        envelope = await _emit_finished(bus, run_id, "interrupted", error="interrupted")
-        try:
-            await store.append_messages([envelope], wait=True)
-        except StoreError as exc:  # the store is closing: the status is what matters
-            log.warning("could not record the interruption event", run_id=run_id, error=str(exc))
+    session.runtime.attach(RunContext(run_id=run_id, journal=journal, catalogue=catalogue))
+    try:
+        lifecycle = RunLifecycle(session, run_id, sender="search", journal=journal, force=force)
+        return await lifecycle.run(
+            job, RunStarted(config=record.config["settings"], queries=tuple(queries))
+        )
+    finally:
+        session.runtime.detach(run_id)
 
 
 def build_artifact(

@@ -181,7 +181,7 @@ def estimate_tokens_per_call(config: OptimizeConfig) -> dict[str, TokensPerCall]
     mean_a = _mean([a for _, a in pool], 0)
     examples = [ICLExample(query="q" * mean_q, answer="a" * mean_a) for _ in range(k)]
     request = build_answer_request(
-        rewritten, examples, query, framing=config.proposer.framing, max_tokens=answer_limit
+        rewritten, examples, query, framing=config.proposer_framing(), max_tokens=answer_limit
     )
     if request.messages is not None:
         proposer_chars = sum(len(m.content) for m in request.messages)

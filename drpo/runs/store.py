@@ -174,6 +174,11 @@ class RunTotals:
         return total
 
 
+def new_run_id() -> str:
+    """A fresh run id (what :meth:`RunStore.create_run` uses when given none)."""
+    return uuid.uuid4().hex
+
+
 def query_hash(query: str) -> str:
     """The key of a query in the aspect cache: sha256 of its text."""
     return hashlib.sha256(query.encode("utf-8")).hexdigest()
@@ -456,7 +461,7 @@ class RunStore:
     ) -> str:
         """Create a run in status ``created``; returns its id once committed."""
         writer = self._require_writer()
-        run_id = run_id or uuid.uuid4().hex
+        run_id = run_id or new_run_id()
         now = time.time()
         await writer.write(
             _INSERT_RUN, [(run_id, kind, name, _dumps(dict(config or {})), now, now)]

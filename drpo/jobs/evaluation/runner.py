@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import structlog
@@ -31,17 +31,20 @@ from drpo.agents.runtime import RunContext
 from drpo.backends.kinds import DEFAULT_MODEL, parse_model_spec
 from drpo.bus.messages import (
     CriticMode,
+    CriticPolicyName,
+    Framing,
     ICLExample,
     Judge,
     Note,
     ProposeAnswer,
-    RunFinished,
     RunStarted,
 )
+from drpo.jobs.config import BudgetSettings
 from drpo.jobs.evaluation.protocol import EvalPrompt, EvalQuery, selection_for
 from drpo.jobs.evaluation.stats import summarize
+from drpo.jobs.lifecycle import JobResult, RunLifecycle, run_versions
 from drpo.jobs.session import Session
-from drpo.runs.journal import BudgetExceeded, JournaledCaller
+from drpo.runs.journal import JournaledCaller
 from drpo.runs.store import RunStore
 
 log = structlog.get_logger("drpo.eval")
@@ -58,6 +61,7 @@ class EvalSettings(BaseModel):
 
     judge: str = DEFAULT_MODEL
     judge_mode: CriticMode = "logprobs"
+    judge_policy: CriticPolicyName = "robust"
     #: Token limit of a JSON verdict (the logprobs judge writes one token per aspect).
     judge_max_tokens: int = Field(default=2048, ge=16)
     #: Base model of prompts that name none (plain prompts); artifacts name their own.
@@ -65,7 +69,7 @@ class EvalSettings(BaseModel):
     #: When set, every prompt uses this model, artifacts included.
     model_override: str | None = None
     #: When set, every prompt uses this framing; else an artifact's own, else "raw".
-    framing: Literal["raw", "chat"] | None = None
+    framing: Framing | None = None
     #: ICL examples retrieved per query for prompts that carry examples (artifacts).
     k: int = Field(default=3, ge=0, le=8)
     max_tokens: int = Field(default=512, ge=1)
@@ -132,6 +136,7 @@ async def create_eval_run(
         },
         "prompts": [p.to_dict() for p in resolved],
         "queries": [q.to_dict() for q in queries],
+        "versions": run_versions(),
     }
     return await store.create_run(RUN_KIND, record, name=name)
 
@@ -211,13 +216,15 @@ async def run_eval(
     *,
     concurrency: int | None = None,
     on_item: Callable[[int, int], None] | None = None,
+    budget: BudgetSettings | None = None,
+    force: bool = False,
 ) -> EvalOutcome:
     """Run (or resume, or recompute) the evaluation recorded as ``run_id``.
 
     ``concurrency`` overrides the recorded cap on items in flight (it changes no result);
     ``on_item(done, total)`` is called as items complete (for progress bars).
     """
-    store, bus, runtime = session.store, session.bus, session.runtime
+    store = session.store
     record = await store.get_run(run_id)
     run_id = record.run_id
     if record.kind != RUN_KIND:
@@ -225,29 +232,24 @@ async def run_eval(
     settings = EvalSettings.model_validate(record.config["settings"]["eval"])
     if concurrency is not None:
         settings = settings.model_copy(update={"concurrency": max(1, concurrency)})
+    if budget is not None:
+        settings = settings.model_copy(
+            update={"max_calls": budget.max_calls, "max_cost_usd": budget.max_cost_usd}
+        )
     prompts = [EvalPrompt.from_dict(p) for p in record.config["prompts"]]
     queries = [EvalQuery.from_dict(q) for q in record.config["queries"]]
     journal = JournaledCaller(
         store, run_id, max_calls=settings.max_calls, max_cost_usd=settings.max_cost_usd
     )
-    runtime.attach(
-        RunContext(run_id=run_id, journal=journal, catalogue=AspectCatalogue.load_default())
-    )
     bound = log.bind(run_id=run_id, agent=SENDER)
-    await store.set_run_status(run_id, "running")
-    await AgentClient(bus, run_id, sender=SENDER).emit(
-        RunStarted(config=record.config["settings"], queries=tuple(q.instruction for q in queries))
-    )
     items = [[ItemResult() for _ in queries] for _ in prompts]
     outcome = EvalOutcome(run_id, "failed", items=items, prompts=prompts, queries=queries)
-    bound.info("evaluation started", prompts=len(prompts), queries=len(queries))
-    try:
+
+    async def job() -> JobResult[EvalOutcome]:
+        bound.info("evaluation started", prompts=len(prompts), queries=len(queries))
         examples = await _retrieve_all(prompts, queries, settings.k)
         await _evaluate_all(session, run_id, settings, prompts, queries, examples, items, on_item)
         failures = [item.error for row in items for item in row if item.error]
-        budget = any(_is_budget_text(e) for e in failures) or (
-            getattr(journal, "exhausted", None) is not None
-        )
         result = summarize(
             [_prompt_info(p, settings) for p in prompts],
             queries,
@@ -273,34 +275,29 @@ async def run_eval(
                 "cost_usd": round(totals.cost_usd, 6),
             },
         }
+        bound.info("evaluation ended", failed=len(failures))
         if not failures:
-            status, error = "finished", None
-        else:
-            status = "budget_exhausted" if budget else "failed"
-            error = (
-                f"{len(failures)} of {len(prompts) * len(queries)} items failed "
-                f"(first: {failures[0]}); continue with `drpo eval --resume {run_id}` "
-                "(recorded calls are replayed for free)"
-            )
-        outcome.status, outcome.result, outcome.error = status, result, error
-        await _finish(session, run_id, status, result, error)
-        bound.info("evaluation ended", status=status, failed=len(failures))
-    except anyio.get_cancelled_exc_class():
-        with anyio.CancelScope(shield=True):
-            await _finish(session, run_id, "interrupted", None, "interrupted")
-        raise
-    except Exception as exc:
-        outcome.status, outcome.error = "failed", f"{type(exc).__name__}: {exc}"
-        with anyio.CancelScope(shield=True):
-            await _finish(session, run_id, "failed", None, outcome.error)
-        bound.error("evaluation failed", error=outcome.error)
+            return JobResult(outcome, summary=result)
+        error = (
+            f"{len(failures)} of {len(prompts) * len(queries)} items failed "
+            f"(first: {failures[0]}); continue with `drpo resume {run_id}` "
+            "(recorded calls are replayed for free)"
+        )
+        return JobResult(outcome, summary=result, status="failed", error=error)
+
+    session.runtime.attach(
+        RunContext(run_id=run_id, journal=journal, catalogue=AspectCatalogue.load_default())
+    )
+    try:
+        started = RunStarted(
+            config=record.config["settings"], queries=tuple(q.instruction for q in queries)
+        )
+        lifecycle = RunLifecycle(session, run_id, sender=SENDER, journal=journal, force=force)
+        ended = await lifecycle.run(job, started)
     finally:
-        runtime.detach(run_id)
+        session.runtime.detach(run_id)
+    outcome.status, outcome.error, outcome.result = ended.status, ended.error, ended.summary
     return outcome
-
-
-def _is_budget_text(error: str) -> bool:
-    return error.startswith(BudgetExceeded.__name__)
 
 
 def _prompt_info(prompt: EvalPrompt, settings: EvalSettings) -> dict[str, Any]:
@@ -354,6 +351,7 @@ async def _evaluate_all(
                         answer=item.answer,
                         selection=selection_for(query),
                         mode=settings.judge_mode,
+                        policy=settings.judge_policy,
                         max_tokens=settings.judge_max_tokens,
                     ),
                     node_id=node_id,
@@ -389,16 +387,3 @@ async def _evaluate_all(
         for q in range(len(queries)):  # query-major: every prompt's answer to a query together
             for p in range(len(prompts)):
                 tg.start_soon(one, p, q)
-
-
-async def _finish(
-    session: Session,
-    run_id: str,
-    status: str,
-    result: dict[str, Any] | None,
-    error: str | None,
-) -> None:
-    await AgentClient(session.bus, run_id, sender=SENDER).emit(
-        RunFinished(status=status, error=error)  # type: ignore[arg-type]
-    )
-    await session.store.set_run_status(run_id, status, result=result, error=error)  # type: ignore[arg-type]
