@@ -4,10 +4,13 @@ As a script it runs the fake OpenAI server with the simulated responder as a pro
 for experiments and tests whose server must live outside the process under test::
 
     python tests/sim_server_main.py --latency 0.05 --log /tmp/requests.json
+    python tests/sim_server_main.py --profile openai-chat --model gpt-4o-mini
 
 It prints ``BASE_URL <url>`` on one line once it serves (point models at ``openai:sim@<url>``),
 and on SIGTERM or SIGINT writes its request log as JSON to ``--log`` (total, and every arrival
-with its ``time.monotonic`` time, index, path, body hash and fault) before it exits.
+with its ``time.monotonic`` time, index, path, body hash and fault, and every request the
+server refused with its status and message) before it exits. ``--profile`` picks the real
+server the model copies (``fakeserver.PROFILES``); the default is a vLLM-served instruct model.
 
 As a module (tests/ is on ``sys.path``) it holds what the resume and budget tests share: running
 ``drpo`` as a subprocess, reading its database read-only while it runs, and mapping journal
@@ -33,8 +36,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fakeserver import FakeOpenAIServer, body_hash
+from fakeserver import PROFILES, VLLM_INSTRUCT, FakeOpenAIServer, ModelProfile, body_hash
 from simulated_llm import respond
+
+#: The simulated model's name, as drpo addresses it: ``openai:sim@URL``.
+SIM_MODEL = "sim"
+#: What the simulated model is served as: an instruct model behind vLLM, which serves both
+#: endpoints and honours n, logprobs and seed. Both endpoints are needed for now: the paper
+#: preset's proposer sends its raw prompt to /v1/completions (the chat layout is being added),
+#: and the small preset's text editor does too.
+SIM_PROFILE: ModelProfile = VLLM_INSTRUCT
+
+
+def sim_models(profile: ModelProfile = SIM_PROFILE) -> dict[str, ModelProfile]:
+    """The ``models`` of a fake server that serves the simulated model."""
+    return {SIM_MODEL: profile}
+
 
 # ------------------------------------------------------------------------------ running drpo
 
@@ -63,7 +80,7 @@ def drpo_command(*args: str) -> list[str]:
 
 def model_flags(base_url: str) -> list[str]:
     """All three roles on the simulated server."""
-    model = f"openai:sim@{base_url}"
+    model = f"openai:{SIM_MODEL}@{base_url}"
     return ["--base-model", model, "--critic-model", model, "--editor-model", model]
 
 
@@ -275,6 +292,10 @@ def request_log(server: FakeOpenAIServer) -> dict[str, Any]:
             {"t": a.t, "index": a.index, "path": a.path, "body_hash": a.body_hash, "fault": a.fault}
             for a in server.arrivals
         ],
+        "refusals": [
+            {"index": r.index, "path": r.path, "status": r.status, "message": r.message}
+            for r in server.refusals
+        ],
     }
 
 
@@ -282,9 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the simulated OpenAI-compatible server.")
     parser.add_argument("--latency", type=float, default=0.05, help="Seconds per reply.")
     parser.add_argument("--log", type=Path, default=None, help="Write the request log here.")
+    parser.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="vllm-instruct",
+        help="The real server the simulated model copies.",
+    )
+    parser.add_argument("--model", default=SIM_MODEL, help="The name the model is served as.")
     args = parser.parse_args(argv)
 
-    server = FakeOpenAIServer(responder=respond, latency_s=args.latency)
+    server = FakeOpenAIServer(
+        responder=respond, latency_s=args.latency, models={args.model: PROFILES[args.profile]}
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -24,6 +24,7 @@ from sim_server_main import (
     only_run_id,
     run_drpo,
     run_status,
+    sim_models,
 )
 from simulated_llm import respond
 
@@ -39,7 +40,9 @@ INPUT_PRICE, OUTPUT_PRICE = 100.0, 400.0
 
 @pytest.fixture(scope="module")
 def server():
-    sim = FakeOpenAIServer(responder=respond, latency_s=0.005)
+    # Both endpoints (sim_models: a vLLM instruct model): the paper preset's proposer sends its
+    # raw prompt to /v1/completions until the chat layout lands; an OpenAI chat model refuses it.
+    sim = FakeOpenAIServer(models=sim_models(), responder=respond, latency_s=0.005)
     sim.start()
     try:
         yield sim

@@ -14,6 +14,7 @@ import structlog
 import typer
 from fakeserver import serve_fake_openai
 from shared_data import SHARED_DATA
+from sim_server_main import sim_models
 from simulated_llm import respond
 from typer.testing import CliRunner
 
@@ -306,8 +307,10 @@ def _queries_file(tmp_path: Path) -> Path:
 
 @pytest.mark.network
 def test_eval_command_compares_two_prompts_paired_on_a_simulated_model(tmp_path):
+    # sim_models(): both endpoints, as eval answers with the raw framing (/v1/completions) by
+    # default, which an OpenAI chat model refuses.
     db, out = tmp_path / "drpo.db", tmp_path / "eval.json"
-    with serve_fake_openai(responder=respond) as server:
+    with serve_fake_openai(models=sim_models(), responder=respond) as server:
         model = f"openai:sim@{server.base_url}"
         result = CliRunner().invoke(
             _app(),
@@ -374,7 +377,7 @@ def test_an_interrupted_eval_resumes_from_the_journal_without_paying_twice(tmp_p
     db = tmp_path / "drpo.db"
     queries = load_eval_queries(_queries_file(tmp_path))
     prompts = [EvalPrompt("none", ""), EvalPrompt("careful", "Be careful.")]
-    with serve_fake_openai(responder=respond, latency_s=0.01) as server:
+    with serve_fake_openai(models=sim_models(), responder=respond, latency_s=0.01) as server:
         model = f"openai:sim@{server.base_url}"
         # two items in flight, so the interruption after 5 items leaves most of them undone
         settings = EvalSettings(
@@ -428,7 +431,7 @@ def test_an_interrupted_eval_resumes_from_the_journal_without_paying_twice(tmp_p
 
 @pytest.mark.network
 def test_eval_stops_at_its_call_budget_and_says_how_to_continue(tmp_path):
-    with serve_fake_openai(responder=respond) as server:
+    with serve_fake_openai(models=sim_models(), responder=respond) as server:
         model = f"openai:sim@{server.base_url}"
         result = CliRunner().invoke(
             _app(),

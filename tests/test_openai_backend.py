@@ -8,6 +8,7 @@ import re
 import traceback
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 import anyio
 import httpx2
@@ -15,7 +16,11 @@ import pytest
 from fakeserver import (
     CHAT_PATH,
     MODELS_PATH,
+    OPENAI_CHAT,
     TEXT_PATH,
+    TRANSFORMERS_SERVE,
+    VLLM_BASE,
+    VLLM_INSTRUCT,
     Fault,
     RecordingClock,
     RequestInfo,
@@ -23,6 +28,8 @@ from fakeserver import (
     serve_fake_openai,
 )
 
+from drpo.agents.critic import DIGIT_SETTINGS
+from drpo.agents.prompts import STOP_STRINGS
 from drpo.backends.base import (
     Backend,
     ChatMessage,
@@ -86,7 +93,12 @@ def recording(reply: str | list[str]) -> Callable[[dict], str | list[str]]:
 @pytest.mark.network
 @pytest.mark.anyio
 async def test_chat_request_maps_text_usage_and_cost() -> None:
-    with serve_fake_openai(responder=recording("four words of reply"), cached_tokens=2) as srv:
+    # OpenAI answers for "gpt-4o-mini" with the dated snapshot's name; the price is the alias's.
+    mini = replace(OPENAI_CHAT, reply_model="gpt-4o-mini-2024-07-18")
+    models = {"gpt-4o-mini": mini}
+    with serve_fake_openai(
+        models=models, responder=recording("four words of reply"), cached_tokens=2
+    ) as srv:
         async with backend_for(srv.base_url, "gpt-4o-mini") as backend:  # a default price
             request = chat("what is two plus two, said at some length", top_p=0.9, seed=3)
             completion = await backend.complete(request)
@@ -94,7 +106,7 @@ async def test_chat_request_maps_text_usage_and_cost() -> None:
     assert completion.choices[0].finish_reason == "stop"
     assert completion.choices[0].logprobs is None
     assert completion.attempts == 1
-    assert completion.model == "gpt-4o-mini"
+    assert completion.model == "gpt-4o-mini-2024-07-18"
     assert completion.usage.completion_tokens == 4
     assert completion.usage.cached_tokens == 2
     assert completion.usage.prompt_tokens > 2
@@ -308,6 +320,103 @@ async def test_unknown_model_is_a_permanent_404() -> None:
     assert srv.total == 1
 
 
+# --------------------------------------------------------------------------------------------
+# Strict servers: the real refusals, and what the backend makes of them
+
+
+@pytest.mark.network
+@pytest.mark.anyio
+async def test_the_bodies_drpo_builds_pass_openais_validation() -> None:
+    """Every chat body shape drpo sends (plain, n samples with a seed, stop strings, the
+    critic's one-digit verdict with 20 top logprobs) is one OpenAI accepts as it is."""
+    requests = [
+        chat("q", top_p=0.9, seed=3),
+        chat("q", n=3, seed=0, temperature=0.2, top_p=0.95, max_tokens=2048),
+        chat("q", stop=STOP_STRINGS, max_tokens=2048),
+        chat("q", **DIGIT_SETTINGS),  # type: ignore[arg-type]
+    ]
+    with serve_fake_openai(models={"gpt-4o": OPENAI_CHAT}) as srv:
+        async with backend_for(srv.base_url, "gpt-4o") as backend:
+            for request in requests:
+                completion = await backend.complete(request)
+                assert len(completion.choices) == request.n
+    assert srv.refusals == []
+    assert srv.ok_answers() == len(requests)
+
+
+@pytest.mark.network
+@pytest.mark.anyio
+async def test_a_raw_prompt_to_an_openai_chat_model_fails_at_once_quoting_openai() -> None:
+    """OpenAI serves its chat models on /v1/chat/completions only; drpo's raw prompts (the
+    paper preset's proposer, the small preset's text editor) get its 404 there."""
+    with serve_fake_openai(models={"gpt-4o-mini": OPENAI_CHAT}) as srv:
+        async with backend_for(srv.base_url, "gpt-4o-mini") as backend:
+            with pytest.raises(PermanentBackendError, match="This is a chat model") as caught:
+                await backend.complete(CompletionRequest(prompt="Once upon", max_tokens=8))
+    assert caught.value.attempts == 1  # type: ignore[attr-defined]
+    assert caught.value.status_code == 404  # type: ignore[attr-defined]
+    assert [r.status for r in srv.refusals] == [404]
+
+
+@pytest.mark.network
+@pytest.mark.anyio
+async def test_chat_to_a_vllm_base_model_fails_at_once_and_raw_prompts_work() -> None:
+    with serve_fake_openai(models={"base": VLLM_BASE}, responder=lambda body: "upon a time") as srv:
+        async with backend_for(srv.base_url, "base") as backend:
+            with pytest.raises(PermanentBackendError, match="no longer allowed") as caught:
+                await backend.complete(chat("hi", max_tokens=8))
+            raw = await backend.complete(CompletionRequest(prompt="Once", max_tokens=8))
+    assert caught.value.status_code == 400  # type: ignore[attr-defined]
+    assert raw.text == "upon a time"
+    assert srv.total == 2
+
+
+@pytest.mark.network
+@pytest.mark.anyio
+@pytest.mark.parametrize("served", [OPENAI_CHAT, VLLM_INSTRUCT], ids=["openai", "vllm"])
+async def test_a_request_over_the_context_window_is_permanent(served: object) -> None:
+    small = replace(served, context_window=100)  # type: ignore[type-var]
+    with serve_fake_openai(models={"m": small}) as srv:
+        async with backend_for(srv.base_url, "m") as backend:
+            fits = await backend.complete(chat("x" * 200, max_tokens=40))  # 50 + 40 tokens
+            with pytest.raises(PermanentBackendError, match="larger than the context limit"):
+                await backend.complete(chat("x" * 200, max_tokens=60))  # 50 + 60 tokens
+    assert fits.attempts == 1
+    assert srv.total == 2 and len(srv.refusals) == 1
+
+
+@pytest.mark.network
+@pytest.mark.anyio
+async def test_transformers_serve_gives_one_choice_no_logprobs_and_keeps_the_stop() -> None:
+    """What tests/test_transformers_serve.py pins down on the real server, through the double."""
+    with serve_fake_openai(
+        models={"smol": TRANSFORMERS_SERVE}, responder=lambda body: ["a b<END> c", "d", "e"]
+    ) as srv:
+        async with backend_for(srv.base_url, "smol") as backend:
+            completion = await backend.complete(
+                chat("q", n=3, temperature=1.0, top_logprobs=3, stop=("<END>",))
+            )
+    assert len(completion.choices) == 1
+    assert completion.choices[0].logprobs is None
+    assert completion.text == "a b<END>"
+    assert completion.model == "smol@main"
+    assert srv.refusals == []
+
+
+@pytest.mark.network
+@pytest.mark.anyio
+async def test_chat_to_transformers_serve_without_a_chat_template_is_retried_as_a_500() -> None:
+    """transformers serve has no handler for a missing chat template: a bare 500, which the
+    backend cannot tell from a passing server fault, so it is retried until attempts run out."""
+    no_template = replace(TRANSFORMERS_SERVE, endpoints=frozenset({"completions"}))
+    with serve_fake_openai(models={"base": no_template}) as srv:
+        async with backend_for(srv.base_url, "base", max_attempts=2) as backend:
+            with pytest.raises(TransientBackendError, match="HTTP 500: Internal Server Error"):
+                await backend.complete(chat("hi"))
+    assert srv.total == 2
+    assert [r.status for r in srv.refusals] == [500, 500]
+
+
 @pytest.mark.network
 @pytest.mark.anyio
 async def test_exhausted_attempts_raise_transient_with_the_last_cause() -> None:
@@ -417,8 +526,10 @@ async def test_the_api_key_never_appears_in_errors_reprs_or_logs(
     monkeypatch.setenv(KEY_ENV, SECRET)
     caplog.set_level(logging.DEBUG)
     seen: list[str] = []
-    # The server wants another key and, like a careless server, echoes the one it got.
-    with serve_fake_openai(api_key="sk-the-right-one") as srv:
+    # The server wants another key and, like a careless server, echoes the one it got (OpenAI
+    # itself masks all but 12 characters of it).
+    models = {"fake-model": OPENAI_CHAT}
+    with serve_fake_openai(models=models, api_key="sk-the-right-one", echo_key_in_401=True) as srv:
         async with backend_for(srv.base_url) as backend:
             seen += [repr(backend), repr(backend.limiter)]
             with pytest.raises(PermanentBackendError) as bad_key:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from fakeserver import serve_fake_openai
+from sim_server_main import sim_models
 from simulated_llm import respond
 
 from drpo.jobs.artifact import AlignedPrompt
@@ -16,6 +17,9 @@ pytestmark = [pytest.mark.anyio, pytest.mark.network]
 
 
 def api_config(base_url: str, **search):
+    """The paper preset on the simulated model. It needs a server with both endpoints
+    (``sim_models()``): the proposer sends its raw prompt to /v1/completions until the chat
+    layout lands, which an OpenAI chat model refuses."""
     model = f"openai:sim@{base_url}"
     return build_config(
         overrides={
@@ -28,7 +32,7 @@ def api_config(base_url: str, **search):
 
 
 async def test_search_runs_end_to_end_and_records_everything(tmp_path):
-    with serve_fake_openai(responder=respond) as server:
+    with serve_fake_openai(models=sim_models(), responder=respond) as server:
         config = api_config(server.base_url)
         async with RunStore.open(tmp_path / "drpo.db") as store:
             plans = [RunPlan(config=config, artifact_path=tmp_path / "artifact.json")]
@@ -53,7 +57,7 @@ async def test_search_runs_end_to_end_and_records_everything(tmp_path):
 
 
 async def test_sweep_runs_concurrently_on_shared_backends(tmp_path):
-    with serve_fake_openai(responder=respond, latency_s=0.02) as server:
+    with serve_fake_openai(models=sim_models(), responder=respond, latency_s=0.02) as server:
         configs = [api_config(server.base_url, seed=seed) for seed in (1, 2, 3)]
         async with RunStore.open(tmp_path / "drpo.db") as store:
             outcomes = await run_searches([RunPlan(config=c) for c in configs], store=store)

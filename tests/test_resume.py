@@ -49,6 +49,7 @@ from sim_server_main import (
     query_db,
     run_drpo,
     run_status,
+    sim_models,
     start_drpo,
     wait_for,
     wait_until_quiet,
@@ -77,7 +78,9 @@ def slow_latency(info) -> float:
 
 @pytest.fixture(scope="module")
 def server():
-    sim = FakeOpenAIServer(responder=respond, latency_s=FAST_S)
+    # Both endpoints (sim_models: a vLLM instruct model): the paper preset's proposer sends its
+    # raw prompt to /v1/completions until the chat layout lands; an OpenAI chat model refuses it.
+    sim = FakeOpenAIServer(models=sim_models(), responder=respond, latency_s=FAST_S)
     sim.start()
     try:
         yield sim
