@@ -7,6 +7,7 @@ extension, the final pick and the order in which training queries are consumed.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 
@@ -14,6 +15,7 @@ import anyio
 import pytest
 
 from drpo.agents import client
+from drpo.agents.health import SearchCannotLearnError
 from drpo.agents.search import BeamSearch
 from drpo.bus import Bus, Envelope
 from drpo.bus.messages import (
@@ -25,11 +27,14 @@ from drpo.bus.messages import (
     EditPrompt,
     Judge,
     Judged,
+    LevelCompleted,
+    Note,
     PromptCandidates,
     ProposeAnswer,
     SelectAspects,
 )
 from drpo.jobs.config import build_config
+from drpo.jobs.lifecycle import leaf_exceptions
 
 QUERIES = [f"q{i}" for i in range(40)]
 
@@ -82,7 +87,8 @@ class ScriptedAgents:
     async def edit(self, msg: EditPrompt, env: Envelope) -> PromptCandidates:
         await self._track("edit")
         self.edited.append(msg.system_prompt)
-        return PromptCandidates(prompts=tuple(self.candidates(msg.system_prompt, msg.n)))
+        prompts = tuple(self.candidates(msg.system_prompt, msg.n))
+        return PromptCandidates(prompts=prompts, dropped=msg.n - len(prompts))
 
     async def serve(self, bus: Bus, tg: anyio.abc.TaskGroup) -> None:
         await client.serve(bus, client.PROPOSE, self.propose, tg, sender="scripted")
@@ -254,3 +260,38 @@ async def test_held_out_check_scores_the_final_beam_on_unseen_queries():
     assert len(result.held_out) == 2
     held_queries = {q for _, q in agents.answered if int(q[1:]) >= 3}
     assert held_queries == {"q3", "q4", "q5", "q6"}
+
+
+@pytest.mark.anyio
+async def test_a_search_whose_critic_never_parses_stops_with_the_fix_named():
+    """Every verdict unreadable: without the check, every node is skipped, the depth extends to
+    its cap, no rewrite is ever asked for, and the initial prompt comes back as the result."""
+    never = ScriptedAgents(lambda prompt, query: 3.0, fail_judgement=lambda prompt, query: True)
+    with pytest.raises(BaseExceptionGroup) as raised:
+        await run_search(never, beam_size=2, n_actions=3, depth=6)
+    [error] = leaf_exceptions(raised.value)
+    assert isinstance(error, SearchCannotLearnError)
+    assert re.search(r"level 1 was unreadable.*logprobs", str(error))
+    assert never.calls["judge"] == 2  # the root and level 1: it stopped there
+    assert never.calls["edit"] == 0
+
+    ignored = ScriptedAgents(lambda prompt, query: 3.0, fail_judgement=lambda prompt, query: True)
+    result, events = await run_search(
+        ignored, beam_size=2, n_actions=3, depth=6, stop_on_failed_level=False
+    )
+    assert result.best.system_prompt == "You are a helpful assistant." and result.levels == 16
+    warnings = [e for e in events if isinstance(e, Note)]
+    assert len(warnings) == 1 and "100% of verdicts could not be read" in warnings[0].text
+    levels = [e for e in events if isinstance(e, LevelCompleted)]
+    assert all(e.failed_judgements == e.judged == 1 for e in levels)
+
+
+@pytest.mark.anyio
+async def test_a_level_whose_rewrites_all_fail_stops_the_search():
+    agents = ScriptedAgents(lambda prompt, query: 3.0, candidates=lambda prompt, n: [])
+    with pytest.raises(BaseExceptionGroup) as raised:
+        await run_search(agents, beam_size=2, n_actions=3, depth=6)
+    [error] = leaf_exceptions(raised.value)
+    assert isinstance(error, SearchCannotLearnError) and "no rewritten prompt of level 1" in str(
+        error
+    )

@@ -29,6 +29,7 @@ import anyio
 import structlog
 
 from drpo.agents.client import AgentClient
+from drpo.agents.health import LevelHealth, SearchHealth, check_level
 from drpo.bus import Bus
 from drpo.bus.messages import (
     Critique,
@@ -37,6 +38,7 @@ from drpo.bus.messages import (
     Judge,
     LevelCompleted,
     NodeCreated,
+    Note,
     ProposeAnswer,
     SelectAspects,
 )
@@ -99,6 +101,7 @@ class BeamSearch:
         self.search = config.search
         self.queries = list(queries)
         self.retrieve = retrieve
+        self.health = SearchHealth(warn_share=self.search.warn_failure_share)
         #: Called after each level with (level, depth limit); for progress bars.
         #: Called after each level with (level, depth limit, best score, mean score of the beam).
         self.on_level: Callable[[int, int, float, float], None] | None = None
@@ -146,7 +149,10 @@ class BeamSearch:
             skips = [self.should_skip(node) for node, _ in beam]
             if any(skips) and max_depth < original_depth + self.search.depth_extension:
                 max_depth += 1
-            children = await self._expand_level(beam, skips, level=depth + 1)
+            level = LevelHealth()
+            children = await self._expand_level(beam, skips, depth + 1, level)
+            level.judged = len(children)
+            level.failed_judgements = sum(1 for node, _ in children if node.critique.failed)
             ranked = sorted(children, key=lambda item: item[1], reverse=True)  # stable
             beam, pruned = ranked[: self.search.beam_size], ranked[self.search.beam_size :]
             scores = [score for _, score in beam]
@@ -159,8 +165,13 @@ class BeamSearch:
                     best_score=scores[0],
                     mean_score=sum(scores) / len(scores),
                     depth_limit=max_depth,
+                    judged=level.judged,
+                    failed_judgements=level.failed_judgements,
+                    edits=level.edits,
+                    failed_edits=level.failed_edits,
                 )
             )
+            await self._check_health(depth + 1, level)
             if self.on_level is not None:
                 self.on_level(depth + 1, max_depth, scores[0], sum(scores) / len(scores))
             depth += 1
@@ -174,15 +185,24 @@ class BeamSearch:
             trace=trace,
         )
 
+    async def _check_health(self, level: int, health: LevelHealth) -> None:
+        """Warn when failures pass the threshold; stop when a whole level failed."""
+        self.health.add_level(health)
+        for warning in self.health.new_warnings():
+            log.warning("the search may not learn", run_id=self.run_id, problem=warning)
+            await self.agents.emit(Note(text=warning, data={"level": level}))
+        if self.search.stop_on_failed_level:
+            check_level(level, health)
+
     async def _expand_level(
-        self, beam: list[tuple[Node, float]], skips: list[bool], level: int
+        self, beam: list[tuple[Node, float]], skips: list[bool], level: int, health: LevelHealth
     ) -> list[tuple[Node, float]]:
         """Rewrite every beam node and evaluate every child, all at once; results keep the
         insertion order (beam rank, then the editor's order) whatever finishes first."""
         results: list[list[tuple[Node, float]]] = [[] for _ in beam]
 
         async def expand(rank: int, parent: Node, skip: bool) -> None:
-            prompts = [parent.system_prompt] if skip else await self._rewrite(parent)
+            prompts = [parent.system_prompt] if skip else await self._rewrite(parent, health)
             children: list[tuple[Node, float] | None] = [None] * len(prompts)
 
             async def evaluate(index: int, prompt: str) -> None:
@@ -205,7 +225,7 @@ class BeamSearch:
                 tg.start_soon(expand, rank, parent, skip)
         return [child for per_parent in results for child in per_parent]
 
-    async def _rewrite(self, parent: Node) -> list[str]:
+    async def _rewrite(self, parent: Node, health: LevelHealth) -> list[str]:
         """The editor's candidates; when none can be parsed the parent's prompt carries on
         (the paper's code would crash here)."""
         reply = await self.agents.edit_prompt(
@@ -225,6 +245,8 @@ class BeamSearch:
             ),
             node_id=parent.node_id,
         )
+        health.edits += self.search.n_actions
+        health.failed_edits += min(reply.dropped, self.search.n_actions)
         return list(reply.prompts) or [parent.system_prompt]
 
     async def _evaluate(

@@ -110,10 +110,6 @@ class Backend(Protocol):
 
     name: str
     model: str
-    #: True when one request with ``n > 1`` returns n samples (else callers fan out n requests).
-    supports_n: bool
-    #: True when ``top_logprobs`` is honoured.
-    supports_logprobs: bool
 
     @property
     def endpoint(self) -> str:

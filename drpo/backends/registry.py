@@ -26,6 +26,10 @@ class BackendRegistry:
         for spec, settings in endpoints.items():
             self._endpoints.setdefault(str(parse_model_spec(spec)), settings)
 
+    def settings(self, spec_text: str) -> KindSettings | None:
+        """The ``[endpoints]`` settings configured for ``spec_text`` (None: the defaults)."""
+        return self._endpoints.get(str(parse_model_spec(spec_text)))
+
     def get(self, spec_text: str) -> Backend:
         key = str(parse_model_spec(spec_text))
         backend = self._backends.get(key)

@@ -29,6 +29,10 @@ class EndpointSettings(KindSettings):
     input_price: float | None = Field(default=None, ge=0)
     cached_input_price: float | None = Field(default=None, ge=0)
     output_price: float | None = Field(default=None, ge=0)
+    #: Whether the server returns ``n`` choices per request / token logprobs; None: learned
+    #: from its first replies (``transformers serve`` honours neither).
+    honours_n: bool | None = None
+    honours_logprobs: bool | None = None
 
 
 class LocalSettings(KindSettings):

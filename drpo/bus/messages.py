@@ -252,6 +252,12 @@ class LevelCompleted(_Value):
     best_score: float = 0.0
     mean_score: float = 0.0
     depth_limit: int = 0
+    #: Nodes judged at this level and those whose verdict could not be read.
+    judged: int = 0
+    failed_judgements: int = 0
+    #: Candidate prompts asked of the editor at this level, and those it could not deliver.
+    edits: int = 0
+    failed_edits: int = 0
 
 
 class RunFinished(_Value):

@@ -329,6 +329,10 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def _header_html(summary: dict[str, Any], data: dict[str, Any]) -> str:
     totals = data["totals"]
     counts = data["tree"]["counts"]
@@ -356,6 +360,8 @@ def _header_html(summary: dict[str, Any], data: dict[str, Any]) -> str:
                 f"{totals['replayed']} answers replayed)"
             ),
         ),
+        ("unreadable verdicts", _e(_share(summary.get("failed_judgement_share")))),
+        ("unusable rewrites", _e(_share(summary.get("failed_edit_share")))),
         ("tokens", _e(f"{totals['prompt_tokens']:,} in / {totals['completion_tokens']:,} out")),
         ("cost", _e(f"${totals['cost_usd']:.4f}")),
         ("created", _e(when(summary["created_at"]) + " UTC")),

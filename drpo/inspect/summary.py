@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from drpo.bus.messages import LevelCompleted
 from drpo.runs.store import RoleTotals, RunRecord, RunStore
 
 
@@ -18,6 +19,10 @@ class LevelPoint:
     best_score: float
     mean_score: float
     depth_limit: int
+    judged: int = 0
+    failed_judgements: int = 0
+    edits: int = 0
+    failed_edits: int = 0
 
 
 @dataclass
@@ -49,6 +54,18 @@ class RunSummary:
         return total
 
     @property
+    def failed_judgement_share(self) -> float | None:
+        """Share of the search's verdicts that could not be read (None: nothing judged yet)."""
+        judged = sum(p.judged for p in self.levels)
+        return sum(p.failed_judgements for p in self.levels) / judged if judged else None
+
+    @property
+    def failed_edit_share(self) -> float | None:
+        """Share of the rewritten prompts asked for that could not be used."""
+        edits = sum(p.edits for p in self.levels)
+        return sum(p.failed_edits for p in self.levels) / edits if edits else None
+
+    @property
     def cost_usd(self) -> float:
         return sum(totals.cost_usd for totals in self.by_role.values())
 
@@ -61,6 +78,8 @@ class RunSummary:
         data["cost_usd"] = self.cost_usd
         data["calls"] = self.calls
         data["totals"] = asdict(self.total)
+        data["failed_judgement_share"] = self.failed_judgement_share
+        data["failed_edit_share"] = self.failed_edit_share
         return data
 
 
@@ -69,12 +88,17 @@ async def summarize_run(store: RunStore, record: RunRecord) -> RunSummary:
     models = settings.get("models") or {}
     levels = [
         LevelPoint(
-            level=message.envelope.payload.level,
-            best_score=message.envelope.payload.best_score,
-            mean_score=message.envelope.payload.mean_score,
-            depth_limit=message.envelope.payload.depth_limit,
+            level=event.level,
+            best_score=event.best_score,
+            mean_score=event.mean_score,
+            depth_limit=event.depth_limit,
+            judged=event.judged,
+            failed_judgements=event.failed_judgements,
+            edits=event.edits,
+            failed_edits=event.failed_edits,
         )
         async for message in store.iter_messages(record.run_id, kinds=["level_completed"])
+        if isinstance(event := message.envelope.payload, LevelCompleted)
     ]
     # a resumed run replays its levels: keep the last report of each level
     by_level = {point.level: point for point in levels}

@@ -142,6 +142,25 @@ async def show_run_view(db: Path, run: str, as_json: bool, console: Console) -> 
     render_summary(summary, console)
 
 
+def _health_line(s: RunSummary) -> Text | None:
+    """The shares of unreadable verdicts and unusable rewrites, flagged when they are high."""
+    parts = []
+    for label, share in (
+        ("unreadable verdicts", s.failed_judgement_share),
+        ("unusable rewrites", s.failed_edit_share),
+    ):
+        if share is not None:
+            parts.append((f"{label} {share:.0%}", "bold red" if share >= 0.5 else ""))
+    if not parts:
+        return None
+    line = Text("health: ")
+    for index, (text, style) in enumerate(parts):
+        if index:
+            line.append(", ")
+        line.append(text, style=style)
+    return line
+
+
 def render_summary(s: RunSummary, console: Console) -> None:
     head = Text()
     head.append(f"run {s.run_id}", style="bold")
@@ -169,17 +188,36 @@ def render_summary(s: RunSummary, console: Console) -> None:
                 + ", ".join(f"{k}={v}" for k, v in search.items() if k != "initial_prompt")
             )
         )
+    health = _health_line(s)
+    if health:
+        console.print(health)
     if s.best_prompt:
         console.print(
-            Panel(Text(s.best_prompt), title=f"best prompt (score {score(s.best_score)})")
+            Panel(
+                Text(s.best_prompt),
+                title=f"best prompt (score {score(s.best_score)})",
+                expand=console.is_terminal,
+            )
         )
     if s.levels:
         levels = Table(title="reward per level")
-        for column in ("level", "best (path mean)", "beam mean", "depth limit"):
+        for column in (
+            "level",
+            "best (path mean)",
+            "beam mean",
+            "depth limit",
+            "unreadable verdicts",
+            "unusable rewrites",
+        ):
             levels.add_column(column, justify="right")
         for p in s.levels:
             levels.add_row(
-                str(p.level), score(p.best_score), score(p.mean_score), str(p.depth_limit)
+                str(p.level),
+                score(p.best_score),
+                score(p.mean_score),
+                str(p.depth_limit),
+                f"{p.failed_judgements}/{p.judged}",
+                f"{p.failed_edits}/{p.edits}",
             )
         console.print(levels)
     roles = Table(title="calls per role", show_footer=True)

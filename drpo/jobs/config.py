@@ -80,6 +80,11 @@ class SearchSettings(_Settings):
     seed: int = 0
     #: Off by default (0): re-score the final beam's prompts on this many unseen queries.
     held_out_queries: int = Field(default=0, ge=0)
+    #: Warn once this share of verdicts (or of rewrites) could not be read.
+    warn_failure_share: float = Field(default=0.5, gt=0.0, le=1.0)
+    #: End the run (failed, with the fix named) when every verdict or every rewrite of a level
+    #: failed, instead of paying for the rest of a search that cannot learn.
+    stop_on_failed_level: bool = True
 
 
 class ProposerSettings(_Settings):
