@@ -86,3 +86,10 @@ async def test_logprobs_returned_are_noted() -> None:
     server, honours = Server(honours_n=True), Capabilities()
     result = await complete(server, _ask(max_tokens=1, top_logprobs=5), honours, "m at x")
     assert result.choices[0].logprobs and honours.logprobs is True
+
+
+async def test_greedy_samples_are_one_request_repeated() -> None:
+    server, honours = Server(honours_n=True), Capabilities()
+    result = await complete(server, _ask(n=3, temperature=0.0), honours, "m at x")
+    assert [r.n for r in server.requests] == [1]  # vLLM refuses n > 1 at temperature 0
+    assert [c.text for c in result.choices] == ["seed None sample 0"] * 3

@@ -10,6 +10,8 @@ learned from its first replies. :func:`complete` is the call every agent makes t
   resumed run replays exactly the same requests;
 * when the endpoint is declared not to honour ``n``, the ``n`` samples are asked for as ``n``
   single requests from the start (the same requests, so the same journal entries);
+* a greedy request (temperature 0) for ``n`` samples is sent with ``n=1`` and its one choice
+  repeated: greedy samples are identical, and vLLM refuses ``n > 1`` at temperature 0;
 * a request for token probabilities (the critic's ``logprobs`` mode) that comes back without any
   stops the run with an error that names the fix (``critic.mode = "json"``) instead of scoring
   every answer as unreadable.
@@ -45,6 +47,9 @@ async def complete(
     """``call(request)``, adapted to what the endpoint ``where`` honours (module docstring)."""
     if request.top_logprobs is not None and capabilities.logprobs is False:
         raise LogprobsUnsupportedError(_no_logprobs(where))
+    if request.n > 1 and request.temperature == 0:
+        single = await complete(call, request.model_copy(update={"n": 1}), capabilities, where)
+        return single.model_copy(update={"choices": single.choices[:1] * request.n})
     if request.n > 1 and capabilities.n is False:
         return await _fan_out(call, request, ())
     completion = await call(request)
