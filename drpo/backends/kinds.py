@@ -9,6 +9,7 @@ here and its backend module; nothing else names kinds.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,16 @@ def _price_openai(spec: ModelSpec, settings: EndpointSettings) -> ModelPrice | N
     return PriceTable.default().price_for(spec.model)
 
 
+#: OpenAI's chat model families, also when served through a proxy or a compatible gateway.
+_OPENAI_CHAT_MODEL = re.compile(r"^(gpt-(3\.5-turbo(?!-instruct)|4|5)|o[1-9]|chatgpt-)", re.I)
+
+
+def _chat_only_openai(spec: ModelSpec) -> bool:
+    """OpenAI serves its chat models on /v1/chat/completions only; another server (vLLM,
+    SGLang, TGI) may serve a base model on /v1/completions, and says so when it refuses."""
+    return spec.base_url is None or bool(_OPENAI_CHAT_MODEL.match(spec.model))
+
+
 def _build_openai(spec: ModelSpec, settings: EndpointSettings) -> Backend:
     from drpo.backends.openai_api import OpenAIBackend
     from drpo.backends.ratelimit import RateLimits
@@ -118,9 +129,7 @@ KINDS: dict[str, BackendKind] = {
             check=_check_openai,
             build=_build_openai,
             price=_price_openai,
-            # OpenAI's own API serves its chat models on /v1/chat/completions only; another
-            # server (vLLM, SGLang, TGI) may serve a base model on /v1/completions.
-            chat_only=lambda spec: spec.base_url is None,
+            chat_only=_chat_only_openai,
         ),
         BackendKind(
             name="local",
