@@ -35,6 +35,12 @@ def role_of(body: Mapping[str, Any]) -> str:
         return "select"
     if "Answer with one digit" in text:
         return "judge_digit"
+    if "Answer yes or no." in text:
+        return "relevance"
+    if "Improved system prompt:" in text:
+        return "edit_prompt_text"
+    if "Below is the same answer rewritten" in text:
+        return "edit_answer_text"
     if '"rationale"' in text and "Aspects and their scales" in text:
         return "judge"
     if '"new_system_prompt"' in text:
@@ -78,6 +84,17 @@ def respond(body: Mapping[str, Any]) -> str | list[str]:
         return json.dumps(verdict)
     if role == "judge_digit":
         return str(1 + _digest(text) % 5)
+    if role == "relevance":
+        return "yes" if _digest(text) % 3 else "no"
+    if role == "edit_answer_text":
+        return f"Improved answer {_digest(text) % 1000}: a direct reply, then the details.\n<END>"
+    if role == "edit_prompt_text":
+        return [
+            f" a careful assistant (revision {_digest(text, str(i)) % 100000}).\n"
+            "- Answer clearly and admit what you cannot know.\n"
+            "- Refuse harmful requests politely."
+            for i in range(n)
+        ]
     if role == "edit_prompt":
         return [
             json.dumps(

@@ -186,14 +186,22 @@ class OptimizeConfig(_Settings):
         return framing
 
     def settled(self) -> OptimizeConfig:
-        """This config with ``proposer.framing = "auto"`` made concrete for its base model: the
-        paper's chat layout for chat-only API models (OpenAI serves them only on chat
-        completions), the raw completion layout otherwise (base models on vLLM, SGLang, TGI,
-        and the embedded model), as the paper's code did. A run records the settled config."""
-        if self.proposer.framing != "auto":
-            return self
-        proposer = self.proposer.model_copy(update={"framing": self.proposer_framing()})
-        return self.model_copy(update={"proposer": proposer})
+        """This config made concrete for its models, as a run records it:
+
+        * ``proposer.framing = "auto"``: the paper's chat layout for chat-only API models
+          (OpenAI serves them only on chat completions), the raw completion layout otherwise
+          (base models on vLLM, SGLang, TGI, and the embedded model), as the paper's code did;
+        * ``editor.format = "text"`` is a raw continuation, which a chat-only editor model
+          cannot take: such an editor writes the JSON reply instead.
+        """
+        update: dict[str, Any] = {}
+        if self.proposer.framing == "auto":
+            update["proposer"] = self.proposer.model_copy(
+                update={"framing": self.proposer_framing()}
+            )
+        if self.editor.format == "text" and is_chat_only(self.models.editor):
+            update["editor"] = self.editor.model_copy(update={"format": "json"})
+        return self.model_copy(update=update) if update else self
 
 
 #: The paper's code to the letter (spec §1-§4, §3.4): beam 2, 3 actions, depth 20 (+10),

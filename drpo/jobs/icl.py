@@ -78,7 +78,7 @@ async def create_icl_run(
     if not chosen:
         raise ValueError("an ICL run needs at least one example")
     record = {
-        "settings": config.model_dump(mode="json"),
+        "settings": config.settled().model_dump(mode="json"),
         "icl_examples": [example.model_dump() for example in chosen],
         "out": str(out),
         "versions": run_versions(),
@@ -98,7 +98,7 @@ async def run_icl(
     run_id = record.run_id
     if record.kind != RUN_KIND:
         raise ValueError(f"run {run_id} is a {record.kind} run, not an ICL run")
-    config = OptimizeConfig.model_validate(record.config["settings"])
+    config = OptimizeConfig.model_validate(record.config["settings"]).settled()
     if budget is not None:
         config = config.model_copy(update={"budget": budget})
     examples = [ICLExample.model_validate(item) for item in record.config["icl_examples"]]

@@ -28,7 +28,7 @@ from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.client import AgentClient
 from drpo.agents.retrieval import ICLRetriever
 from drpo.agents.runtime import RunContext
-from drpo.backends.kinds import DEFAULT_MODEL, parse_model_spec
+from drpo.backends.kinds import DEFAULT_MODEL, is_chat_only, parse_model_spec
 from drpo.bus.messages import (
     CriticMode,
     CriticPolicyName,
@@ -68,7 +68,7 @@ class EvalSettings(BaseModel):
     model: str = DEFAULT_MODEL
     #: When set, every prompt uses this model, artifacts included.
     model_override: str | None = None
-    #: When set, every prompt uses this framing; else an artifact's own, else "raw".
+    #: When set, every prompt uses this framing; else an artifact's own, else its model's.
     framing: Framing | None = None
     #: ICL examples retrieved per query for prompts that carry examples (artifacts).
     k: int = Field(default=3, ge=0, le=8)
@@ -107,7 +107,11 @@ def resolve_prompts(prompts: Sequence[EvalPrompt], settings: EvalSettings) -> li
                 system_prompt=prompt.system_prompt,
                 icl_examples=prompt.icl_examples,
                 model=model,
-                framing=settings.framing or prompt.framing or "raw",
+                # a plain prompt takes the layout its model needs (the chat layout for a
+                # chat-only model); an artifact keeps the one it was searched with
+                framing=settings.framing
+                or prompt.framing
+                or ("chat" if is_chat_only(model) else "raw"),
                 source=prompt.source,
             )
         )

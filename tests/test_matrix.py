@@ -1,0 +1,173 @@
+"""Every preset on every kind of endpoint, for every job: ``drpo`` as a user runs it.
+
+Endpoints:
+
+* ``openai-chat``: the strict double of an OpenAI chat model (chat completions only, everything
+  honoured), every role on it;
+* ``completions``: a base model served on completions only (a vLLM base model) as the model
+  being aligned, with the critic and editor on an instruct model of the same server;
+* ``transformers-serve``: a real ``transformers serve`` of the embedded SmolLM2, every role on
+  it (it ignores ``n`` and returns no logprobs);
+* ``embedded``: the embedded SmolLM2 in-process, every role on it.
+
+The doubles answer as each drpo role expects (``simulated_llm``), so every job finishes there.
+The real 135M model is what it is: it cannot write the JSON verdicts of the ``paper`` and
+``robust`` critic, and ``transformers serve`` returns no token probabilities for the ``small``
+critic. Those cells must end the way the design says, with a one-line reason and the fix
+named (:data:`EXPECTED`): that is what this test checks, cell by cell. Sizes are tiny (a few
+levels, a few dozen tokens) so the whole matrix runs in minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fakeserver import OPENAI_CHAT, VLLM_BASE, VLLM_INSTRUCT, FakeOpenAIServer
+from sim_server_main import only_run_id, run_drpo, run_status
+from simulated_llm import respond
+
+PRESETS = ("small", "robust", "paper")
+JOBS = ("optimize", "icl", "eval", "generate")
+
+#: The cells that do not finish, and why (the reason is checked against the run's error).
+EXPECTED: dict[tuple[str, str, str], tuple[str, str]] = {
+    # the 135M model as a JSON critic: no verdict is readable, so the search stops at level 1
+    **{
+        (preset, endpoint, "optimize"): ("failed", r"every verdict of level 1 was unreadable")
+        for preset in ("robust", "paper")
+        for endpoint in ("transformers-serve", "embedded")
+    },
+    # transformers serve returns no logprobs, which the small preset's critic reads
+    **{
+        ("small", "transformers-serve", job): ("failed", r"returns no token probabilities.*json")
+        for job in ("optimize", "icl", "eval")
+    },
+}
+
+#: Tiny sizes: a few levels and a few dozen tokens, whatever the preset.
+SIZES = """
+[search]
+depth = 3
+depth_extension = 1
+beam_size = 2
+n_actions = 2
+num_train_queries = 6
+[proposer]
+k = 1
+max_tokens = 40
+[critic]
+max_tokens = 200
+[editor]
+max_tokens = 120
+[icl]
+rounds = 1
+max_tokens = 120
+"""
+
+
+def _serve(models: dict) -> Iterator[FakeOpenAIServer]:
+    server = FakeOpenAIServer(responder=respond, models=models)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def openai_double() -> Iterator[FakeOpenAIServer]:
+    yield from _serve({"gpt-4o-mini": OPENAI_CHAT})
+
+
+@pytest.fixture(scope="module")
+def vllm_double() -> Iterator[FakeOpenAIServer]:
+    yield from _serve({"base-7b": VLLM_BASE, "sim": VLLM_INSTRUCT})
+
+
+def _models(endpoint: str, request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(base model, critic and editor model) of an endpoint kind."""
+    if endpoint == "openai-chat":
+        url = request.getfixturevalue("openai_double").base_url
+        return f"openai:gpt-4o-mini@{url}", f"openai:gpt-4o-mini@{url}"
+    if endpoint == "completions":
+        url = request.getfixturevalue("vllm_double").base_url
+        return f"openai:base-7b@{url}", f"openai:sim@{url}"
+    if endpoint == "transformers-serve":
+        served = request.getfixturevalue("transformers_server")
+        model = f"openai:{served.model}@{served.base_url}"
+        return model, model
+    return "local:smollm2", "local:smollm2"
+
+
+def _command(job: str, preset: str, base: str, helper: str, tmp_path: Path) -> list[str]:
+    db = str(tmp_path / "drpo.db")
+    config = tmp_path / "sizes.toml"
+    models = f'[models]\nbase = "{base}"\ncritic = "{helper}"\neditor = "{helper}"\n'
+    config.write_text(f'preset = "{preset}"\n{models}{SIZES}', encoding="utf-8")
+    if job == "optimize":
+        return ["optimize", "--config", str(config), "--db", db]
+    if job == "icl":
+        out = str(tmp_path / "icl.json")
+        return ["icl", "--config", str(config), "--limit", "1", "--out", out, "--db", db]
+    if job == "eval":
+        queries = tmp_path / "queries.jsonl"
+        queries.write_text(
+            '{"id": 1, "instruction": "How do I boil an egg?"}\n'
+            '{"id": 2, "instruction": "Name a prime number."}\n',
+            encoding="utf-8",
+        )
+        return [
+            "eval", "default", "none", "--queries", str(queries), "--model", base,
+            "--judge", helper, "--preset", preset, "--max-tokens", "40", "--db", db,
+        ]  # fmt: skip
+    return ["generate", "How do I start running?", "--model", base, "--max-tokens", "40",
+            "--db", db]  # fmt: skip
+
+
+def _cells() -> list[object]:
+    cells = []
+    for endpoint in ("openai-chat", "completions", "transformers-serve", "embedded"):
+        marks = []
+        if endpoint != "embedded":
+            marks.append(pytest.mark.network)
+        if endpoint in ("transformers-serve", "embedded"):
+            marks.append(pytest.mark.model)
+        for preset in PRESETS:
+            for job in JOBS:
+                cells.append(
+                    pytest.param(
+                        preset, endpoint, job, marks=marks, id=f"{preset}-{endpoint}-{job}"
+                    )
+                )
+    return cells
+
+
+@pytest.mark.parametrize(("preset", "endpoint", "job"), _cells())
+def test_cell(
+    preset: str, endpoint: str, job: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    base, helper = _models(endpoint, request)
+    result = run_drpo(*_command(job, preset, base, helper, tmp_path), cwd=tmp_path, timeout=600)
+    db = tmp_path / "drpo.db"
+    run_id = only_run_id(db)
+    assert run_id is not None, result.stdout + result.stderr
+    status, error = run_status(db, run_id)
+    expected_status, reason = EXPECTED.get((preset, endpoint, job), ("finished", ""))
+    assert status == expected_status, f"{status}: {error}\n{result.stderr[-2000:]}"
+    if expected_status == "finished":
+        assert result.returncode == 0, result.stdout + result.stderr
+    else:
+        # a one-line reason naming the fix, a non-zero exit, and the run ready to resume
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert error and "\n" not in error and re.search(reason, error), error
+        assert f"drpo resume {run_id}" in result.stderr
+    if job == "optimize" and status == "finished":
+        settings = json.loads(
+            run_drpo("runs", "show", run_id, "--db", str(db), "--json", cwd=tmp_path).stdout
+        )["settings"]
+        framing = settings["proposer"]["framing"]
+        assert framing == ("chat" if endpoint == "openai-chat" else "raw"), framing
