@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import anyio
 import pytest
-from fakeserver import VirtualClock, max_in_window, serve_fake_openai
+from fakeserver import VLLM_INSTRUCT, VirtualClock, max_in_window, serve_fake_openai
 
+from drpo.backends import ratelimit
 from drpo.backends.base import ChatMessage, CompletionRequest
 from drpo.backends.openai_api import OpenAIBackend
 from drpo.backends.ratelimit import (
+    DEFAULT_MAX_IN_FLIGHT,
+    MIN_IN_FLIGHT,
     SYSTEM_CLOCK,
     RateLimiter,
     RateLimits,
@@ -202,7 +206,7 @@ async def test_slots_start_no_earlier_than_the_pacing_allows() -> None:
 @pytest.mark.anyio
 async def test_the_server_never_sees_more_than_the_limit() -> None:
     """End to end: a server enforcing the same limit never has to refuse anything."""
-    with serve_fake_openai(rpm_limit=20, rpm_window_s=1.0) as srv:
+    with serve_fake_openai(models={"m": VLLM_INSTRUCT}, rpm_limit=20, rpm_window_s=1.0) as srv:
         limits = RateLimits(rpm=20, window_s=1.0, headroom=0.1)  # jitter allowance
         async with OpenAIBackend("m", base_url=srv.base_url, limits=limits) as backend:
             async with anyio.create_task_group() as tg:
@@ -220,7 +224,9 @@ async def test_the_server_never_sees_more_than_the_limit() -> None:
 @pytest.mark.anyio
 async def test_the_backend_adapts_to_a_servers_limit_headers() -> None:
     """No limit configured: the server's headers set one, and its 429s are waited out."""
-    with serve_fake_openai(rpm_limit=10, rpm_window_s=0.5, ratelimit_headers=True) as srv:
+    with serve_fake_openai(
+        models={"m": VLLM_INSTRUCT}, rpm_limit=10, rpm_window_s=0.5, ratelimit_headers=True
+    ) as srv:
         # The server counts per 0.5 s, so 0.5 s is this test's "minute".
         backend = OpenAIBackend(
             "m",
@@ -243,6 +249,153 @@ async def test_the_backend_adapts_to_a_servers_limit_headers() -> None:
     assert len(results) == 25
     assert learned == 10
     assert srv.ok_answers() == 25
+
+
+# --------------------------------------------------------------------------------------------
+# The in-flight cap follows the endpoint: Little's law under a guard
+
+
+def test_without_a_request_limit_the_cap_is_the_guard() -> None:
+    clock = VirtualClock()
+    rl = limiter(clock)
+    for _ in range(20):
+        rl.observe_latency(0.2)
+    assert rl.in_flight_cap == DEFAULT_MAX_IN_FLIGHT
+    assert limiter(clock, max_in_flight=300).in_flight_cap == 300
+
+
+def test_before_any_latency_is_seen_the_cap_is_the_guard() -> None:
+    rl = limiter(VirtualClock(), rpm=6000, max_in_flight=500)
+    assert rl.latency_estimate is None
+    assert rl.in_flight_cap == 500
+
+
+def test_the_cap_is_rate_times_latency_times_the_margin() -> None:
+    # 6000 per minute at 2 % headroom is 98 requests/s; a steady 0.2 s latency has no deviation
+    # left after enough samples, so the cap is ceil(2 * 98 * 0.2) = 40.
+    rl = limiter(VirtualClock(), rpm=6000, max_in_flight=1000)
+    for _ in range(200):
+        rl.observe_latency(0.2)
+    assert rl.latency_estimate == pytest.approx(0.2, rel=1e-6)
+    assert rl.in_flight_cap == 40
+    wider = limiter(VirtualClock(), rpm=6000, in_flight_margin=3.0)
+    for _ in range(200):
+        wider.observe_latency(0.2)
+    assert wider.in_flight_cap == 59  # ceil(3 * 98 * 0.2)
+
+
+def test_the_first_latency_counts_with_half_of_it_as_deviation() -> None:
+    rl = limiter(VirtualClock(), rpm=6000)
+    rl.observe_latency(0.1)  # RFC 6298: mean 0.1, deviation 0.05, so the bound is 0.3
+    assert rl.latency_estimate == pytest.approx(0.3)
+    assert rl.in_flight_cap == math.ceil(2 * 98 * 0.3)
+
+
+def test_jittery_latency_raises_the_cap_and_it_settles_when_latency_does() -> None:
+    rl = limiter(VirtualClock(), rpm=6000)
+    for _ in range(200):
+        rl.observe_latency(0.2)
+    steady = rl.in_flight_cap
+    for i in range(40):
+        rl.observe_latency(0.1 if i % 2 else 0.5)  # same order of mean, much more spread
+    assert rl.in_flight_cap > steady
+    for _ in range(400):
+        rl.observe_latency(0.2)
+    assert rl.in_flight_cap == steady
+
+
+def test_a_slower_endpoint_needs_more_calls_in_flight_up_to_the_guard() -> None:
+    rl = limiter(VirtualClock(), rpm=6000, max_in_flight=100)
+    for _ in range(200):
+        rl.observe_latency(0.2)
+    assert rl.in_flight_cap == 40
+    for _ in range(200):
+        rl.observe_latency(2.0)  # ten times slower: ten times the calls to hold the rate
+    assert rl.in_flight_cap == 100  # ... but never above the guard
+
+
+def test_a_small_request_limit_never_caps_below_the_floor() -> None:
+    rl = limiter(VirtualClock(), rpm=6, max_in_flight=100)  # 0.1 requests/s
+    for _ in range(50):
+        rl.observe_latency(0.5)
+    assert rl.in_flight_cap == MIN_IN_FLIGHT
+    assert limiter(VirtualClock(), rpm=6, max_in_flight=2).in_flight_cap == 2  # guard wins
+
+
+def test_a_learned_request_limit_sets_the_cap_too() -> None:
+    rl = limiter(VirtualClock())
+    for _ in range(200):
+        rl.observe_latency(0.2)
+    assert rl.in_flight_cap == DEFAULT_MAX_IN_FLIGHT
+    rl.observe_headers({"x-ratelimit-limit-requests": "6000"})
+    assert rl.in_flight_cap == 40
+
+
+def test_unusable_latencies_are_ignored() -> None:
+    rl = limiter(VirtualClock(), rpm=6000)
+    for value in (-1.0, math.inf, math.nan):
+        rl.observe_latency(value)
+    assert rl.latency_estimate is None
+
+
+def test_the_guard_stays_under_half_the_open_file_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ratelimit.resource, "getrlimit", lambda _which: (256, 4096))
+    assert limiter(VirtualClock()).in_flight_cap == 128
+    assert limiter(VirtualClock(), max_in_flight=50).in_flight_cap == 50
+
+
+@pytest.mark.anyio
+async def test_the_capacity_limiter_follows_the_derived_cap() -> None:
+    clock = VirtualClock()
+    rl = limiter(clock, rpm=6000, max_in_flight=1000)
+    async with rl.slot():
+        assert rl._cap is not None and rl._cap.total_tokens == 1000
+        for _ in range(200):
+            rl.observe_latency(0.2)
+        assert rl._cap.total_tokens == 40
+
+
+@pytest.mark.anyio
+async def test_the_cap_shrinks_without_cutting_calls_already_in_flight() -> None:
+    rl = RateLimiter(RateLimits(rpm=600_000, window_s=60.0, max_in_flight=8), clock=VirtualClock())
+    inside = peak_after = 0
+    shrunk = anyio.Event()
+
+    async def call() -> None:
+        nonlocal inside, peak_after
+        async with rl.slot():
+            inside += 1
+            if shrunk.is_set():
+                peak_after = max(peak_after, inside)
+            await anyio.sleep(0.01)
+            inside -= 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(call)
+        await anyio.sleep(0.005)  # eight in flight now
+        for _ in range(50):
+            rl.observe_latency(0.00003)  # 9800/s x 30 us x 2: the floor, 4
+        assert rl.in_flight_cap == MIN_IN_FLIGHT
+        shrunk.set()
+        for _ in range(12):
+            tg.start_soon(call)
+    assert peak_after <= 8  # the eight already inside finished; new ones waited their turn
+
+
+@pytest.mark.network
+@pytest.mark.anyio
+async def test_the_backend_reports_each_successful_attempts_latency() -> None:
+    clock = VirtualClock()  # no virtual time passes during real I/O: every latency is 0
+    with serve_fake_openai(models={"m": VLLM_INSTRUCT}) as srv:
+        async with OpenAIBackend(
+            "m", base_url=srv.base_url, limits=RateLimits(rpm=6000), clock=clock
+        ) as backend:
+            for i in range(3):
+                await backend.complete(CompletionRequest(prompt=f"q{i}"))
+            assert backend.limiter._latency_samples == 3
+            assert backend.limiter.latency_estimate == 0.0
+            assert backend.limiter.in_flight_cap == MIN_IN_FLIGHT
 
 
 # --------------------------------------------------------------------------------------------

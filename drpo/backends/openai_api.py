@@ -2,8 +2,14 @@
 
 Built for thousands of concurrent calls through the official ``openai`` SDK:
 
-* one tuned httpx2 connection pool per backend, and the SDK's own retries turned off, so there is
-  exactly ONE retry loop (ours) and every attempt passes through the shared rate limiter;
+* one keep-alive connection pool per backend (``drpo.backends.transport``: an asyncio-protocol
+  HTTP/1.1 transport under httpx2, a quarter of the CPU of httpcore2's pool), and the SDK's own
+  retries turned off, so there is exactly ONE retry loop (ours) and every attempt passes through
+  the shared rate limiter;
+* the SDK's low-level ``post(..., cast_to=httpx2.Response)`` with a body we serialize ourselves,
+  and our own parsing of the reply into drpo's types: the SDK's per-call request transforms and
+  response models cost more CPU than the HTTP exchange, and we need neither; the SDK still sends
+  the request and raises its own errors (``openai.APIStatusError`` & co.) for HTTP failures;
 * transient failures (connection errors, timeouts, 408, 409, 429, 5xx, malformed or empty
   replies) are retried with full-jitter exponential backoff, and a server's ``retry-after-ms`` or
   ``Retry-After`` is obeyed however long it is: the call waits, it does not fail;
@@ -18,6 +24,7 @@ Built for thousands of concurrent calls through the official ``openai`` SDK:
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -59,6 +66,7 @@ from drpo.backends.ratelimit import (
     Reservation,
     shared_limiter,
 )
+from drpo.backends.transport import lean_transport
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +215,7 @@ _CONTEXT_WORDS = ("context length", "context_length", "context window", "maximum
 
 
 # --------------------------------------------------------------------------------------------
-# Mapping SDK objects to our types
+# Requests and replies as JSON
 
 
 def _sampling_params(model: str, request: CompletionRequest) -> dict[str, Any]:
@@ -244,36 +252,53 @@ def _text_params(model: str, request: CompletionRequest) -> dict[str, Any]:
     return params
 
 
+def request_body(model: str, request: CompletionRequest) -> tuple[str, bytes]:
+    """The endpoint path and the JSON body of ``request``, as sent (UTF-8, compact)."""
+    if request.is_chat:
+        path, params = "/chat/completions", _chat_params(model, request)
+    else:
+        path, params = "/completions", _text_params(model, request)
+    return path, json.dumps(params, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _field(obj: Mapping[str, Any], name: str) -> Any:
+    """``obj[name]`` of a JSON object, None when absent; a non-object is a malformed reply."""
+    if not isinstance(obj, dict):
+        raise _MalformedResponse(f"expected a JSON object, got {type(obj).__name__}")
+    return obj.get(name)
+
+
 def _sorted_choices(raw: Any) -> list[Any]:
     if not isinstance(raw, list):
         raise _MalformedResponse("no list of choices")
-    return sorted(raw, key=lambda c: getattr(c, "index", None) or 0)
+    return sorted(raw, key=lambda c: (c.get("index") if isinstance(c, dict) else None) or 0)
 
 
-def _chat_logprobs(choice: Any) -> tuple[TokenLogprob, ...] | None:
-    logprobs = getattr(choice, "logprobs", None)
-    content = getattr(logprobs, "content", None) if logprobs is not None else None
+def _chat_logprobs(choice: Mapping[str, Any]) -> tuple[TokenLogprob, ...] | None:
+    logprobs = _field(choice, "logprobs")
+    content = _field(logprobs, "content") if logprobs is not None else None
     if content is None:
         return None
     return tuple(
         TokenLogprob(
-            token=item.token,
-            logprob=item.logprob,
+            token=item["token"],
+            logprob=item["logprob"],
             top=tuple(
-                TopLogprob(token=alt.token, logprob=alt.logprob)
-                for alt in (item.top_logprobs or ())
+                TopLogprob(token=alt["token"], logprob=alt["logprob"])
+                for alt in (item.get("top_logprobs") or ())
             ),
         )
         for item in content
     )
 
 
-def _text_logprobs(choice: Any) -> tuple[TokenLogprob, ...] | None:
-    logprobs = getattr(choice, "logprobs", None)
-    if logprobs is None or logprobs.tokens is None:
+def _text_logprobs(choice: Mapping[str, Any]) -> tuple[TokenLogprob, ...] | None:
+    logprobs = _field(choice, "logprobs")
+    tokens = _field(logprobs, "tokens") if logprobs is not None else None
+    if tokens is None:
         return None
-    values = logprobs.token_logprobs or [None] * len(logprobs.tokens)
-    tops = logprobs.top_logprobs or [None] * len(logprobs.tokens)
+    values = logprobs.get("token_logprobs") or [None] * len(tokens)
+    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
     return tuple(
         TokenLogprob(
             token=token,
@@ -283,45 +308,47 @@ def _text_logprobs(choice: Any) -> tuple[TokenLogprob, ...] | None:
                 for alt, alt_value in sorted((top or {}).items(), key=lambda kv: -kv[1])
             ),
         )
-        for token, value, top in zip(logprobs.tokens, values, tops, strict=True)
+        for token, value, top in zip(tokens, values, tops, strict=True)
     )
 
 
 def _map_usage(raw: Any) -> Usage:
     if raw is None:
         return Usage()
-    details = getattr(raw, "prompt_tokens_details", None)
-    cached = getattr(details, "cached_tokens", None) if details is not None else None
+    details = _field(raw, "prompt_tokens_details")
+    cached = _field(details, "cached_tokens") if details is not None else None
     return Usage(
-        prompt_tokens=int(raw.prompt_tokens or 0),
-        completion_tokens=int(raw.completion_tokens or 0),
+        prompt_tokens=int(raw.get("prompt_tokens") or 0),
+        completion_tokens=int(raw.get("completion_tokens") or 0),
         cached_tokens=int(cached or 0),
     )
 
 
 def map_response(parsed: Any, *, chat: bool, fallback_model: str) -> _Success:
-    """Turn an SDK ``ChatCompletion`` / ``Completion`` into our types, or raise
-    ``_MalformedResponse`` (the SDK does not validate, so any missing field surfaces here)."""
-    if isinstance(parsed, str | bytes) or parsed is None:
+    """Turn a decoded chat or text completion reply (JSON) into our types, or raise
+    ``_MalformedResponse``: nothing upstream validates it, so any missing field surfaces here."""
+    if not isinstance(parsed, dict):
         raise _MalformedResponse("the body is not a JSON object")
     try:
         choices = []
-        for choice in _sorted_choices(parsed.choices):
+        for choice in _sorted_choices(parsed.get("choices")):
             if chat:
-                text = choice.message.content or ""
+                text = _field(_field(choice, "message"), "content") or ""
                 logprobs = _chat_logprobs(choice)
             else:
-                text = choice.text or ""
+                text = _field(choice, "text") or ""
                 logprobs = _text_logprobs(choice)
-            choices.append(Choice(text=text, finish_reason=choice.finish_reason, logprobs=logprobs))
-        usage = _map_usage(getattr(parsed, "usage", None))
+            choices.append(
+                Choice(text=text, finish_reason=choice.get("finish_reason"), logprobs=logprobs)
+            )
+        usage = _map_usage(parsed.get("usage"))
     except _MalformedResponse:
         raise
     except (AttributeError, TypeError, ValueError, KeyError) as exc:
         raise _MalformedResponse(f"unexpected shape ({type(exc).__name__})") from None
     if not choices:
         raise _MalformedResponse("empty choice list")
-    model = getattr(parsed, "model", None)
+    model = parsed.get("model")
     return _Success(
         tuple(choices), usage, model if isinstance(model, str) and model else fallback_model
     )
@@ -331,19 +358,41 @@ def map_response(parsed: Any, *, chat: bool, fallback_model: str) -> _Success:
 # The backend
 
 
-def _http_client(limits: RateLimits, timeout_s: float, *, trust_env: bool) -> httpx2.AsyncClient:
-    """One pool sized above the in-flight cap, so a call never queues for a connection, and
-    keep-alive long enough that a steady load reuses its connections."""
-    pool = max(2 * limits.max_in_flight, 100)
-    return openai.DefaultAsyncHttpxClient(
-        limits=httpx2.Limits(
-            max_connections=pool,
-            max_keepalive_connections=pool,
-            keepalive_expiry=30.0,
-        ),
-        timeout=httpx2.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
-        trust_env=trust_env,
+#: Seconds an idle connection is kept for reuse (servers close theirs after 5 s to minutes; the
+#: transport learns of a close as it happens, so a longer expiry costs nothing but a socket).
+KEEPALIVE_EXPIRY_S = 30.0
+
+
+def _http_client(
+    base_url: str, limits: RateLimits, timeout_s: float, *, trust_env: bool
+) -> httpx2.AsyncClient:
+    """The SDK's default client on drpo's lean transport (see ``drpo.backends.transport``).
+
+    Idle connections are kept up to the in-flight guard, so a steady load reuses its
+    connections; where the lean transport cannot serve (an environment proxy), httpx2's own pool
+    is used, as large as the guard so that a call never queues for a connection.
+    """
+    pool = max(limits.max_in_flight, 100)
+    timeout = httpx2.Timeout(timeout_s, connect=min(timeout_s, 30.0))
+    pool_limits = httpx2.Limits(
+        max_connections=pool, max_keepalive_connections=pool, keepalive_expiry=KEEPALIVE_EXPIRY_S
     )
+
+    def httpx2_pool() -> httpx2.AsyncBaseTransport:
+        return httpx2.AsyncHTTPTransport(limits=pool_limits, trust_env=trust_env)
+
+    transport = lean_transport(
+        base_url,
+        trust_env=trust_env,
+        max_keepalive=pool,
+        keepalive_expiry=KEEPALIVE_EXPIRY_S,
+        fallback=httpx2_pool,
+    )
+    if transport is None:  # a proxy: httpx2 reads it from the environment itself
+        return openai.DefaultAsyncHttpxClient(
+            limits=pool_limits, timeout=timeout, trust_env=trust_env
+        )
+    return openai.DefaultAsyncHttpxClient(transport=transport, timeout=timeout, trust_env=trust_env)
 
 
 class OpenAIBackend:
@@ -397,7 +446,10 @@ class OpenAIBackend:
         self.backoff_max_s = backoff_max_s
         self._rng = random.Random()
         self._http = _http_client(
-            self._limiter.limits, timeout_s, trust_env=not is_loopback_url(self._endpoint)
+            self._endpoint,
+            self._limiter.limits,
+            timeout_s,
+            trust_env=not is_loopback_url(self._endpoint),
         )
         self._client = AsyncOpenAI(
             api_key=key,
@@ -468,6 +520,7 @@ class OpenAIBackend:
     ) -> _Success | _Retry | OpenAIPermanentError:
         """Send once through the limiter and say what happened; never raises for API errors."""
         async with self._limiter.slot(estimate) as reservation:
+            sent = self._clock.now()
             try:
                 with anyio.fail_after(self.timeout_s):
                     raw = await self._send(request)
@@ -481,25 +534,25 @@ class OpenAIBackend:
             except APIResponseValidationError:
                 return _Retry("malformed response (failed validation)")
             self._limiter.observe_headers(raw.headers)
-            return self._parse(raw, request.is_chat, reservation)
+            outcome = self._parse(raw, request.is_chat, reservation)
+            if isinstance(outcome, _Success):  # the latency the in-flight cap follows
+                self._limiter.observe_latency(self._clock.now() - sent)
+            return outcome
 
-    async def _send(self, request: CompletionRequest) -> Any:
-        if request.is_chat:
-            return await self._client.chat.completions.with_raw_response.create(
-                **_chat_params(self.model, request)
-            )
-        return await self._client.completions.with_raw_response.create(
-            **_text_params(self.model, request)
-        )
+    async def _send(self, request: CompletionRequest) -> httpx2.Response:
+        """POST the request through the SDK's low-level API; its HTTP errors raise as usual."""
+        path, body = request_body(self.model, request)
+        return await self._client.post(path, cast_to=httpx2.Response, content=body)
 
-    def _parse(self, raw: Any, chat: bool, reservation: Reservation) -> _Success | _Retry:
+    def _parse(
+        self, raw: httpx2.Response, chat: bool, reservation: Reservation
+    ) -> _Success | _Retry:
         try:
-            parsed = raw.parse()
-            success = map_response(parsed, chat=chat, fallback_model=self.model)
+            success = map_response(json.loads(raw.content), chat=chat, fallback_model=self.model)
         except _MalformedResponse as exc:
             return _Retry(f"malformed response: {exc}")
-        except (ValueError, TypeError, AttributeError) as exc:
-            # JSON that does not decode (ValueError) or a body of the wrong type.
+        except (ValueError, TypeError) as exc:
+            # JSON that does not decode (ValueError), or a body that is no text (TypeError).
             return _Retry(f"malformed response ({type(exc).__name__})")
         reservation.reconcile(success.usage.total_tokens)
         return success

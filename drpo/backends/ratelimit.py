@@ -20,13 +20,32 @@ How the limiter keeps "never more than the limit in any window" and still uses t
   ``await``.
 * **Calls in flight** are capped with an anyio ``CapacityLimiter``, taken *before* the start
   time is reserved, so a request that waited for a free slot cannot start late and bunch up with
-  the ones behind it.
+  the ones behind it. The cap follows the endpoint (see "Calls in flight" below).
 * ``x-ratelimit-*`` response headers can only lower the limits (never above the configured ones)
   and, when they say nothing is left, hold every caller until the reset time; so does a 429's
   ``Retry-After`` (``pause``).
 
 ``window_s`` is 60 in real use; tests shrink it so that "per minute" becomes "per second", and the
 limits read from ``x-ratelimit-limit-*`` are taken to be per window as well.
+
+Calls in flight
+---------------
+
+How many calls may wait on the server at once follows from Little's law: a rate of R requests
+per second at a latency of L seconds keeps R * L calls in flight. A fixed cap is wrong both ways:
+at 200 ms a cap of 64 holds a process to 320 calls/s however high the account's limit, and on a
+slow endpoint with a small limit it lets far more calls pile up than the rate needs. So when a
+request limit is known (configured, or learned from ``x-ratelimit-limit-requests``) the cap is
+
+    ceil(in_flight_margin * R * L), at least MIN_IN_FLIGHT, at most max_in_flight
+
+with R the paced rate and L a high estimate of one attempt's latency, kept like TCP's
+retransmission timer (RFC 6298): a smoothed mean plus four mean deviations of the latencies the
+backend reports (``observe_latency``), so ordinary jitter never makes the cap bind. The margin
+(2 by default) leaves room for latency to grow before the next estimate catches up. With no
+request limit, or before any latency is observed, the cap is ``max_in_flight``: the guard, which
+only bounds local resources (sockets, memory); it is also kept under half the process's open-file
+limit, so a cap can never make calls fail for want of file descriptors.
 """
 
 from __future__ import annotations
@@ -46,6 +65,11 @@ from typing import Protocol
 import anyio
 import anyio.lowlevel
 from pydantic import BaseModel, ConfigDict, Field
+
+try:
+    import resource
+except ImportError:  # Windows: no open-file limit to read
+    resource = None  # type: ignore[assignment]
 
 # --------------------------------------------------------------------------------------------
 # Clocks
@@ -87,6 +111,16 @@ SYSTEM_CLOCK = SystemClock()
 # --------------------------------------------------------------------------------------------
 # Settings
 
+#: The default guard on calls in flight per endpoint, model and key. Measured: 50 searches at
+#: 200 ms per call want ~350 calls in flight at their peaks (benchmarks/search.py scenario 4),
+#: and one process serves ~1,000-1,500 calls/s (benchmarks/callpath.py), i.e. 200-300 in flight
+#: at 200 ms and more at the multi-second latencies of long generations; 1024 leaves room for
+#: both while bounding sockets and memory. The old fixed 64 capped a process at 320 calls/s.
+DEFAULT_MAX_IN_FLIGHT = 1024
+#: The derived cap never goes below this: pacing sets the rate, and a few calls in flight more
+#: than Little's law asks cost nothing.
+MIN_IN_FLIGHT = 4
+
 
 class RateLimits(BaseModel):
     """The limits of one endpoint+model+key: requests and tokens per window, calls in flight."""
@@ -97,8 +131,11 @@ class RateLimits(BaseModel):
     rpm: float | None = Field(default=None, gt=0)
     #: Tokens (prompt + completion) per window; None for no token limit.
     tpm: float | None = Field(default=None, gt=0)
-    #: Calls allowed to be waiting on the server at once.
-    max_in_flight: int = Field(default=64, ge=1)
+    #: The guard on calls waiting on the server at once; the cap in force is derived below it
+    #: from the request rate and the observed latency when a request limit is known.
+    max_in_flight: int = Field(default=DEFAULT_MAX_IN_FLIGHT, ge=1)
+    #: Calls in flight allowed over rate x latency (Little's law), as a factor.
+    in_flight_margin: float = Field(default=2.0, ge=1.0)
     #: The window the limits count over: 60 s for real endpoints, shorter in tests.
     window_s: float = Field(default=60.0, gt=0)
     #: Fraction of each limit kept unused so jitter between our clock and the server's arrival
@@ -111,6 +148,7 @@ class RateLimits(BaseModel):
             rpm=_min_or_none(self.rpm, other.rpm),
             tpm=_min_or_none(self.tpm, other.tpm),
             max_in_flight=min(self.max_in_flight, other.max_in_flight),
+            in_flight_margin=min(self.in_flight_margin, other.in_flight_margin),
             window_s=self.window_s,
             headroom=max(self.headroom, other.headroom),
         )
@@ -255,6 +293,11 @@ class RateLimiter:
         self._not_before_s = -math.inf  # held by a 429 Retry-After or an exhausted header
         self._tokens = _TokenWindow(self._limits.window_s)
         self._granted = 0
+        # Latency of one attempt, smoothed as RFC 6298 smooths round-trip times.
+        self._latency_mean: float | None = None
+        self._latency_dev = 0.0
+        self._latency_samples = 0
+        self._in_flight_cap = self._derive_cap()
         # anyio primitives belong to one event loop; remember which one built the cap.
         self._cap_loop: anyio.lowlevel.EventLoopToken | None = None
         self._cap: anyio.CapacityLimiter | None = None
@@ -288,8 +331,57 @@ class RateLimiter:
         """Adopt the strictest of the current and the given limits (another caller joined)."""
         with self._lock:
             self._limits = self._limits.tightened(limits)
-            if self._cap is not None:
-                self._cap.total_tokens = self._limits.max_in_flight
+        self._update_cap()
+
+    # ---- calls in flight ----------------------------------------------------------------
+
+    @property
+    def in_flight_cap(self) -> int:
+        """Calls allowed in flight now: derived from rate and latency, under the guard."""
+        return self._in_flight_cap
+
+    @property
+    def latency_estimate(self) -> float | None:
+        """A high estimate of one attempt's latency (mean + 4 deviations); None before any."""
+        if self._latency_mean is None:
+            return None
+        return self._latency_mean + 4 * self._latency_dev
+
+    def observe_latency(self, seconds: float) -> None:
+        """Learn from one successful attempt's latency (request sent to reply read)."""
+        if not math.isfinite(seconds) or seconds < 0:
+            return
+        with self._lock:
+            mean = self._latency_mean
+            if mean is None:  # RFC 6298 2.2: the first sample sets the mean, half of it the dev
+                self._latency_mean, self._latency_dev = seconds, seconds / 2
+            else:  # 2.3: beta = 1/4, alpha = 1/8
+                self._latency_dev += (abs(mean - seconds) - self._latency_dev) / 4
+                self._latency_mean = mean + (seconds - mean) / 8
+            self._latency_samples += 1
+        self._update_cap()
+
+    def _guard(self) -> int:
+        return min(self._limits.max_in_flight, _file_descriptor_guard())
+
+    def _derive_cap(self) -> int:
+        """Little's law with a margin, between MIN_IN_FLIGHT and the guard."""
+        guard = self._guard()
+        rpm = self.rpm
+        latency = self.latency_estimate
+        if rpm is None or latency is None:
+            return guard
+        rate = rpm * (1 - self._limits.headroom) / self._limits.window_s
+        wanted = math.ceil(self._limits.in_flight_margin * rate * latency)
+        return max(min(MIN_IN_FLIGHT, guard), min(wanted, guard))
+
+    def _update_cap(self) -> None:
+        cap = self._derive_cap()
+        if cap == self._in_flight_cap:
+            return
+        self._in_flight_cap = cap
+        if self._cap is not None and self._cap_loop == _current_loop_token():
+            self._cap.total_tokens = cap  # a larger cap lets waiting callers in at once
 
     def pause(self, seconds: float) -> None:
         """Start nothing new for ``seconds``: the server said the key is over its limit."""
@@ -301,7 +393,10 @@ class RateLimiter:
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         """Learn from ``x-ratelimit-*`` headers: lower limits, and hold when nothing remains."""
         lowered = {key.lower(): value for key, value in headers.items()}
+        if not any(key.startswith("x-ratelimit-") for key in lowered):
+            return  # most servers (vLLM, local ones) send none: nothing to lock or learn
         now = self._clock.now()
+        rpm_before = self.rpm
         with self._lock:
             for kind in ("requests", "tokens"):
                 limit = _header_number(lowered, f"x-ratelimit-limit-{kind}")
@@ -314,6 +409,8 @@ class RateLimiter:
                 reset = parse_reset(lowered.get(f"x-ratelimit-reset-{kind}"))
                 if remaining is not None and remaining <= 0 and reset:
                     self._not_before_s = max(self._not_before_s, now + reset)
+        if self.rpm != rpm_before:
+            self._update_cap()
 
     # ---- granting -----------------------------------------------------------------------
 
@@ -343,18 +440,18 @@ class RateLimiter:
         can never fit ``rpm + 1`` starts into one window even with zero headroom."""
         return self._limits.window_s / (rpm * (1 - self._limits.headroom)) * (1 + 1e-9)
 
-    def _in_flight_cap(self) -> anyio.CapacityLimiter:
+    def _capacity_limiter(self) -> anyio.CapacityLimiter:
         """The cap for the running event loop (a new loop, e.g. a new test, gets a new one)."""
-        token = anyio.lowlevel.current_token()
+        token = _current_loop_token()
         if self._cap is None or self._cap_loop != token:
-            self._cap = anyio.CapacityLimiter(self._limits.max_in_flight)
+            self._cap = anyio.CapacityLimiter(self._in_flight_cap)
             self._cap_loop = token
         return self._cap
 
     @asynccontextmanager
     async def slot(self, estimated_tokens: int = 0) -> AsyncIterator[Reservation]:
         """Wait for a free in-flight slot, then for this call's start time, then run the body."""
-        async with self._in_flight_cap():
+        async with self._capacity_limiter():
             reservation = self.reserve(estimated_tokens)
             delay = reservation.start_s - self._clock.now()
             if delay > 0:
@@ -362,7 +459,28 @@ class RateLimiter:
             yield reservation
 
     def __repr__(self) -> str:
-        return f"RateLimiter({self._limits!r}, rpm={self.rpm}, tpm={self.tpm})"
+        return (
+            f"RateLimiter({self._limits!r}, rpm={self.rpm}, tpm={self.tpm}, "
+            f"in_flight_cap={self._in_flight_cap})"
+        )
+
+
+def _current_loop_token() -> anyio.lowlevel.EventLoopToken | None:
+    try:
+        return anyio.lowlevel.current_token()
+    except RuntimeError:  # no event loop here (a synchronous caller, a test)
+        return None
+
+
+def _file_descriptor_guard() -> int:
+    """Half the process's open-file limit: each call in flight holds a socket, and the run store,
+    logs and the rest need descriptors too."""
+    if resource is None:
+        return DEFAULT_MAX_IN_FLIGHT * 64
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return DEFAULT_MAX_IN_FLIGHT * 64
+    return max(MIN_IN_FLIGHT, soft // 2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,472 @@
+"""What one model call costs this process in CPU, from a bare HTTP loop up to drpo's full path.
+
+Run: ``python benchmarks/callpath.py [--calls 3000] [--concurrency 64] [--rounds 3]
+[--profile MODE]``.
+
+The simulated model (``tests/sim_server_main.py``: the fake OpenAI server answering with
+``tests/simulated_llm.respond``) runs in a process of its own with a fixed latency per call, so
+its CPU is not charged to the client; its CPU time is measured too (from ``/proc`` via psutil)
+and printed next to the client's, to show it is not what limits the numbers.
+
+Three clients make the same chat request (a system prompt and a question, ~1.5 KB, like a
+critic's or editor's call) against the same server:
+
+* ``httpx2``: a bare ``httpx2.AsyncClient.post`` loop that decodes the JSON reply: the floor
+  for any Python client on this stack;
+* ``sdk``: the bare official SDK, ``AsyncOpenAI.chat.completions.create`` (its retries off);
+* ``drpo``: drpo's whole path for one call: a requester asks an agent-like handler over the
+  ``Bus`` (request and reply envelopes), the handler calls through
+  ``JournaledCaller.complete`` (the call journal, committed to SQLite before use) and
+  ``OpenAIBackend`` (rate limiter, retry loop, response mapping), and a ``Recorder`` persists
+  every bus envelope into the ``RunStore``.
+
+Measured, side by side in one run:
+
+1. CPU microseconds per call for each client at ``--concurrency`` callers (``time.process_time``
+   of this process, every thread included: aiosqlite's writer thread counts), and their ratios;
+   the best of ``--rounds`` rounds (the least disturbed by other programs on a shared machine).
+   Target: drpo <= 2x the bare SDK.
+2. Calls/s of drpo's full path in one process at no RPM limit against a server with
+   ``--latency`` (50 ms) of latency, with ``--callers`` (512) callers and the endpoint's default
+   in-flight limit; target >= 1,000 calls/s. Client and server CPU utilisation are printed.
+
+CPU time is the figure to trust on a busy machine (wall-clock rates also count other
+programs); ``--profile MODE`` writes a cProfile of one more round of that client to
+``callpath-MODE.prof`` and prints its top entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import httpx2  # noqa: E402
+import openai  # noqa: E402
+import psutil  # noqa: E402
+
+from drpo.backends.base import ChatMessage, CompletionRequest  # noqa: E402
+from drpo.backends.openai_api import OpenAIBackend  # noqa: E402
+from drpo.backends.ratelimit import RateLimits  # noqa: E402
+from drpo.bus import Bus, Envelope  # noqa: E402
+from drpo.bus.messages import Answer, ProposeAnswer  # noqa: E402
+from drpo.runs.journal import JournaledCaller  # noqa: E402
+from drpo.runs.recorder import recording  # noqa: E402
+from drpo.runs.store import RunStore  # noqa: E402
+
+MODEL = "sim"
+TOPIC = "agent.bench"
+SYSTEM = (
+    "You are a careful, honest assistant. Answer clearly and concisely, admit what you cannot "
+    "know, and refuse harmful requests politely. "
+) * 8
+#: The three compared clients, and drpo's path layer by layer (each adds one to the one before).
+MODES = ("httpx2", "sdk", "drpo")
+LAYERS = ("backend", "journal", "bus")
+ORDER = ("httpx2", "sdk", *LAYERS, "drpo")
+NOTES = {
+    "httpx2": "bare httpx2.AsyncClient.post loop",
+    "sdk": "bare AsyncOpenAI.chat.completions.create",
+    "backend": "drpo: OpenAIBackend.complete alone",
+    "journal": "  + JournaledCaller (journal committed)",
+    "bus": "  + Bus request/reply to a served handler",
+    "drpo": "  + Recorder: drpo's full path",
+}
+
+
+def question(i: int) -> str:
+    return f"Question {i}: how do I start running if I have never exercised before?"
+
+
+def chat_request(i: int) -> CompletionRequest:
+    return CompletionRequest(
+        messages=(
+            ChatMessage(role="system", content=SYSTEM),
+            ChatMessage(role="user", content=question(i)),
+        ),
+        max_tokens=256,
+    )
+
+
+def chat_body(i: int) -> dict[str, Any]:
+    """The JSON body the SDK and drpo send for ``chat_request(i)``."""
+    return {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": question(i)},
+        ],
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "max_tokens": 256,
+        "n": 1,
+    }
+
+
+# ------------------------------------------------------------------------------------ the server
+
+
+@dataclass
+class Server:
+    base_url: str
+    process: psutil.Process
+
+    def cpu_s(self) -> float:
+        times = self.process.cpu_times()
+        return times.user + times.system
+
+
+@contextmanager
+def sim_server(latency_s: float) -> Iterator[Server]:
+    """``tests/sim_server_main.py`` as a process of its own; yields its URL and process."""
+    proc = subprocess.Popen(
+        [sys.executable, str(_ROOT / "tests" / "sim_server_main.py"), "--latency", str(latency_s)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("BASE_URL "):
+            raise RuntimeError(f"the simulated server did not start: {line!r}")
+        yield Server(line.split()[1], psutil.Process(proc.pid))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# ------------------------------------------------------------------------------------ clients
+
+#: ``call(i)`` makes call number ``i`` and returns the reply text.
+CallFn = Callable[[int], Awaitable[str]]
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+async def _drive(call: CallFn, calls: int, concurrency: int, first: int) -> None:
+    """``calls`` calls numbered from ``first``, by ``concurrency`` callers taking the next."""
+    next_index = first
+    end = first + calls
+
+    async def caller() -> None:
+        nonlocal next_index
+        while next_index < end:
+            i = next_index
+            next_index += 1
+            text = await call(i)
+            if not text:
+                raise RuntimeError(f"call {i} got an empty reply")
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(caller)
+
+
+@dataclass
+class Sample:
+    mode: str
+    calls: int
+    wall_s: float
+    cpu_s: float
+    server_cpu_s: float
+
+    @property
+    def cpu_us_per_call(self) -> float:
+        return self.cpu_s / self.calls * 1e6
+
+    @property
+    def calls_per_s(self) -> float:
+        return self.calls / self.wall_s
+
+
+async def _measure(
+    mode: str,
+    call: CallFn,
+    server: Server,
+    *,
+    calls: int,
+    concurrency: int,
+    warmup: int,
+    profile: cProfile.Profile | None,
+) -> Sample:
+    """Warm up (connections opened, caches filled), then time ``calls`` calls."""
+    await _drive(call, warmup, concurrency, 0)
+    server_cpu, cpu, wall = server.cpu_s(), time.process_time(), time.perf_counter()
+    if profile is not None:
+        profile.enable()
+    try:
+        await _drive(call, calls, concurrency, warmup)
+    finally:
+        if profile is not None:
+            profile.disable()
+    wall = time.perf_counter() - wall
+    cpu = time.process_time() - cpu
+    return Sample(mode, calls, wall, cpu, server.cpu_s() - server_cpu)
+
+
+async def run_httpx2(server: Server, **options: Any) -> Sample:
+    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
+    url = server.base_url + "/chat/completions"
+    headers = {"authorization": "Bearer EMPTY"}
+    async with httpx2.AsyncClient(limits=limits, timeout=60.0) as client:
+
+        async def call(i: int) -> str:
+            response = await client.post(url, json=chat_body(i), headers=headers)
+            response.raise_for_status()
+            return str(response.json()["choices"][0]["message"]["content"])
+
+        return await _measure("httpx2", call, server, **options)
+
+
+async def run_sdk(server: Server, **options: Any) -> Sample:
+    http = openai.DefaultAsyncHttpxClient(
+        limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
+    )
+    client = openai.AsyncOpenAI(
+        api_key="EMPTY", base_url=server.base_url, max_retries=0, http_client=http
+    )
+    async with client:
+
+        async def call(i: int) -> str:
+            completion = await client.chat.completions.create(**chat_body(i))
+            return completion.choices[0].message.content or ""
+
+        return await _measure("sdk", call, server, **options)
+
+
+async def run_backend(server: Server, **options: Any) -> Sample:
+    """``OpenAIBackend.complete`` alone: limiter, retry loop, SDK, transport, reply mapping."""
+    async with OpenAIBackend(MODEL, base_url=server.base_url) as backend:
+
+        async def call(i: int) -> str:
+            return (await backend.complete(chat_request(i))).text
+
+        return await _measure("backend", call, server, **options)
+
+
+async def run_drpo(
+    server: Server,
+    *,
+    limits: RateLimits | None = None,
+    bus_layer: bool = True,
+    record: bool = True,
+    mode: str = "drpo",
+    **options: Any,
+) -> Sample:
+    """drpo's full path; ``bus_layer=False`` calls the journal directly, ``record=False``
+    leaves the recorder out (the layers one by one, for the breakdown)."""
+    with tempfile.TemporaryDirectory(prefix="drpo-callpath-") as folder:
+        async with RunStore.open(Path(folder) / "bench.db") as store:
+            run_id = await store.create_run("bench")
+            bus = Bus()
+            journal = JournaledCaller(store, run_id)
+            backend = OpenAIBackend(MODEL, base_url=server.base_url, limits=limits)
+            recorder = recording(bus, store) if record else _async_nothing()
+            async with backend, recorder, anyio.create_task_group() as tg:
+
+                async def handle(envelope: Envelope) -> Answer:
+                    message: ProposeAnswer = envelope.payload  # type: ignore[assignment]
+                    index = int(message.query)
+                    completion = await journal.complete(
+                        backend, chat_request(index), role="proposer", node_id=envelope.node_id
+                    )
+                    return Answer(text=completion.text)
+
+                ready = anyio.Event()
+                tg.start_soon(
+                    lambda: bus.serve(TOPIC, handle, sender="agent", task_group=tg, ready=ready)
+                )
+                await ready.wait()
+
+                async def call(i: int) -> str:
+                    reply = await bus.request(
+                        TOPIC,
+                        ProposeAnswer(model=MODEL, system_prompt="", query=str(i)),
+                        sender="search",
+                        run_id=run_id,
+                        node_id=f"n{i}",
+                    )
+                    return reply.payload.text  # type: ignore[union-attr]
+
+                async def call_journal(i: int) -> str:
+                    completion = await journal.complete(
+                        backend, chat_request(i), role="proposer", node_id=f"n{i}"
+                    )
+                    return completion.text
+
+                sample = await _measure(
+                    mode, call if bus_layer else call_journal, server, **options
+                )
+                tg.cancel_scope.cancel()
+    return sample
+
+
+async def run_journal(server: Server, **options: Any) -> Sample:
+    """The backend through ``JournaledCaller`` (journal committed to SQLite), no bus."""
+    return await run_drpo(server, bus_layer=False, record=False, mode="journal", **options)
+
+
+async def run_bus(server: Server, **options: Any) -> Sample:
+    """The journal behind a bus request/reply, without the recorder."""
+    return await run_drpo(server, record=False, mode="bus", **options)
+
+
+@asynccontextmanager
+async def _async_nothing() -> AsyncIterator[None]:
+    yield
+
+
+RUNNERS: dict[str, Callable[..., Awaitable[Sample]]] = {
+    "httpx2": run_httpx2,
+    "sdk": run_sdk,
+    "backend": run_backend,
+    "journal": run_journal,
+    "bus": run_bus,
+    "drpo": run_drpo,
+}
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def _quiet_logs() -> None:
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def _profile_report(profile: cProfile.Profile, path: Path, top: int) -> str:
+    profile.dump_stats(str(path))
+    out = io.StringIO()
+    stats = pstats.Stats(profile, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def main() -> None:
+    _quiet_logs()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=3000, help="calls per round (3000)")
+    parser.add_argument("--concurrency", type=int, default=64, help="callers in part 1 (64)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per client, best kept")
+    parser.add_argument("--latency", type=float, default=0.05, help="server latency (0.05 s)")
+    parser.add_argument("--callers", type=int, default=512, help="callers in part 2 (512)")
+    parser.add_argument("--throughput-calls", type=int, default=10000, help="calls in part 2")
+    parser.add_argument("--only", default="12", help="parts to run: 1, 2 or 12")
+    parser.add_argument(
+        "--modes", default=",".join(ORDER), help="clients in part 1 (default: all, in order)"
+    )
+    parser.add_argument(
+        "--profile", choices=(*MODES, *LAYERS), default=None, help="profile this client"
+    )
+    parser.add_argument("--top", type=int, default=40, help="profile entries to print")
+    args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    options = {"calls": args.calls, "concurrency": args.concurrency, "warmup": 300}
+    best: dict[str, Sample] = {}
+    print(
+        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f} at the start",
+        file=sys.stderr,
+    )
+    with sim_server(args.latency) as server:
+        if "1" in args.only:
+            for round_ in range(args.rounds):
+                for mode in modes:  # interleaved, so a noisy minute hits every client alike
+                    sample = anyio.run(
+                        lambda m=mode: RUNNERS[m](server, profile=None, **options)  # type: ignore[misc]
+                    )
+                    print(
+                        f"  round {round_ + 1} {mode:>6}: {sample.cpu_us_per_call:7.0f} us CPU/call"
+                        f"  {sample.calls_per_s:7.0f} calls/s"
+                        f"  server {sample.server_cpu_s / sample.wall_s:4.0%} CPU",
+                        file=sys.stderr,
+                    )
+                    if mode not in best or sample.cpu_s < best[mode].cpu_s:
+                        best[mode] = sample
+        throughput: Sample | None = None
+        if "2" in args.only:
+            throughput = anyio.run(
+                lambda: run_drpo(
+                    server,
+                    profile=None,
+                    calls=args.throughput_calls,
+                    concurrency=args.callers,
+                    warmup=1000,
+                )
+            )
+        profiled = ""
+        if args.profile is not None:
+            profile = cProfile.Profile()
+            anyio.run(
+                lambda: RUNNERS[args.profile](server, profile=profile, **options)  # type: ignore[index]
+            )
+            profiled = _profile_report(profile, Path(f"callpath-{args.profile}.prof"), args.top)
+    _print_report(best, throughput, args)
+    if profiled:
+        print(f"\ncProfile of one round of {args.profile} (by own time):")
+        print(profiled)
+
+
+def _print_report(best: dict[str, Sample], throughput: Sample | None, args: Any) -> None:
+    print(
+        f"\nCPU per call: {args.calls} chat calls, {args.concurrency} callers, "
+        f"server latency {args.latency * 1000:.0f} ms (best of {args.rounds} rounds, "
+        "process CPU time incl. threads)"
+    )
+    print(
+        f"{'client':<8} {'CPU/call':>10} {'x httpx2':>9} {'x sdk':>7} {'calls/s':>9} "
+        f"{'server CPU':>11}"
+    )
+    for mode in ORDER:
+        if mode not in best:
+            continue
+        s = best[mode]
+        base = best.get("httpx2")
+        sdk = best.get("sdk")
+        ratio_base = f"{s.cpu_s / base.cpu_s:.2f}" if base else "-"
+        ratio_sdk = f"{s.cpu_s / sdk.cpu_s:.2f}" if sdk else "-"
+        print(
+            f"{mode:<8} {s.cpu_us_per_call:8.0f}us {ratio_base:>9} {ratio_sdk:>7} "
+            f"{s.calls_per_s:9.0f} {s.server_cpu_s / s.wall_s:10.0%}  {NOTES.get(mode, '')}"
+        )
+    if "drpo" in best and "sdk" in best:
+        ratio = best["drpo"].cpu_s / best["sdk"].cpu_s
+        print(f"drpo full path / bare SDK CPU per call: {ratio:.2f}  (target <= 2.00)")
+    if throughput is not None:
+        t = throughput
+        print(
+            f"\nThroughput, drpo full path, no RPM limit, {args.callers} callers, "
+            f"{args.latency * 1000:.0f} ms server latency: {t.calls_per_s:,.0f} calls/s "
+            f"(target >= 1,000) over {t.calls} calls; client CPU {t.cpu_s / t.wall_s:.0%} "
+            f"({t.cpu_us_per_call:.0f} us/call), server CPU {t.server_cpu_s / t.wall_s:.0%}"
+        )
+
+
+if __name__ == "__main__":
+    main()
