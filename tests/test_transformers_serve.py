@@ -140,3 +140,26 @@ async def test_logprobs_when_the_server_returns_them(served: OpenAIBackend) -> N
         assert math.isfinite(position.logprob) and position.logprob <= 0
         values = [alt.logprob for alt in position.top]
         assert values == sorted(values, reverse=True)
+
+
+@pytest.mark.anyio
+async def test_the_agents_fan_n_out_and_name_the_missing_logprobs(served: OpenAIBackend) -> None:
+    """What the agents do about this server's quirks, against the server itself: ``n`` samples
+    come back as ``n`` choices (the missing ones asked for one by one, each its own seed), and a
+    logprobs request fails with the fix named instead of scoring every answer as unreadable."""
+    from drpo.agents.capabilities import Capabilities, LogprobsUnsupportedError, complete
+
+    honours = Capabilities()
+    asked: list[CompletionRequest] = []
+
+    async def call(request: CompletionRequest) -> Completion:
+        asked.append(request)
+        return await served.complete(request)
+
+    request = chat("Name a colour.", max_tokens=8, n=3, seed=0, temperature=0.9)
+    result = await complete(call, request, honours, "transformers serve")
+    assert len(result.choices) == 3 and honours.n is False
+    assert [(r.n, r.seed) for r in asked] == [(3, 0), (1, 1), (1, 2)]
+    with pytest.raises(LogprobsUnsupportedError, match=r'critic\.mode = "json"'):
+        await complete(call, chat("What is 2+2?", max_tokens=1, top_logprobs=5), honours, "ts")
+    assert honours.logprobs is False
