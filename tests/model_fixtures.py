@@ -4,14 +4,17 @@ Register them once for the whole suite in ``tests/conftest.py`` (or per test mod
 
     pytest_plugins = ("model_fixtures",)
 
-* ``local_backend``: the embedded SmolLM2 loaded once per session (GGUF, CPU float32 or GPU
-  bf16). Other ``LocalBackend("smollm2")`` instances made after it reuse the same loaded model
-  at no cost, so a test that needs its own batch settings or fresh stats just makes one.
-* ``plain_model_dir``: a safetensors copy of the embedded model, kept across sessions in
+* ``local_backend``: the embedded SmolLM2 loaded once per session (GGUF) in the device's default
+  dtype (bf16 on a GPU or on a CPU with native bf16, else float32). Other
+  ``LocalBackend("smollm2")`` instances made after it reuse the same loaded model at no cost, so
+  a test that needs its own batch settings or fresh stats just makes one (one that asks for
+  another dtype loads a second copy, once per session).
+* ``plain_model_dir``: a float32 safetensors copy of the embedded model, kept across sessions in
   pytest's cache folder (``.pytest_cache``, ignored by git); ``LocalBackend(str(dir))`` loads
-  it in well under a second.
-* ``transformers_server``: a real ``transformers serve`` on 127.0.0.1 serving that copy (a
-  :class:`~serving.ServedModel` with ``base_url`` and the ``model`` name to send).
+  it in well under a second, in the same default dtype.
+* ``transformers_server``: a real ``transformers serve`` on 127.0.0.1 serving that copy in that
+  same default dtype (a :class:`~serving.ServedModel` with ``base_url`` and the ``model`` name
+  to send), so its greedy answers can be compared with ``LocalBackend``'s exactly.
 """
 
 from __future__ import annotations

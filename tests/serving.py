@@ -4,8 +4,14 @@ and serve such a copy with ``transformers serve``.
 Why: ``transformers serve`` and other OpenAI-compatible servers want a normal model folder, and
 a folder loads in well under a second where de-quantizing the GGUF file takes about 15 s. A model
 loaded from GGUF refuses ``save_pretrained``, so we build a fresh model from its config, copy the
-(de-quantized) weights in and save that. The copy keeps the loaded dtype (float32 on the CPU), so
-it computes what :class:`~drpo.backends.local.LocalBackend` computes from the GGUF file.
+(de-quantized) weights in and save that.
+
+dtype: the copy is always written in float32 (the de-quantized weights, nothing rounded away),
+whatever dtype the backend computes in; the dtype is chosen when a copy is *loaded*.
+:class:`~drpo.backends.local.LocalBackend` picks the device's default (bf16 on a CPU with native
+bf16, see ``drpo.backends.local_model.default_dtype``), and :func:`start_transformers_serve`
+passes the same default to ``transformers serve --dtype``, so both sides compute in one dtype and
+their greedy answers can be compared exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from drpo.backends.local import resolve_model_ref
+from drpo.backends.local_refs import resolve_model_ref
 
 #: Written last: a folder with this file is a complete copy and is never rewritten.
 COMPLETE_MARKER = ".drpo-plain-copy-complete"
@@ -44,8 +50,9 @@ def save_plain_copy(model_ref: str = "smollm2", out_dir: str | Path | None = Non
     """Save ``model_ref`` as a safetensors model folder with its tokenizer; return the folder.
 
     Idempotent: a complete copy is left as it is. The copy is written to a sibling temporary
-    folder and moved into place, so an interrupted export never looks complete. Reuses the
-    process-wide loaded model when the local backend has already loaded it on the CPU.
+    folder and moved into place, so an interrupted export never looks complete. The weights are
+    saved in float32 (see the module docstring); the process-wide loaded model is reused when the
+    local backend has already loaded it on the CPU in float32.
     """
     out = Path(out_dir) if out_dir is not None else default_plain_copy_dir(model_ref)
     out = out.expanduser().resolve()
@@ -54,7 +61,7 @@ def save_plain_copy(model_ref: str = "smollm2", out_dir: str | Path | None = Non
     resolved = resolve_model_ref(model_ref)
     from drpo.backends.local_model import load_model
 
-    loaded = load_model(resolved, device="cpu")
+    loaded = load_model(resolved, device="cpu", dtype="float32")
     staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -159,6 +166,7 @@ def start_transformers_serve(
     log_path: str | Path,
     *,
     device: str = "cpu",
+    dtype: str | None = None,
     extra_args: Sequence[str] = (),
     ready_timeout_s: float = 180.0,
 ) -> ServedModel:
@@ -166,7 +174,13 @@ def start_transformers_serve(
 
     Ready means ``GET /v1/models`` answers. The folder is the server's forced model, so it is
     loaded at start and the first request does not pay for the load. Offline: never downloads.
+    ``dtype`` defaults to what ``LocalBackend`` picks on ``device`` (not the copy's float32), so
+    the server and an in-process reference compute in the same dtype.
     """
+    if dtype is None:
+        from drpo.backends.local_model import default_dtype
+
+        dtype = str(default_dtype(device)).removeprefix("torch.")
     port = free_port()
     command = [
         *transformers_cli(),
@@ -178,6 +192,8 @@ def start_transformers_serve(
         str(port),
         "--device",
         device,
+        "--dtype",
+        dtype,
         "--log-level",
         "warning",
         *extra_args,

@@ -8,20 +8,31 @@ can serve one event loop after another.
 
 The protocol, on one event loop:
 
-* every call appends a ticket to a FIFO queue;
+* every call appends a ticket to the queue, with the priority of its context
+  (:mod:`drpo.backends.priority`: foreground unless inside ``background()``);
 * if no leader is active the call becomes the leader: it waits up to ``batch_window_s`` for more
-  calls (or until the queue holds a full batch), takes the oldest tickets that fit into
-  ``max_batch_size`` and runs the batch function on a worker thread, then hands leadership to the
-  oldest ticket still queued;
+  calls (or until the queue holds a full batch), fills a batch of at most ``max_batch_size``
+  first-fit, foreground tickets first and then background ones, each in arrival order, and runs
+  the batch function on a worker thread; then it hands leadership to the ticket that heads the
+  queue in that order;
 * every other call sleeps until its ticket is done or it is handed leadership.
 
-Cancellation: a call cancelled while queued removes its ticket, so its work never runs. A leader
-cancelled mid-batch still finishes that batch (shielded) so the other callers get their results,
-then re-raises. A follower cancelled mid-batch just drops its result.
+Cancellation (issue 10: Ctrl-C must not wait for a batch of hundreds of tokens):
+
+* a call cancelled while queued removes its ticket, so its work never runs;
+* a call cancelled while its ticket runs sets the ticket's ``cancelled`` flag (a
+  ``threading.Event`` the batch function receives, one per item) and returns at once; the batch
+  function checks the flags between tokens and drops the item's rows, and when every item of a
+  batch is cancelled the batch ends at the next token;
+* a cancelled leader still delivers the other callers' results: it flags its own item, waits
+  (shielded) for the batch, hands out the results, then re-raises. If the others were cancelled
+  too, that wait is one token long.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -30,11 +41,15 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from drpo.backends.priority import Priority, current_priority
+
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: Runs one batch on a worker thread: one result (or the exception for that item) per item.
-BatchFunction = Callable[[Sequence[T]], Sequence["R | BaseException"]]
+#: Runs one batch on a worker thread: one result (or the exception for that item) per item. The
+#: second argument holds one flag per item, set when that item's caller is gone (cancelled): the
+#: function should stop working on such an item as soon as it can (its result is dropped).
+BatchFunction = Callable[[Sequence[T], Sequence[threading.Event]], Sequence["R | BaseException"]]
 
 
 @dataclass
@@ -46,6 +61,10 @@ class BatcherStats:
     weight: int = 0
     largest_batch: int = 0
     cancelled_while_queued: int = 0
+    #: Items whose caller was cancelled while their batch ran (their rows were flagged to stop).
+    cancelled_while_running: int = 0
+    #: Items submitted with background priority.
+    background_items: int = 0
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -53,11 +72,20 @@ class BatcherStats:
 class _Ticket(Generic[T, R]):
     item: T
     weight: int
+    priority: Priority
+    arrival: int
     wake: anyio.Event = field(default_factory=anyio.Event)
+    #: Set (from the event loop) when the caller is gone; read by the batch function's thread.
+    cancelled: threading.Event = field(default_factory=threading.Event)
     done: bool = False
     taken: bool = False
     result: R | None = None
     error: BaseException | None = None
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Serving order: foreground first, then arrival."""
+        return (self.priority, self.arrival)
 
 
 class DynamicBatcher(Generic[T, R]):
@@ -65,7 +93,9 @@ class DynamicBatcher(Generic[T, R]):
 
     ``weight(item)`` is how many batch slots an item takes (the ``n`` sequences of a request). An
     item heavier than ``max_batch_size`` runs alone; the batch function must cope (e.g. in chunks).
-    Batches are filled first-fit in arrival order, so the oldest call is always in the next batch.
+    Batches are filled first-fit in serving order (foreground before background, then arrival), so
+    the first ticket in that order is always in the next batch, and background tickets take the
+    slots that foreground ones leave free.
     """
 
     def __init__(
@@ -84,19 +114,31 @@ class DynamicBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self._weight = weight
-        self._queue: list[_Ticket[T, R]] = []
+        self._queue: list[_Ticket[T, R]] = []  # arrival order
+        self._arrivals = itertools.count()
         self._leader_active = False
         self._full: anyio.Event | None = None
         self.stats = BatcherStats()
 
     @property
     def queued(self) -> int:
-        """How many calls wait for a batch (not counting the one running)."""
+        """How many calls wait for a batch (not counting the ones running)."""
         return len(self._queue)
 
-    async def submit(self, item: T) -> R:
-        """Run ``item`` in the next batch that has room and return its result (or raise its error)."""
-        ticket: _Ticket[T, R] = _Ticket(item=item, weight=max(1, self._weight(item)))
+    async def submit(self, item: T, *, priority: Priority | None = None) -> R:
+        """Run ``item`` in the next batch that has room and return its result (or raise its error).
+
+        ``priority`` defaults to the caller's context (:func:`~drpo.backends.priority.background`).
+        """
+        chosen = current_priority() if priority is None else priority
+        ticket: _Ticket[T, R] = _Ticket(
+            item=item,
+            weight=max(1, self._weight(item)),
+            priority=chosen,
+            arrival=next(self._arrivals),
+        )
+        if chosen is Priority.BACKGROUND:
+            self.stats.background_items += 1
         self._queue.append(ticket)
         self._signal_if_full()
         try:
@@ -104,7 +146,7 @@ class DynamicBatcher(Generic[T, R]):
                 if not self._leader_active:
                     self._leader_active = True
                     try:
-                        await self._lead_one_batch()
+                        await self._lead_one_batch(ticket)
                     finally:
                         self._leader_active = False
                         self._hand_over_leadership()
@@ -119,10 +161,18 @@ class DynamicBatcher(Generic[T, R]):
                 self.stats.cancelled_while_queued += 1
                 # We may have been woken to lead; pass that on so the queue never stalls.
                 self._hand_over_leadership()
+            elif not ticket.done:
+                self._flag_cancelled(ticket)
             raise
         if ticket.error is not None:
             raise ticket.error
         return ticket.result  # type: ignore[return-value]
+
+    def _flag_cancelled(self, ticket: _Ticket[T, R]) -> None:
+        """Tell the running batch that nobody waits for ``ticket`` any more."""
+        if not ticket.cancelled.is_set():
+            ticket.cancelled.set()
+            self.stats.cancelled_while_running += 1
 
     def _queued_weight(self) -> int:
         return sum(t.weight for t in self._queue)
@@ -132,22 +182,37 @@ class DynamicBatcher(Generic[T, R]):
             self._full.set()
 
     def _hand_over_leadership(self) -> None:
-        """Wake the oldest queued call so it becomes the next leader (if no leader is active)."""
+        """Wake the queue's head (in serving order) to lead next (if no leader is active)."""
         if not self._leader_active and self._queue:
-            self._queue[0].wake.set()
+            min(self._queue, key=lambda t: t.order).wake.set()
 
-    async def _lead_one_batch(self) -> None:
-        # A cancelled caller must not start a (shielded, uncancellable) batch.
+    async def _lead_one_batch(self, me: _Ticket[T, R]) -> None:
+        # A cancelled caller must not start a batch.
         await anyio.lowlevel.checkpoint_if_cancelled()
         await self._wait_for_companions()
         batch = self._take_batch()
         if not batch:
             return
         self._record(batch)
+        finished = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._run_and_deliver, batch, finished)
+            try:
+                await finished.wait()
+            except BaseException:
+                # Cancelled while the batch runs: our own rows stop at the next token, and the
+                # task group waits for the (shielded) delivery of everyone else's results.
+                if me in batch and not me.done:
+                    self._flag_cancelled(me)
+                raise
+
+    async def _run_and_deliver(self, batch: list[_Ticket[T, R]], finished: anyio.Event) -> None:
         # Shielded: the other callers in this batch depend on us delivering their results.
         with anyio.CancelScope(shield=True):
             try:
-                results = await anyio.to_thread.run_sync(self._run_batch, [t.item for t in batch])
+                results = await anyio.to_thread.run_sync(
+                    self._run_batch, [t.item for t in batch], [t.cancelled for t in batch]
+                )
                 if len(results) != len(batch):
                     raise RuntimeError(
                         f"batch function returned {len(results)} results for {len(batch)} items"
@@ -161,6 +226,7 @@ class DynamicBatcher(Generic[T, R]):
                     ticket.result = result
                 ticket.done = True
                 ticket.wake.set()
+            finished.set()
 
     async def _wait_for_companions(self) -> None:
         """Give concurrent callers ``batch_window_s`` to join, unless a full batch is queued."""
@@ -174,10 +240,10 @@ class DynamicBatcher(Generic[T, R]):
             self._full = None
 
     def _take_batch(self) -> list[_Ticket[T, R]]:
-        """First-fit in arrival order; the oldest ticket is always taken, even if too heavy."""
+        """First-fit in serving order; the first ticket in that order is always taken."""
         batch: list[_Ticket[T, R]] = []
         room = self.max_batch_size
-        for ticket in list(self._queue):
+        for ticket in sorted(self._queue, key=lambda t: t.order):
             if not batch or ticket.weight <= room:
                 batch.append(ticket)
                 room -= ticket.weight

