@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from drpo.bus.messages import LevelCompleted
-from drpo.runs.store import RoleTotals, RunRecord, RunStore
+from drpo.runs.store import RoleTotals, RunRecord, RunStore, RunTotals
 
 
 @dataclass
@@ -48,10 +48,7 @@ class RunSummary:
 
     @property
     def total(self) -> RoleTotals:
-        total = RoleTotals()
-        for totals in self.by_role.values():
-            total.add(totals)
-        return total
+        return RunTotals(self.by_role).total
 
     @property
     def failed_judgement_share(self) -> float | None:

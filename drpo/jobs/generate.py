@@ -18,17 +18,14 @@ import anyio
 import structlog
 from pydantic import ValidationError
 
-from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.client import AgentClient
 from drpo.agents.retrieval import ICLRetriever
-from drpo.agents.runtime import RunContext
 from drpo.backends.kinds import DEFAULT_MODEL, is_chat_only
 from drpo.bus.messages import Framing, ICLExample, ProposeAnswer, RunStarted
 from drpo.jobs.artifact import AlignedPrompt, ArtifactError
 from drpo.jobs.config import BudgetSettings, GenerateSettings, OptimizeConfig
 from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
 from drpo.jobs.session import Session
-from drpo.runs.journal import JournaledCaller
 from drpo.runs.store import RunStore
 
 log = structlog.get_logger("drpo.jobs.generate")
@@ -111,10 +108,6 @@ async def run_generate(
     settings = GenerateSettings.model_validate(plan["settings"])
     queries: list[str] = list(plan["queries"])
     examples = [ICLExample.model_validate(e) for e in plan["icl_examples"]]
-    budget = budget or BudgetSettings()
-    journal = JournaledCaller(
-        session.store, run_id, max_calls=budget.max_calls, max_cost_usd=budget.max_cost_usd
-    )
     agents = AgentClient(session.bus, run_id, sender=SENDER)
 
     async def job() -> JobResult[list[str]]:
@@ -146,11 +139,6 @@ async def run_generate(
         summary = {"answers": [{"query": q, "answer": a} for q, a in pairs]}
         return JobResult(answers, summary=summary)
 
-    catalogue = AspectCatalogue.load_default()
-    session.runtime.attach(RunContext(run_id=run_id, journal=journal, catalogue=catalogue))
-    try:
-        lifecycle = RunLifecycle(session, run_id, sender=SENDER, journal=journal, force=force)
-        started = RunStarted(config={"generate": plan["settings"]}, queries=tuple(queries))
-        return await lifecycle.run(job, started)
-    finally:
-        session.runtime.detach(run_id)
+    lifecycle = RunLifecycle(session, run_id, sender=SENDER, budget=budget, force=force)
+    started = RunStarted(config={"generate": plan["settings"]}, queries=tuple(queries))
+    return await lifecycle.run(job, started)

@@ -27,7 +27,6 @@ import structlog
 
 from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.client import AgentClient
-from drpo.agents.runtime import RunContext
 from drpo.bus.messages import (
     Critique,
     EditAnswer,
@@ -40,7 +39,6 @@ from drpo.bus.messages import (
 from drpo.jobs.config import BudgetSettings, OptimizeConfig
 from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
 from drpo.jobs.session import Session
-from drpo.runs.journal import JournaledCaller
 from drpo.runs.store import RunStore
 
 log = structlog.get_logger("drpo.jobs.icl")
@@ -103,12 +101,6 @@ async def run_icl(
         config = config.model_copy(update={"budget": budget})
     examples = [ICLExample.model_validate(item) for item in record.config["icl_examples"]]
     out = Path(record.config["out"])
-    journal = JournaledCaller(
-        session.store,
-        run_id,
-        max_calls=config.budget.max_calls,
-        max_cost_usd=config.budget.max_cost_usd,
-    )
     catalogue = AspectCatalogue.load_default().with_custom(list(config.critic.custom_aspects))
     agents = AgentClient(session.bus, run_id, sender=SENDER)
     best = list(examples)
@@ -139,15 +131,11 @@ async def run_icl(
         }
         return JobResult(done, summary=summary)
 
-    session.runtime.attach(RunContext(run_id=run_id, journal=journal, catalogue=catalogue))
-    try:
-        lifecycle = RunLifecycle(session, run_id, sender=SENDER, journal=journal, force=force)
-        started = RunStarted(
-            config=record.config["settings"], queries=tuple(e.query for e in examples)
-        )
-        return await lifecycle.run(job, started)
-    finally:
-        session.runtime.detach(run_id)
+    lifecycle = RunLifecycle(
+        session, run_id, sender=SENDER, budget=config.budget, catalogue=catalogue, force=force
+    )
+    started = RunStarted(config=record.config["settings"], queries=tuple(e.query for e in examples))
+    return await lifecycle.run(job, started)
 
 
 async def _optimize_one(

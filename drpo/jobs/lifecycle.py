@@ -32,10 +32,13 @@ from typing import Any, Generic, TypeVar
 import anyio
 import structlog
 
+from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.client import AgentClient
 from drpo.agents.prompts import PROMPTS_VERSION
+from drpo.agents.runtime import RunContext
 from drpo.bus import RemoteError
 from drpo.bus.messages import RunFinished, RunStarted
+from drpo.jobs.config import BudgetSettings
 from drpo.jobs.session import Session
 from drpo.runs.journal import KEY_FORMAT, JournaledCaller
 from drpo.runs.store import LeaseLostError, RunStatus, StoreError
@@ -128,12 +131,18 @@ class RunLifecycle:
         run_id: str,
         *,
         sender: str,
-        journal: JournaledCaller,
+        budget: BudgetSettings | None = None,
+        catalogue: AspectCatalogue | None = None,
         force: bool = False,
     ) -> None:
+        budget = budget or BudgetSettings()
         self.session = session
         self.run_id = run_id
-        self.journal = journal
+        #: The run's call journal: every agent call of the run goes through it (and its budget).
+        self.journal = JournaledCaller(
+            session.store, run_id, max_calls=budget.max_calls, max_cost_usd=budget.max_cost_usd
+        )
+        self.catalogue = catalogue or AspectCatalogue.load_default()
         self.force = force
         self.events = AgentClient(session.bus, run_id, sender=sender)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -154,11 +163,14 @@ class RunLifecycle:
             ttl_s=LEASE_TTL_S,
             force=self.force,
         )
+        runtime = self.session.runtime
+        runtime.attach(RunContext(self.run_id, self.journal, self.catalogue))
         try:
             await store.set_run_status(self.run_id, "running")
             await self.events.emit(started)
             return await self._run_classified(job)
         finally:
+            runtime.detach(self.run_id)
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await store.release_lease(self.run_id, self.owner)
 

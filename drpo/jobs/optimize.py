@@ -18,7 +18,6 @@ import structlog
 
 from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.retrieval import ICLRetriever
-from drpo.agents.runtime import RunContext
 from drpo.agents.search import BeamSearch, SearchResult
 from drpo.backends.registry import BackendRegistry
 from drpo.bus.messages import ICLExample, RunStarted
@@ -32,7 +31,6 @@ from drpo.jobs.artifact import AlignedPrompt, LevelTrace
 from drpo.jobs.config import BudgetSettings, OptimizeConfig
 from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
 from drpo.jobs.session import Session, agent_session
-from drpo.runs.journal import JournaledCaller
 from drpo.runs.paths import run_artifacts_dir
 from drpo.runs.store import RunStore, new_run_id
 
@@ -169,13 +167,11 @@ async def run_search(
         config = config.model_copy(update={"budget": budget})
     queries = list(record.config["queries"])
     examples = [ICLExample.model_validate(item) for item in record.config["icl_examples"]]
-    journal = JournaledCaller(
-        session.store,
-        run_id,
-        max_calls=config.budget.max_calls,
-        max_cost_usd=config.budget.max_cost_usd,
-    )
     catalogue = AspectCatalogue.load_default().with_custom(list(config.critic.custom_aspects))
+    lifecycle = RunLifecycle(
+        session, run_id, sender="search", budget=config.budget, catalogue=catalogue, force=force
+    )
+    journal = lifecycle.journal
     retriever = ICLRetriever(examples, model_path=config.data.retriever)
     k = config.proposer.k
 
@@ -218,14 +214,9 @@ async def run_search(
             best_score=result.best_score,
         )
 
-    session.runtime.attach(RunContext(run_id=run_id, journal=journal, catalogue=catalogue))
-    try:
-        lifecycle = RunLifecycle(session, run_id, sender="search", journal=journal, force=force)
-        return await lifecycle.run(
-            job, RunStarted(config=record.config["settings"], queries=tuple(queries))
-        )
-    finally:
-        session.runtime.detach(run_id)
+    return await lifecycle.run(
+        job, RunStarted(config=record.config["settings"], queries=tuple(queries))
+    )
 
 
 def build_artifact(

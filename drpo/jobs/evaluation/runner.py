@@ -24,10 +24,8 @@ import anyio
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
-from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.client import AgentClient
 from drpo.agents.retrieval import ICLRetriever
-from drpo.agents.runtime import RunContext
 from drpo.backends.kinds import DEFAULT_MODEL, is_chat_only, parse_model_spec
 from drpo.bus.messages import (
     CriticMode,
@@ -44,7 +42,6 @@ from drpo.jobs.evaluation.protocol import EvalPrompt, EvalQuery, selection_for
 from drpo.jobs.evaluation.stats import summarize
 from drpo.jobs.lifecycle import JobResult, RunLifecycle, run_versions
 from drpo.jobs.session import Session
-from drpo.runs.journal import JournaledCaller
 from drpo.runs.store import RunStore
 
 log = structlog.get_logger("drpo.eval")
@@ -242,9 +239,14 @@ async def run_eval(
         )
     prompts = [EvalPrompt.from_dict(p) for p in record.config["prompts"]]
     queries = [EvalQuery.from_dict(q) for q in record.config["queries"]]
-    journal = JournaledCaller(
-        store, run_id, max_calls=settings.max_calls, max_cost_usd=settings.max_cost_usd
+    lifecycle = RunLifecycle(
+        session,
+        run_id,
+        sender=SENDER,
+        budget=BudgetSettings(max_calls=settings.max_calls, max_cost_usd=settings.max_cost_usd),
+        force=force,
     )
+    journal = lifecycle.journal
     bound = log.bind(run_id=run_id, agent=SENDER)
     items = [[ItemResult() for _ in queries] for _ in prompts]
     outcome = EvalOutcome(run_id, "failed", items=items, prompts=prompts, queries=queries)
@@ -289,17 +291,10 @@ async def run_eval(
         )
         return JobResult(outcome, summary=result, status="failed", error=error)
 
-    session.runtime.attach(
-        RunContext(run_id=run_id, journal=journal, catalogue=AspectCatalogue.load_default())
+    started = RunStarted(
+        config=record.config["settings"], queries=tuple(q.instruction for q in queries)
     )
-    try:
-        started = RunStarted(
-            config=record.config["settings"], queries=tuple(q.instruction for q in queries)
-        )
-        lifecycle = RunLifecycle(session, run_id, sender=SENDER, journal=journal, force=force)
-        ended = await lifecycle.run(job, started)
-    finally:
-        session.runtime.detach(run_id)
+    ended = await lifecycle.run(job, started)
     outcome.status, outcome.error, outcome.result = ended.status, ended.error, ended.summary
     return outcome
 
