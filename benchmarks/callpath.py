@@ -191,12 +191,20 @@ class Sample:
     mode: str
     calls: int
     wall_s: float
+    #: This process's CPU, every thread (aiosqlite's writer thread included).
     cpu_s: float
     server_cpu_s: float
+    #: The event loop thread's CPU alone: the one core a process is bound by.
+    loop_cpu_s: float = 0.0
 
     @property
     def cpu_us_per_call(self) -> float:
         return self.cpu_s / self.calls * 1e6
+
+    @property
+    def capacity_per_s(self) -> float:
+        """Calls/s the event loop thread could carry at 100 % of one core."""
+        return self.calls / self.loop_cpu_s if self.loop_cpu_s else float("nan")
 
     @property
     def calls_per_s(self) -> float:
@@ -216,6 +224,7 @@ async def _measure(
     """Warm up (connections opened, caches filled), then time ``calls`` calls."""
     await _drive(call, warmup, concurrency, 0)
     server_cpu, cpu, wall = server.cpu_s(), time.process_time(), time.perf_counter()
+    loop_cpu = time.thread_time()
     if profile is not None:
         profile.enable()
     try:
@@ -223,9 +232,10 @@ async def _measure(
     finally:
         if profile is not None:
             profile.disable()
+    loop_cpu = time.thread_time() - loop_cpu
     wall = time.perf_counter() - wall
     cpu = time.process_time() - cpu
-    return Sample(mode, calls, wall, cpu, server.cpu_s() - server_cpu)
+    return Sample(mode, calls, wall, cpu, server.cpu_s() - server_cpu, loop_cpu)
 
 
 async def run_httpx2(server: Server, **options: Any) -> Sample:
@@ -462,9 +472,13 @@ def _print_report(best: dict[str, Sample], throughput: Sample | None, args: Any)
         t = throughput
         print(
             f"\nThroughput, drpo full path, no RPM limit, {args.callers} callers, "
-            f"{args.latency * 1000:.0f} ms server latency: {t.calls_per_s:,.0f} calls/s "
-            f"(target >= 1,000) over {t.calls} calls; client CPU {t.cpu_s / t.wall_s:.0%} "
-            f"({t.cpu_us_per_call:.0f} us/call), server CPU {t.server_cpu_s / t.wall_s:.0%}"
+            f"{args.latency * 1000:.0f} ms server latency, {t.calls} calls:\n"
+            f"  measured {t.calls_per_s:,.0f} calls/s (target >= 1,000) with the client "
+            f"process at {t.cpu_s / t.wall_s:.0%} CPU ({t.cpu_us_per_call:.0f} us/call, all "
+            f"threads) and the server at {t.server_cpu_s / t.wall_s:.0%}\n"
+            f"  the event loop thread used {t.loop_cpu_s / t.calls * 1e6:.0f} us of CPU per "
+            f"call: one core carries {t.capacity_per_s:,.0f} calls/s (a busy machine's "
+            "other programs take the rest of the wall clock)"
         )
 
 

@@ -6,6 +6,7 @@ import itertools
 import math
 
 import anyio
+import anyio.lowlevel
 import pytest
 from fakeserver import VLLM_INSTRUCT, VirtualClock, max_in_window, serve_fake_openai
 
@@ -184,6 +185,58 @@ async def test_calls_in_flight_are_capped() -> None:
 
 
 @pytest.mark.anyio
+async def test_waiters_take_free_slots_in_order_and_a_cancelled_one_leaves_the_queue() -> None:
+    rl = RateLimiter(RateLimits(max_in_flight=1))
+    order: list[str] = []
+    release = anyio.Event()
+
+    async def holder() -> None:
+        async with rl.slot():
+            await release.wait()
+
+    async def waiter(name: str, scope: anyio.CancelScope | None = None) -> None:
+        with scope or anyio.CancelScope():
+            async with rl.slot():
+                order.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder)
+        await anyio.wait_all_tasks_blocked()
+        dropped = anyio.CancelScope()
+        for name, scope in (("a", None), ("b", dropped), ("c", None)):
+            tg.start_soon(waiter, name, scope)
+            await anyio.wait_all_tasks_blocked()
+        dropped.cancel()
+        await anyio.wait_all_tasks_blocked()
+        release.set()
+    assert order == ["a", "c"]
+    assert rl._cap is not None and rl._cap.used == 0
+
+
+@pytest.mark.anyio
+async def test_a_slot_handed_to_a_cancelled_waiter_goes_on_to_the_next() -> None:
+    rl = RateLimiter(RateLimits(max_in_flight=1))
+    order: list[str] = []
+    first = anyio.CancelScope()
+
+    async def waiter(name: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            async with rl.slot():
+                await anyio.lowlevel.checkpoint()  # "first" is cancelled here, holding the slot
+                order.append(name)
+
+    async with anyio.create_task_group() as tg:
+        async with rl.slot():
+            tg.start_soon(waiter, "first", first)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(waiter, "second", anyio.CancelScope())
+            await anyio.wait_all_tasks_blocked()
+        first.cancel()  # the slot was just handed to "first", which has not run yet
+    assert order == ["second"]
+    assert rl._cap is not None and rl._cap.used == 0
+
+
+@pytest.mark.anyio
 async def test_slots_start_no_earlier_than_the_pacing_allows() -> None:
     rl = RateLimiter(RateLimits(rpm=20, window_s=0.5))
     starts: list[float] = []
@@ -349,10 +402,10 @@ async def test_the_capacity_limiter_follows_the_derived_cap() -> None:
     clock = VirtualClock()
     rl = limiter(clock, rpm=6000, max_in_flight=1000)
     async with rl.slot():
-        assert rl._cap is not None and rl._cap.total_tokens == 1000
+        assert rl._cap is not None and rl._cap.total == 1000
         for _ in range(200):
             rl.observe_latency(0.2)
-        assert rl._cap.total_tokens == 40
+        assert rl._cap.total == 40
 
 
 @pytest.mark.anyio

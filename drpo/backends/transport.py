@@ -38,6 +38,7 @@ import asyncio
 import ssl
 import time
 import urllib.request
+from asyncio.base_events import BaseEventLoop
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -331,6 +332,8 @@ class LeanAsyncTransport(httpx2.AsyncBaseTransport):
         port = url.port or (443 if scheme == "https" else 80)
         host = url.host
         loop = asyncio.get_running_loop()
+        # RFC 8305 (try IPv4 too if IPv6 stalls) where the loop has it; uvloop has not.
+        options = {"happy_eyeballs_delay": 0.25} if isinstance(loop, BaseEventLoop) else {}
         try:
             async with asyncio.timeout(timeouts.get("connect")):
                 _, connection = await loop.create_connection(
@@ -339,7 +342,7 @@ class LeanAsyncTransport(httpx2.AsyncBaseTransport):
                     port,
                     ssl=context,
                     server_hostname=host if context else None,
-                    happy_eyeballs_delay=0.25,  # RFC 8305: try IPv4 too if IPv6 stalls
+                    **options,  # type: ignore[arg-type]
                 )
         except TimeoutError:
             raise httpx2.ConnectTimeout(f"no connection to {host}:{port} in time") from None

@@ -19,7 +19,6 @@ Why these rules:
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -264,8 +263,11 @@ class Bus:
             self.published_count += 1
             if not await self._deliver(self._subscribers.get(topic), envelope):
                 raise NoServerError(f"no agent serves topic {topic!r} any more")
-            with anyio.fail_after(timeout if timeout is not None else math.inf):
+            if timeout is None:  # no cancel scope: a deadline-less one costs 10 us per request
                 await pending.done.wait()
+            else:
+                with anyio.fail_after(timeout):
+                    await pending.done.wait()
         finally:
             self._pending.pop(envelope.message_id, None)
         reply = pending.reply
