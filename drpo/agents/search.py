@@ -46,6 +46,10 @@ from drpo.jobs.config import OptimizeConfig
 
 log = structlog.get_logger("drpo.search")
 
+#: Aspect selections the search needs at once (the root's query and level 1's); later levels'
+#: are asked for in the background.
+URGENT_SELECTIONS = 2
+
 #: Finds the ICL examples to show with a query (k nearest by embedding); injected so the
 #: search does not depend on sentence-transformers.
 Retrieve = Callable[[str], Awaitable[Sequence[ICLExample]]]
@@ -342,11 +346,13 @@ class BeamSearch:
 
     def _start_aspect_selection(self, tg: anyio.abc.TaskGroup, queries: Sequence[str]) -> None:
         """Ask for the aspects of every query the search may reach, all at once, so that no
-        verdict waits for its query's selection (the critic makes each one once per run)."""
-        for query in dict.fromkeys(queries):
-            tg.start_soon(self._select, query)
+        verdict waits for its query's selection (the critic makes each one once per run). The
+        first two (the root's and level 1's) are needed at once; the rest are background work
+        that yields to the search's own calls on a backend that orders its work."""
+        for index, query in enumerate(dict.fromkeys(queries)):
+            tg.start_soon(self._select, query, index >= URGENT_SELECTIONS)
 
-    async def _select(self, query: str) -> None:
+    async def _select(self, query: str, ahead_of_need: bool) -> None:
         await self.agents.select_aspects(
             SelectAspects(
                 query=query,
@@ -354,6 +360,7 @@ class BeamSearch:
                 max_tokens=self.config.critic.max_tokens,
                 mode=self.config.critic.mode,
                 policy=self.config.critic.policy,
+                background=ahead_of_need,
             )
         )
 

@@ -81,6 +81,9 @@ class SelectAspects(_Value):
     #: "json": the paper's selection reply; "logprobs": yes/no probabilities per aspect.
     mode: CriticMode = "json"
     policy: CriticPolicyName = "robust"
+    #: A selection asked for ahead of need (no verdict waits for it yet): its model calls yield
+    #: to the ones the search is waiting on, where a backend can order its work (local batches).
+    background: bool = False
 
 
 class AspectsSelected(_Value):
