@@ -105,8 +105,8 @@ def test_raw_prompt_without_examples_has_no_empty_block() -> None:
     )
 
 
-def test_chat_framing_puts_prompt_and_examples_in_the_system_message() -> None:
-    request = proposer.build_answer_request("Be helpful.", EXAMPLES[:1], QUERY, framing="chat")
+def test_inference_framing_puts_prompt_and_examples_in_the_system_message() -> None:
+    request = proposer.build_answer_request("Be helpful.", EXAMPLES[:1], QUERY, framing="inference")
     system, user = request.messages
     assert system.role == "system" and user.role == "user"
     assert system.content == (
@@ -142,11 +142,12 @@ async def test_propose_sends_the_message_settings_and_cleans_the_answer() -> Non
     call = Scripted(" The moon's gravity pulls the oceans.\n<END>")
     msg = ProposeAnswer(
         model="m", system_prompt="Be helpful.", icl_examples=EXAMPLES, query=QUERY,
-        framing="chat", max_tokens=128, temperature=0.7,
+        framing="inference", max_tokens=128, temperature=0.7, top_p=0.95,
     )  # fmt: skip
     assert await proposer.propose(call, msg) == "The moon's gravity pulls the oceans."
     (request,) = call.requests
     assert request.is_chat and request.max_tokens == 128 and request.temperature == 0.7
+    assert request.top_p == 0.95
 
 
 # --------------------------------------------------------------------------------------------
@@ -615,9 +616,9 @@ def candidate(text: str) -> str:
 
 
 @pytest.mark.anyio
-async def test_rewrite_prompt_asks_for_n_samples_in_one_request_when_supported() -> None:
+async def test_rewrite_prompt_asks_for_n_samples_in_one_request() -> None:
     call = Scripted([candidate("P1.\\n- Be clear."), candidate("P2."), candidate("P3.")])
-    prompts, dropped = await editor.rewrite_prompt(call, edit_message(), supports_n=True)
+    prompts, dropped = await editor.rewrite_prompt(call, edit_message())
     assert prompts == ["P1.\n- Be clear.", "P2.", "P3."] and dropped == 0
     (request,) = call.requests
     assert (request.n, request.seed, request.temperature, request.top_p, request.max_tokens) == (
@@ -627,26 +628,6 @@ async def test_rewrite_prompt_asks_for_n_samples_in_one_request_when_supported()
     assert '"rationale": "rambling"' in prompt and '"score": 4.5' in prompt
     assert "---Current Version---\nCurrent prompt." in prompt
     assert "at most 2 new bullet points" in prompt and "at most 8 bullet points" in prompt
-
-
-@pytest.mark.anyio
-async def test_rewrite_prompt_fans_out_concurrently_with_distinct_seeds() -> None:
-    all_sent = anyio.Event()
-    seen: list[CompletionRequest] = []
-
-    async def reply(request: CompletionRequest) -> str:
-        seen.append(request)
-        if len(seen) == 3:
-            all_sent.set()
-        await all_sent.wait()
-        return candidate(f"P{request.seed}.")
-
-    with anyio.fail_after(5):
-        prompts, dropped = await editor.rewrite_prompt(
-            Scripted(reply, reply, reply), edit_message(), supports_n=False
-        )
-    assert prompts == ["P0.", "P1.", "P2."] and dropped == 0
-    assert sorted(r.seed for r in seen) == [0, 1, 2] and {r.n for r in seen} == {1}
 
 
 @pytest.mark.anyio
@@ -661,7 +642,7 @@ async def test_unreadable_candidates_are_retried_once_then_dropped() -> None:
         return "still no JSON"
 
     call = Scripted(first, retry, retry)
-    prompts, dropped = await editor.rewrite_prompt(call, edit_message(), supports_n=True)
+    prompts, dropped = await editor.rewrite_prompt(call, edit_message())
     assert prompts == ["Good.", "Fixed."] and dropped == 1
     assert len(call.requests) == 3
     assert {r.seed for r in call.requests[1:]} == {4, 5}  # never a first-round seed
@@ -670,7 +651,7 @@ async def test_unreadable_candidates_are_retried_once_then_dropped() -> None:
 @pytest.mark.anyio
 async def test_missing_samples_are_requested_again() -> None:
     call = Scripted([candidate("Only one.")], candidate("Second."), candidate("Third."))
-    prompts, dropped = await editor.rewrite_prompt(call, edit_message(), supports_n=True)
+    prompts, dropped = await editor.rewrite_prompt(call, edit_message())
     assert prompts == ["Only one.", "Second.", "Third."] and dropped == 0
     assert [len(r.messages) for r in call.requests[1:]] == [1, 1]
 
@@ -679,7 +660,7 @@ async def test_missing_samples_are_requested_again() -> None:
 async def test_the_optimizer_sees_at_most_five_versions_ending_with_the_current_one() -> None:
     history = tuple(f"Old {i}." for i in range(1, 8))
     call = Scripted([candidate("New.")])
-    await editor.rewrite_prompt(call, edit_message(n=1, history=history), supports_n=True)
+    await editor.rewrite_prompt(call, edit_message(n=1, history=history))
     prompt = call.requests[0].messages[0].content
     assert "Old 3." not in prompt
     assert "---Version 1---\nOld 4." in prompt and "---Version 4---\nOld 7." in prompt
@@ -688,7 +669,7 @@ async def test_the_optimizer_sees_at_most_five_versions_ending_with_the_current_
 
     call = Scripted([candidate("New.")])
     with_current = ("Old 1.", "Current prompt.")
-    await editor.rewrite_prompt(call, edit_message(n=1, history=with_current), supports_n=True)
+    await editor.rewrite_prompt(call, edit_message(n=1, history=with_current))
     prompt = call.requests[0].messages[0].content
     assert prompt.count("Current prompt.") == 1 and "---Version 2---" not in prompt
 

@@ -23,10 +23,14 @@ from drpo.bus.messages import Critique
 # The answer frame of the model being aligned (spec §1.2, §1.3)
 
 INSTRUCTIONS_HEADER = "# instructions"
-#: The original wrote "# Query:" before the live query but "#Query:" / "#Answer:" inside the ICL
-#: block; drpo writes "# Query:" / "# Answer:" everywhere so the examples and the query match.
+#: The headers of the live query, and of every ICL example with ``icl_headers="uniform"``.
 QUERY_HEADER = "# Query:"
 ANSWER_HEADER = "# Answer:"
+#: The original's ICL headers (``icl_headers="paper"``): its search layout heads the first example
+#: with "# Query:" and every later one with "#Query:", each answer with "#Answer:"; its inference
+#: layout heads every example with "#Query:" / "#Answer:" (spec §1.2, §1.3, §9.10).
+PAPER_EXAMPLE_QUERY_HEADER = "#Query:"
+PAPER_EXAMPLE_ANSWER_HEADER = "#Answer:"
 START = "<START>"
 END = "<END>"
 #: "<END" catches a tokenizer that splits "<END>" before the ">", "<|eot_id|>" a Llama-3 turn end.
@@ -347,7 +351,8 @@ _OPTIMIZER_REMINDER = (
     "new system prompt as one JSON string (escape double quotes, use \\n for line breaks)."
 )
 
-#: The original showed the last 5 prompts, the current one included (spec §2.5).
+#: The original showed the last 5 prompts, the current one included (spec §2.5);
+#: ``EditPrompt.history_limit`` sets it per request.
 HISTORY_LIMIT = 5
 
 
@@ -386,10 +391,18 @@ def _score_value(score: float) -> int | float:
 
 
 def optimizer_prompt(
-    system_prompt: str, query: str, answer: str, critique: Critique, history: Sequence[str]
+    system_prompt: str,
+    query: str,
+    answer: str,
+    critique: Critique,
+    history: Sequence[str],
+    *,
+    history_limit: int = HISTORY_LIMIT,
 ) -> str:
+    """The JSON optimizer's prompt; it shows at most ``history_limit`` versions of the prompt,
+    the current one included."""
     return _OPTIMIZER_TEMPLATE.format(
-        history=format_history(prompt_history(history, system_prompt)),
+        history=format_history(prompt_history(history, system_prompt, history_limit)),
         query=query,
         answer=answer,
         critique=format_critique(critique),
@@ -511,6 +524,50 @@ def answer_editor_prompt(query: str, answer: str, critique: Critique) -> str:
 
 def answer_editor_reminder(error: str) -> str:
     return _ANSWER_EDITOR_REMINDER.format(error=error)
+
+
+#: The "text" answer-editor format, for models too small to write the JSON reply: a document a
+#: small model can simply continue. It shows the answer and its scores, announces a better
+#: version of it, repeats the question and opens that version with <START>; the model's
+#: continuation is the rewrite, and it ends at <END>, as the answer it was shown did. (With
+#: SmolLM2-135M, an instruction paragraph followed by "Better answer:" more often produced a
+#: restatement of the question; see issue 9.)
+_TEXT_ANSWER_EDITOR_TEMPLATE = """Question: {query}
+
+Answer:
+<START>
+{answer}
+<END>
+
+A reviewer scored this answer from 1 (poor) to 5 (excellent): {scores}.
+{focus}
+Below is the same answer rewritten to be clearer, more accurate and more helpful. It opens with a direct reply to the question and then gives the details as numbered points. Where the question asks for something harmful or illegal, it declines, says why in one sentence, and offers a safe alternative.
+
+Question: {query}
+
+Answer:
+<START>
+"""
+
+#: Where the text-format answer ends: its <END> marker (or the "<END" a split token leaves), or
+#: a run of empty lines, where a small model has stopped writing and only loops on line breaks.
+TEXT_ANSWER_STOPS = ("<END>", "<END", "\n\n\n\n")
+
+
+def text_answer_editor_prompt(query: str, answer: str, critique: Critique) -> str:
+    """The text-format answer editor's prompt: the answer (without its markers), the scores,
+    and the aspects that fell short of 5, which the rewrite should improve first."""
+    scores = (
+        "; ".join(
+            f"{name} {_score_value(round(s.score, 1))}/5" for name, s in critique.scores.items()
+        )
+        or "(no usable evaluation)"
+    )
+    weak = [name for name, s in critique.scores.items() if s.score < 5]
+    focus = f"It most needs better {', '.join(weak)}.\n" if weak else ""
+    return _TEXT_ANSWER_EDITOR_TEMPLATE.format(
+        query=query, answer=answer, scores=scores, focus=focus
+    )
 
 
 def _prompts_version() -> str:

@@ -141,8 +141,7 @@ class AgentRuntime:
     async def _edit_prompt(self, message: EditPrompt, envelope: Envelope) -> PromptCandidates:
         context = self._context(envelope)
         call = self._bind(context, message.model, "editor", envelope.node_id)
-        supports_n = self.registry.get(message.model).supports_n
-        prompts, dropped = await editor.rewrite_prompt(call, message, supports_n=supports_n)
+        prompts, dropped = await editor.rewrite_prompt(call, message)
         return PromptCandidates(prompts=tuple(prompts), dropped=dropped)
 
     async def _edit_answer(self, message: EditAnswer, envelope: Envelope) -> AnswerRewritten:
