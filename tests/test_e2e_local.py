@@ -147,7 +147,7 @@ async def test_text_editor_format_for_small_models():
         format="text",
         max_tokens=64,
     )
-    candidates, dropped = await editor.rewrite_prompt(call, message, supports_n=True)
+    candidates, dropped = await editor.rewrite_prompt(call, message)
     # the repeated line is dropped, the heading cut, the duplicate candidate merged
     assert candidates == ["You are a careful assistant.\n- Refuse harmful requests."]
     assert dropped == 2

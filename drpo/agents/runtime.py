@@ -13,16 +13,18 @@ share backends, rate limits and batches.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import TaskGroup
 
-from drpo.agents import client, critic, editor, proposer
+from drpo.agents import capabilities, client, critic, editor, proposer
 from drpo.agents.aspect_cache import AspectCache, AspectKey
 from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.critic import CriticPolicy
 from drpo.backends.base import Completion, CompletionRequest
+from drpo.backends.priority import background
 from drpo.backends.registry import BackendRegistry
 from drpo.bus import Bus, Envelope
 from drpo.bus.messages import (
@@ -65,6 +67,7 @@ class AgentRuntime:
         self.registry = registry
         self.aspect_cache = AspectCache(store)
         self._runs: dict[str, RunContext] = {}
+        self._honours: dict[str, capabilities.Capabilities] = {}
         bus.declare(client.EVENTS)
 
     # ------------------------------------------------------------------ runs
@@ -82,13 +85,31 @@ class AgentRuntime:
             raise UnknownRunError(f"no run {envelope.run_id!r} is attached") from None
 
     def _bind(self, context: RunContext, model: str, role: str, place: str | None) -> CallFn:
-        """A ``call`` for the agent logic: journaled, for this run, model, role and place."""
+        """A ``call`` for the agent logic: journaled, for this run, model, role and place, and
+        adapted to what the model's endpoint honours (``n``, logprobs)."""
         backend = self.registry.get(model)
+        honours = self._capabilities(model)
+        where = f"{backend.model} at {backend.endpoint}"
 
-        async def call(request: CompletionRequest) -> Completion:
+        async def once(request: CompletionRequest) -> Completion:
             return await context.journal.complete(backend, request, role=role, node_id=place)
 
+        async def call(request: CompletionRequest) -> Completion:
+            return await capabilities.complete(once, request, honours, where)
+
         return call
+
+    def _capabilities(self, model: str) -> capabilities.Capabilities:
+        """What ``model``'s endpoint honours: declared in its settings, else learned (shared
+        by every run of the process, like the backend itself)."""
+        known = self._honours.get(model)
+        if known is None:
+            settings = self.registry.settings(model)
+            known = self._honours[model] = capabilities.Capabilities(
+                n=getattr(settings, "honours_n", None),
+                logprobs=getattr(settings, "honours_logprobs", None),
+            )
+        return known
 
     # ------------------------------------------------------------------ serving
 
@@ -107,7 +128,8 @@ class AgentRuntime:
 
     async def _select(self, message: SelectAspects, envelope: Envelope) -> AspectsSelected:
         context = self._context(envelope)
-        return AspectsSelected(selection=await self._selection(context, message))
+        with background() if message.background else nullcontext():
+            return AspectsSelected(selection=await self._selection(context, message))
 
     async def _judge(self, message: Judge, envelope: Envelope) -> Judged:
         context = self._context(envelope)
