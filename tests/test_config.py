@@ -80,7 +80,13 @@ def test_artifact_round_trip_and_errors(tmp_path):
     )
     path = artifact.save(tmp_path / "a" / "artifact.json")
     assert AlignedPrompt.load(path) == artifact
-    assert json.loads(path.read_text())["format"] == "drpo.aligned-prompt/1"
+    assert json.loads(path.read_text())["format"] == "drpo.aligned-prompt/2"
+    # a format-1 artifact still loads; its "chat" framing was today's "inference" layout
+    old = json.loads(path.read_text()) | {"format": "drpo.aligned-prompt/1"}
+    old["settings"] = {"proposer": {"framing": "chat", "k": 2}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    migrated = AlignedPrompt.load(tmp_path / "old.json")
+    assert migrated.settings["proposer"] == {"framing": "inference", "k": 2}
     (tmp_path / "junk.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="not JSON"):
         AlignedPrompt.load(tmp_path / "junk.json")

@@ -17,7 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from drpo.bus.messages import ICLExample
 
-ARTIFACT_FORMAT = "drpo.aligned-prompt/1"
+ARTIFACT_FORMAT = "drpo.aligned-prompt/2"
+#: Format 1 called the inference layout "chat"; format 2 calls it "inference" and uses "chat"
+#: for the paper's layout for chat-only models. Format 1 artifacts are read and translated.
+FORMATS = (ARTIFACT_FORMAT, "drpo.aligned-prompt/1")
 
 
 class ArtifactError(ValueError):
@@ -65,11 +68,23 @@ class AlignedPrompt(BaseModel):
             raise ArtifactError(f"artifact {path} does not exist") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"artifact {path} is not JSON: {exc}") from None
-        if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
+        if not isinstance(data, dict) or data.get("format") not in FORMATS:
             raise ArtifactError(
                 f'{path} is not a drpo artifact (expected "format": "{ARTIFACT_FORMAT}")'
             )
+        if data["format"] != ARTIFACT_FORMAT:
+            data = _from_format_1(data)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ArtifactError(f"artifact {path} is malformed: {exc}") from None
+
+
+def _from_format_1(data: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 artifact in format 2: its "chat" framing was the inference layout."""
+    settings = dict(data.get("settings") or {})
+    proposer = dict(settings.get("proposer") or {})
+    if proposer.get("framing") == "chat":
+        proposer["framing"] = "inference"
+        settings["proposer"] = proposer
+    return {**data, "format": ARTIFACT_FORMAT, "settings": settings}
