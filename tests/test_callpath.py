@@ -1,0 +1,54 @@
+"""benchmarks/callpath.py keeps working: every client it compares makes its calls end to end.
+
+A smoke test with a handful of calls per client against the simulated server process; it
+asserts what was done, never how fast (timings belong to the benchmark, not to tests).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import callpath
+
+pytestmark = pytest.mark.network
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[callpath.Server]:
+    with callpath.sim_server(0.0) as running:
+        yield running
+
+
+@pytest.mark.parametrize("mode", callpath.ORDER)
+def test_every_client_makes_its_calls(server: callpath.Server, mode: str) -> None:
+    runner = callpath.RUNNERS[mode]
+    sample = anyio.run(lambda: runner(server, calls=12, concurrency=3, warmup=3, profile=None))
+    assert sample.mode == mode and sample.calls == 12
+    assert sample.cpu_s > 0 and sample.loop_cpu_s > 0 and sample.wall_s > 0
+    assert sample.server_cpu_s >= 0
+
+
+def test_the_report_prints_ratios_to_the_bare_clients(
+    server: callpath.Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    samples = {
+        mode: anyio.run(
+            lambda m=mode: callpath.RUNNERS[m](
+                server, calls=6, concurrency=2, warmup=2, profile=None
+            )
+        )
+        for mode in ("httpx2", "sdk", "drpo")
+    }
+    options = {"calls": 6, "concurrency": 2, "latency": 0.0, "rounds": 1, "callers": 2}
+    args = type("Args", (), options)()
+    callpath._print_report(samples, samples["drpo"], args)
+    out = capsys.readouterr().out
+    assert "drpo full path / bare SDK CPU per call" in out
+    assert "one core carries" in out
