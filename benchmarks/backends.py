@@ -135,51 +135,74 @@ def batched_label(dtype: str) -> str:
 
 @dataclass(frozen=True)
 class LocalModelInfo:
-    """One dtype's loaded model: load time, weight memory, and the process RSS it added."""
+    """One dtype's loaded model: load time and weight memory (tied weights counted once)."""
 
     dtype: str
     load_s: float
     weight_mb: float
-    rss_added_mb: float
-
-
-def rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def load_locals(dtypes: Sequence[str]) -> tuple[dict[str, Any], list[LocalModelInfo]]:
-    """Load the embedded model once per dtype, measuring each load on its own.
-
-    Done first, before anything else in this process loads a model (the plain copy for the
-    servers reuses a loaded float32 model), so each RSS increase is that dtype's alone.
-    """
-    import gc
-
-    import drpo.backends.local_model  # noqa: F401  (torch and transformers: not part of any load)
+    """Load the embedded model once per dtype, in this process, for the timed rounds."""
     from drpo.backends.local import LocalBackend
 
     backends: dict[str, LocalBackend] = {}
     infos: list[LocalModelInfo] = []
     for dtype in dtypes:
         local = LocalBackend("smollm2", max_batch_size=8, batch_window_s=0.01, dtype=dtype)
-        gc.collect()
-        before, started = rss_mb(), time.perf_counter()
+        started = time.perf_counter()
         loaded = local.load()
         load_s = time.perf_counter() - started
-        gc.collect()
-        # Tied weights (lm_head = embeddings) share storage: count each storage once.
         storages = {
             t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
             for t in loaded.model.state_dict().values()
         }
-        infos.append(
-            LocalModelInfo(dtype, load_s, sum(storages.values()) / 2**20, rss_mb() - before)
-        )
+        infos.append(LocalModelInfo(dtype, load_s, sum(storages.values()) / 2**20))
         print(f"  loaded {local.endpoint} in {dtype} in {load_s:.1f} s")
         backends[dtype] = local
     return backends, infos
+
+
+#: Run in a fresh process per dtype: load, one batch of the 8 requests, then report memory. A
+#: process of its own because RSS in this one mixes both dtypes and the allocator's reuse.
+_MEMORY_PROBE = """
+import json, sys
+import anyio, psutil
+sys.path.insert(0, sys.argv[3])
+from backends import requests_for
+from drpo.backends.local import LocalBackend
+
+async def main():
+    backend = LocalBackend("smollm2", max_batch_size=8, dtype=sys.argv[1])
+    await backend.aload()
+    async with anyio.create_task_group() as tg:
+        for request in requests_for(int(sys.argv[2])):
+            tg.start_soon(backend.complete, request)
+    # VmHWM, not ru_maxrss: on Linux ru_maxrss carries over the forking parent's peak.
+    status = open("/proc/self/status").read().split("VmHWM:")
+    peak_mb = int(status[1].split()[0]) / 1024 if len(status) > 1 else float("nan")
+    print(json.dumps({"peak_mb": peak_mb, "after_mb": psutil.Process().memory_info().rss / 2**20}))
+
+anyio.run(main)
+"""
+
+
+def memory_in_own_process(dtype: str, max_tokens: int) -> dict[str, float]:
+    """Peak RSS (GGUF de-quantizing included) and RSS after a batch of 8, for one dtype."""
+    import json
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, dtype, str(max_tokens), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"memory probe for {dtype} failed:\n{done.stderr[-2000:]}")
+    return json.loads(lines[-1])
 
 
 async def run_rounds(
@@ -358,14 +381,12 @@ def local_section(args: argparse.Namespace) -> None:
     print_table(results, sequential_label(dtypes[0]))
     print()
     for info in infos:
+        memory = memory_in_own_process(info.dtype, args.max_tokens)
         print(
-            f"  {info.dtype:<9} weights {info.weight_mb:6.0f} MB, process RSS +{info.rss_added_mb:.0f} "
-            f"MB at load, loaded in {info.load_s:.1f} s"
+            f"  {info.dtype:<9} weights {info.weight_mb:4.0f} MB; a process of its own that loads "
+            f"it and runs the 8 as one batch: peak RSS {memory['peak_mb']:.0f} MB, "
+            f"{memory['after_mb']:.0f} MB after; loaded in {info.load_s:.1f} s"
         )
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"  process peak RSS (all dtypes loaded, GGUF de-quantizing included): {peak:.0f} MB")
     print()
     for dtype in dtypes:
         sequential, batched = results[sequential_label(dtype)], results[batched_label(dtype)]

@@ -538,10 +538,12 @@ async def test_batched_greedy_equals_one_by_one_in_float32(local_backend: LocalB
     assert len({c.text for c in batched}) == len(QUESTIONS)  # they really are different answers
 
 
-#: How close (in logprob, which equals the logit gap) the two best tokens of a step may be for
-#: bf16 batched and one-by-one greedy runs to part ways there: two bf16 steps for logits in
-#: [16, 32) (where SmolLM2's top logits sit; one step is 0.125), one step in [32, 64).
-BF16_NEAR_TIE = 0.25
+#: How close (in logprob, which equals the logit gap) two tokens of a step must be for bf16
+#: batched and one-by-one greedy runs to part ways there. bf16 logits of 16-32 (where SmolLM2's
+#: top logits sit) come in steps of 0.125; the divergences measured on this CPU were all at gaps
+#: of 0 or 0.125. 0.5 leaves room for a rounding difference carried through a few layers, and is
+#: still far below the gaps of whole logits that a padding or position bug produces.
+BF16_NEAR_TIE = 0.5
 
 
 def first_divergence(a: Completion, b: Completion) -> int | None:

@@ -128,10 +128,11 @@ def cpu_has_native_bf16() -> bool:
 def default_dtype(device: str) -> torch.dtype:
     """bf16 on a GPU and on a CPU with native bf16 matmuls, float32 on other CPUs.
 
-    Measured with ``benchmarks/backends.py`` on a 2-core AMD EPYC with AVX512-BF16 (issue 12):
-    SmolLM2 in bf16 made about 1.3x the tokens/s of float32 alone and 2x in batches of 8, with
-    half the weight memory (257 vs 513 MB). On other CPUs torch emulates bf16 and float32 stays
-    the default (not measured here: it is the previous default). bf16 is also what these models
+    Measured with ``benchmarks/backends.py`` on a 2-core AMD EPYC with AVX512-BF16 (issue 12,
+    a busy shared machine): SmolLM2 in bf16 made 1.26-1.37x the tokens/s of float32 alone and
+    2.0-2.6x in batches of 8, with half the weight memory (257 vs 513 MB; 745 vs 1004 MB RSS
+    after a batch). On CPUs without native bf16, torch emulates it and float32 stays the
+    default (the previous default: not measured here, as no such CPU was at hand). bf16 is also what these models
     are trained in and what GPUs run fastest. The price of bf16: greedy answers can depend on
     what else is in the batch, at near-ties (see tests/test_local_backend.py); pass
     ``dtype="float32"`` where answers must not depend on batching.
