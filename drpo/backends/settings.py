@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from drpo.backends.ratelimit import DEFAULT_MAX_IN_FLIGHT
+
 
 class KindSettings(BaseModel):
     """What every kind's settings share: frozen, and unknown keys are errors (typos)."""
@@ -22,7 +24,9 @@ class EndpointSettings(KindSettings):
 
     rpm: float | None = Field(default=None, gt=0)
     tpm: float | None = Field(default=None, gt=0)
-    max_in_flight: int = Field(default=64, ge=1)
+    #: Upper guard on calls in flight; the limiter derives the working cap from the rate
+    #: limit and the observed latency (Little's law), see ``drpo.backends.ratelimit``.
+    max_in_flight: int = Field(default=DEFAULT_MAX_IN_FLIGHT, ge=1)
     #: The environment variable the API key is read from (never the key itself).
     api_key_env: str = "OPENAI_API_KEY"
     #: USD per million tokens.

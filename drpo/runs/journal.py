@@ -141,7 +141,9 @@ class JournaledCaller:
         self.run_id = run_id
         self.max_calls = max_calls
         self.max_cost_usd = max_cost_usd
-        self._asked: Counter[tuple[str, str]] = Counter()
+        #: How many identical requests were made at each place: keyed by a digest of the
+        #: request and its place (a request's identity is kilobytes; thousands are kept).
+        self._asked: Counter[str] = Counter()
         self._loaded = False
         self._load_lock = anyio.Lock()
         self._replayable: set[str] = set()
@@ -235,8 +237,9 @@ class JournaledCaller:
         # Numbered before the first await, among identical requests at the same place only.
         identity = _request_identity(backend.name, backend.endpoint, backend.model, request)
         place = place_of(role, node_id)
-        sample_index = self._asked[identity, place]
-        self._asked[identity, place] += 1
+        asked = _key_of(identity, place, -1)
+        sample_index = self._asked[asked]
+        self._asked[asked] += 1
         key = _key_of(identity, place, sample_index)
 
         if not self._loaded:
