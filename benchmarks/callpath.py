@@ -1,7 +1,7 @@
 """What one model call costs this process in CPU, from a bare HTTP loop up to drpo's full path.
 
 Run: ``python benchmarks/callpath.py [--calls 3000] [--concurrency 64] [--rounds 3]
-[--profile MODE]``.
+[--modes a,b,...] [--profile MODE]`` (``--help`` lists the modes).
 
 The simulated model (``tests/sim_server_main.py``: the fake OpenAI server answering with
 ``tests/simulated_llm.respond``) runs in a process of its own with a fixed latency per call, so
@@ -20,18 +20,27 @@ critic's or editor's call) against the same server:
   ``OpenAIBackend`` (rate limiter, retry loop, response mapping), and a ``Recorder`` persists
   every bus envelope into the ``RunStore``.
 
+``OpenAIBackend`` can send through three HTTP clients (``drpo.backends.openai_api``'s
+``HttpClientKind``): drpo's lean transport under httpx2 (``lean``), the SDK's
+``DefaultAioHttpClient`` (httpx2 on aiohttp's C parser and pool, ``aiohttp``) and httpx2's default
+transport (httpcore2's pool, ``httpx2``). The backend and the full path run on each:
+``backend:aiohttp``, ``drpo:httpx2``, ... name the ones that are not the default, and
+``sdk:aiohttp`` is the bare SDK on aiohttp. The report compares them layer by layer: CPU per
+call, its spread over the rounds, the ratio to the default client and the difference.
+
 Measured, side by side in one run:
 
 1. CPU microseconds per call for each client at ``--concurrency`` callers (``time.process_time``
    of this process, every thread included: aiosqlite's writer thread counts), and their ratios;
-   the best of ``--rounds`` rounds (the least disturbed by other programs on a shared machine).
-   Target: drpo <= 2x the bare SDK.
+   the best of ``--rounds`` rounds (the least disturbed by other programs on a shared machine)
+   and the spread of the rounds (worst minus best). Target: drpo <= 2x the bare SDK.
 2. Calls/s of drpo's full path in one process at no RPM limit against a server with
    ``--latency`` (50 ms) of latency, with ``--callers`` (512) callers and the endpoint's default
    in-flight limit; target >= 1,000 calls/s. Client and server CPU utilisation are printed.
 
 CPU time is the figure to trust on a busy machine (wall-clock rates also count other
-programs); ``--profile MODE`` writes a cProfile of one more round of that client to
+programs), and the load average is printed before and after (the machine's other work shows
+in the spread); ``--profile MODE`` writes a cProfile of one more round of that client to
 ``callpath-MODE.prof`` and prints its top entries.
 """
 
@@ -49,8 +58,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import anyio
 
@@ -63,7 +73,11 @@ import openai  # noqa: E402
 import psutil  # noqa: E402
 
 from drpo.backends.base import ChatMessage, CompletionRequest  # noqa: E402
-from drpo.backends.openai_api import OpenAIBackend  # noqa: E402
+from drpo.backends.openai_api import (  # noqa: E402
+    DEFAULT_HTTP_CLIENT,
+    HttpClientKind,
+    OpenAIBackend,
+)
 from drpo.backends.ratelimit import RateLimits  # noqa: E402
 from drpo.bus import Bus, Envelope  # noqa: E402
 from drpo.bus.messages import Answer, ProposeAnswer  # noqa: E402
@@ -80,14 +94,32 @@ SYSTEM = (
 #: The three compared clients, and drpo's path layer by layer (each adds one to the one before).
 MODES = ("httpx2", "sdk", "drpo")
 LAYERS = ("backend", "journal", "bus")
-ORDER = ("httpx2", "sdk", *LAYERS, "drpo")
+#: The HTTP clients OpenAIBackend can use; the layers measured on each one that is not drpo's
+#: default are named "<layer>:<client>".
+HTTP_CLIENTS: tuple[HttpClientKind, ...] = get_args(HttpClientKind)
+OTHER_CLIENTS = tuple(kind for kind in HTTP_CLIENTS if kind != DEFAULT_HTTP_CLIENT)
+COMPARED_LAYERS = ("backend", "drpo")
+ORDER = (
+    "httpx2",
+    "sdk",
+    "sdk:aiohttp",
+    "backend",
+    *(f"backend:{kind}" for kind in OTHER_CLIENTS),
+    "journal",
+    "bus",
+    "drpo",
+    *(f"drpo:{kind}" for kind in OTHER_CLIENTS),
+)
 NOTES = {
     "httpx2": "bare httpx2.AsyncClient.post loop",
     "sdk": "bare AsyncOpenAI.chat.completions.create",
-    "backend": "drpo: OpenAIBackend.complete alone",
+    "sdk:aiohttp": "  the same on the SDK's DefaultAioHttpClient",
+    "backend": f"drpo: OpenAIBackend.complete alone ({DEFAULT_HTTP_CLIENT})",
     "journal": "  + JournaledCaller (journal committed)",
     "bus": "  + Bus request/reply to a served handler",
-    "drpo": "  + Recorder: drpo's full path",
+    "drpo": f"  + Recorder: drpo's full path ({DEFAULT_HTTP_CLIENT})",
+    **{f"backend:{kind}": f"  OpenAIBackend alone on {kind}" for kind in OTHER_CLIENTS},
+    **{f"drpo:{kind}": f"  drpo's full path on {kind}" for kind in OTHER_CLIENTS},
 }
 
 
@@ -252,9 +284,13 @@ async def run_httpx2(server: Server, **options: Any) -> Sample:
         return await _measure("httpx2", call, server, **options)
 
 
-async def run_sdk(server: Server, **options: Any) -> Sample:
-    http = openai.DefaultAsyncHttpxClient(
-        limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
+async def run_sdk(server: Server, *, aiohttp: bool = False, **options: Any) -> Sample:
+    """The bare SDK on httpx2's default transport, or on its ``DefaultAioHttpClient``."""
+    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
+    http = (
+        openai.DefaultAioHttpClient(limits=limits)
+        if aiohttp
+        else openai.DefaultAsyncHttpxClient(limits=limits)
     )
     client = openai.AsyncOpenAI(
         api_key="EMPTY", base_url=server.base_url, max_retries=0, http_client=http
@@ -265,17 +301,23 @@ async def run_sdk(server: Server, **options: Any) -> Sample:
             completion = await client.chat.completions.create(**chat_body(i))
             return completion.choices[0].message.content or ""
 
-        return await _measure("sdk", call, server, **options)
+        return await _measure("sdk:aiohttp" if aiohttp else "sdk", call, server, **options)
 
 
-async def run_backend(server: Server, **options: Any) -> Sample:
+def _mode(layer: str, http: HttpClientKind) -> str:
+    return layer if http == DEFAULT_HTTP_CLIENT else f"{layer}:{http}"
+
+
+async def run_backend(
+    server: Server, *, http: HttpClientKind = DEFAULT_HTTP_CLIENT, **options: Any
+) -> Sample:
     """``OpenAIBackend.complete`` alone: limiter, retry loop, SDK, transport, reply mapping."""
-    async with OpenAIBackend(MODEL, base_url=server.base_url) as backend:
+    async with OpenAIBackend(MODEL, base_url=server.base_url, http=http) as backend:
 
         async def call(i: int) -> str:
             return (await backend.complete(chat_request(i))).text
 
-        return await _measure("backend", call, server, **options)
+        return await _measure(_mode("backend", http), call, server, **options)
 
 
 async def run_drpo(
@@ -284,17 +326,20 @@ async def run_drpo(
     limits: RateLimits | None = None,
     bus_layer: bool = True,
     record: bool = True,
-    mode: str = "drpo",
+    mode: str | None = None,
+    http: HttpClientKind = DEFAULT_HTTP_CLIENT,
     **options: Any,
 ) -> Sample:
     """drpo's full path; ``bus_layer=False`` calls the journal directly, ``record=False``
-    leaves the recorder out (the layers one by one, for the breakdown)."""
+    leaves the recorder out (the layers one by one, for the breakdown); ``http`` is the
+    backend's HTTP client."""
+    mode = mode or _mode("drpo", http)
     with tempfile.TemporaryDirectory(prefix="drpo-callpath-") as folder:
         async with RunStore.open(Path(folder) / "bench.db") as store:
             run_id = await store.create_run("bench")
             bus = Bus()
             journal = JournaledCaller(store, run_id)
-            backend = OpenAIBackend(MODEL, base_url=server.base_url, limits=limits)
+            backend = OpenAIBackend(MODEL, base_url=server.base_url, limits=limits, http=http)
             recorder = recording(bus, store) if record else _async_nothing()
             async with backend, recorder, anyio.create_task_group() as tg:
 
@@ -353,10 +398,13 @@ async def _async_nothing() -> AsyncIterator[None]:
 RUNNERS: dict[str, Callable[..., Awaitable[Sample]]] = {
     "httpx2": run_httpx2,
     "sdk": run_sdk,
+    "sdk:aiohttp": partial(run_sdk, aiohttp=True),
     "backend": run_backend,
     "journal": run_journal,
     "bus": run_bus,
     "drpo": run_drpo,
+    **{f"backend:{kind}": partial(run_backend, http=kind) for kind in OTHER_CLIENTS},
+    **{f"drpo:{kind}": partial(run_drpo, http=kind) for kind in OTHER_CLIENTS},
 }
 
 
@@ -379,9 +427,18 @@ def _profile_report(profile: cProfile.Profile, path: Path, top: int) -> str:
     return out.getvalue()
 
 
+def _load() -> str:
+    """The load averages (1, 5, 15 min): how much else the machine was doing."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
 def main() -> None:
     _quiet_logs()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="modes: " + ", ".join(f"{mode} ({NOTES[mode].strip()})" for mode in ORDER),
+    )
     parser.add_argument("--calls", type=int, default=3000, help="calls per round (3000)")
     parser.add_argument("--concurrency", type=int, default=64, help="callers in part 1 (64)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per client, best kept")
@@ -392,18 +449,16 @@ def main() -> None:
     parser.add_argument(
         "--modes", default=",".join(ORDER), help="clients in part 1 (default: all, in order)"
     )
-    parser.add_argument(
-        "--profile", choices=(*MODES, *LAYERS), default=None, help="profile this client"
-    )
+    parser.add_argument("--profile", choices=ORDER, default=None, help="profile this client")
     parser.add_argument("--top", type=int, default=40, help="profile entries to print")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in RUNNERS]
+    if unknown:
+        parser.error(f"unknown modes {unknown}; known: {', '.join(ORDER)}")
     options = {"calls": args.calls, "concurrency": args.concurrency, "warmup": 300}
-    best: dict[str, Sample] = {}
-    print(
-        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f} at the start",
-        file=sys.stderr,
-    )
+    rounds: dict[str, list[Sample]] = {}
+    print(f"{os.cpu_count()} CPUs; load average {_load()} at the start", file=sys.stderr)
     with sim_server(args.latency) as server:
         if "1" in args.only:
             for round_ in range(args.rounds):
@@ -412,13 +467,12 @@ def main() -> None:
                         lambda m=mode: RUNNERS[m](server, profile=None, **options)  # type: ignore[misc]
                     )
                     print(
-                        f"  round {round_ + 1} {mode:>6}: {sample.cpu_us_per_call:7.0f} us CPU/call"
-                        f"  {sample.calls_per_s:7.0f} calls/s"
+                        f"  round {round_ + 1} {mode:>14}: {sample.cpu_us_per_call:7.0f} us "
+                        f"CPU/call  {sample.calls_per_s:7.0f} calls/s"
                         f"  server {sample.server_cpu_s / sample.wall_s:4.0%} CPU",
                         file=sys.stderr,
                     )
-                    if mode not in best or sample.cpu_s < best[mode].cpu_s:
-                        best[mode] = sample
+                    rounds.setdefault(mode, []).append(sample)
         throughput: Sample | None = None
         if "2" in args.only:
             throughput = anyio.run(
@@ -436,38 +490,54 @@ def main() -> None:
             anyio.run(
                 lambda: RUNNERS[args.profile](server, profile=profile, **options)  # type: ignore[index]
             )
-            profiled = _profile_report(profile, Path(f"callpath-{args.profile}.prof"), args.top)
-    _print_report(best, throughput, args)
+            name = args.profile.replace(":", "-")
+            profiled = _profile_report(profile, Path(f"callpath-{name}.prof"), args.top)
+    print(f"load average {_load()} at the end", file=sys.stderr)
+    _print_report(rounds, throughput, args)
     if profiled:
         print(f"\ncProfile of one round of {args.profile} (by own time):")
         print(profiled)
 
 
-def _print_report(best: dict[str, Sample], throughput: Sample | None, args: Any) -> None:
+def _best(samples: list[Sample]) -> Sample:
+    return min(samples, key=lambda s: s.cpu_s / s.calls)
+
+
+def _spread_us(samples: list[Sample]) -> float:
+    """Worst minus best CPU per call over the rounds."""
+    per_call = [s.cpu_us_per_call for s in samples]
+    return max(per_call) - min(per_call)
+
+
+def _print_report(rounds: dict[str, list[Sample]], throughput: Sample | None, args: Any) -> None:
+    """Part 1 (best of the rounds, with their spread), the HTTP clients compared, part 2."""
+    best = {mode: _best(samples) for mode, samples in rounds.items() if samples}
     print(
         f"\nCPU per call: {args.calls} chat calls, {args.concurrency} callers, "
-        f"server latency {args.latency * 1000:.0f} ms (best of {args.rounds} rounds, "
-        "process CPU time incl. threads)"
+        f"server latency {args.latency * 1000:.0f} ms (best of {args.rounds} rounds and the "
+        "spread worst - best, process CPU time incl. threads)"
     )
     print(
-        f"{'client':<8} {'CPU/call':>10} {'x httpx2':>9} {'x sdk':>7} {'calls/s':>9} "
-        f"{'server CPU':>11}"
+        f"{'client':<15} {'CPU/call':>9} {'spread':>7} {'x httpx2':>9} {'x sdk':>6} "
+        f"{'calls/s':>8} {'server CPU':>11}"
     )
+    base = best.get("httpx2")
+    sdk = best.get("sdk")
     for mode in ORDER:
         if mode not in best:
             continue
         s = best[mode]
-        base = best.get("httpx2")
-        sdk = best.get("sdk")
-        ratio_base = f"{s.cpu_s / base.cpu_s:.2f}" if base else "-"
-        ratio_sdk = f"{s.cpu_s / sdk.cpu_s:.2f}" if sdk else "-"
+        ratio_base = f"{s.cpu_s / s.calls / (base.cpu_s / base.calls):.2f}" if base else "-"
+        ratio_sdk = f"{s.cpu_s / s.calls / (sdk.cpu_s / sdk.calls):.2f}" if sdk else "-"
         print(
-            f"{mode:<8} {s.cpu_us_per_call:8.0f}us {ratio_base:>9} {ratio_sdk:>7} "
-            f"{s.calls_per_s:9.0f} {s.server_cpu_s / s.wall_s:10.0%}  {NOTES.get(mode, '')}"
+            f"{mode:<15} {s.cpu_us_per_call:7.0f}us {_spread_us(rounds[mode]):5.0f}us "
+            f"{ratio_base:>9} {ratio_sdk:>6} {s.calls_per_s:8.0f} "
+            f"{s.server_cpu_s / s.wall_s:10.0%}  {NOTES.get(mode, '')}"
         )
-    if "drpo" in best and "sdk" in best:
-        ratio = best["drpo"].cpu_s / best["sdk"].cpu_s
+    if "drpo" in best and sdk is not None:
+        ratio = best["drpo"].cpu_us_per_call / sdk.cpu_us_per_call
         print(f"drpo full path / bare SDK CPU per call: {ratio:.2f}  (target <= 2.00)")
+    _print_clients(best, rounds)
     if throughput is not None:
         t = throughput
         print(
@@ -480,6 +550,32 @@ def _print_report(best: dict[str, Sample], throughput: Sample | None, args: Any)
             f"call: one core carries {t.capacity_per_s:,.0f} calls/s (a busy machine's "
             "other programs take the rest of the wall clock)"
         )
+
+
+def _print_clients(best: dict[str, Sample], rounds: dict[str, list[Sample]]) -> None:
+    """Each compared layer on each HTTP client: CPU per call against the default client's."""
+    lines = []
+    for layer in COMPARED_LAYERS:
+        default = best.get(layer)
+        for kind in HTTP_CLIENTS:
+            mode = _mode(layer, kind)
+            if mode not in best or default is None:
+                continue
+            s = best[mode]
+            lines.append(
+                f"{layer:<8} {kind:<8} {s.cpu_us_per_call:7.0f}us "
+                f"{_spread_us(rounds[mode]):5.0f}us "
+                f"{s.cpu_us_per_call / default.cpu_us_per_call:10.2f} "
+                f"{s.cpu_us_per_call - default.cpu_us_per_call:+8.0f}us"
+            )
+    if lines:
+        print(
+            f"\nHTTP clients of OpenAIBackend (default: {DEFAULT_HTTP_CLIENT}), best of the rounds:"
+        )
+        print(
+            f"{'layer':<8} {'client':<8} {'CPU/call':>9} {'spread':>7} {'x default':>10} {'diff':>10}"
+        )
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

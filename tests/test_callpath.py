@@ -35,20 +35,32 @@ def test_every_client_makes_its_calls(server: callpath.Server, mode: str) -> Non
     assert sample.server_cpu_s >= 0
 
 
-def test_the_report_prints_ratios_to_the_bare_clients(
+def test_the_report_prints_ratios_to_the_bare_clients_and_the_http_clients(
     server: callpath.Server, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    samples = {
-        mode: anyio.run(
-            lambda m=mode: callpath.RUNNERS[m](
-                server, calls=6, concurrency=2, warmup=2, profile=None
+    modes = ("httpx2", "sdk", "drpo", *(f"drpo:{kind}" for kind in callpath.OTHER_CLIENTS))
+    rounds = {
+        mode: [
+            anyio.run(
+                lambda m=mode: callpath.RUNNERS[m](
+                    server, calls=6, concurrency=2, warmup=2, profile=None
+                )
             )
-        )
-        for mode in ("httpx2", "sdk", "drpo")
+            for _ in range(2)
+        ]
+        for mode in modes
     }
-    options = {"calls": 6, "concurrency": 2, "latency": 0.0, "rounds": 1, "callers": 2}
+    options = {"calls": 6, "concurrency": 2, "latency": 0.0, "rounds": 2, "callers": 2}
     args = type("Args", (), options)()
-    callpath._print_report(samples, samples["drpo"], args)
+    callpath._print_report(rounds, rounds["drpo"][0], args)
     out = capsys.readouterr().out
     assert "drpo full path / bare SDK CPU per call" in out
     assert "one core carries" in out
+    for kind in callpath.HTTP_CLIENTS:  # every client of the full path, in the comparison
+        assert f"drpo     {kind}" in out
+
+
+def test_every_mode_has_a_runner_and_a_note() -> None:
+    assert set(callpath.ORDER) == set(callpath.RUNNERS) == set(callpath.NOTES)
+    for kind in callpath.OTHER_CLIENTS:  # each compared layer runs on every HTTP client
+        assert {f"backend:{kind}", f"drpo:{kind}"} <= set(callpath.ORDER)

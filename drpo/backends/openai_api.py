@@ -33,9 +33,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import aiohttp
 import anyio
 import httpx2
 import openai
@@ -363,20 +364,41 @@ def map_response(parsed: Any, *, chat: bool, fallback_model: str) -> _Success:
 KEEPALIVE_EXPIRY_S = 30.0
 
 
-def _http_client(
-    base_url: str, limits: RateLimits, timeout_s: float, *, trust_env: bool
-) -> httpx2.AsyncClient:
-    """The SDK's default client on drpo's lean transport (see ``drpo.backends.transport``).
+#: The HTTP clients an ``OpenAIBackend`` can send through; ``benchmarks/callpath.py`` compares
+#: them. "lean": httpx2 on drpo's own transport (``drpo.backends.transport``); "aiohttp": the
+#: SDK's ``DefaultAioHttpClient`` (httpx2 on aiohttp's pool and C parser); "httpx2": httpx2's
+#: default transport (httpcore2's pool).
+HttpClientKind = Literal["lean", "aiohttp", "httpx2"]
+DEFAULT_HTTP_CLIENT: HttpClientKind = "lean"
 
-    Idle connections are kept up to the in-flight guard, so a steady load reuses its
-    connections; where the lean transport cannot serve (an environment proxy), httpx2's own pool
-    is used, as large as the guard so that a call never queues for a connection.
+
+def _http_client(
+    base_url: str,
+    limits: RateLimits,
+    timeout_s: float,
+    *,
+    trust_env: bool,
+    kind: HttpClientKind = DEFAULT_HTTP_CLIENT,
+) -> httpx2.AsyncClient:
+    """The SDK's httpx2 client for one backend, on the transport ``kind`` names.
+
+    Every kind pools as many connections as the in-flight guard (at least 100) and keeps them
+    alive, so a steady load reuses its connections and a call never queues for one; opening a
+    connection is bounded by 30 s, each read by ``timeout_s``. ``trust_env`` is off for loopback
+    servers: an environment proxy must not capture calls to a local model server. Where the
+    lean transport cannot serve (an environment proxy), httpx2's own pool is used.
     """
     pool = max(limits.max_in_flight, 100)
     timeout = httpx2.Timeout(timeout_s, connect=min(timeout_s, 30.0))
     pool_limits = httpx2.Limits(
         max_connections=pool, max_keepalive_connections=pool, keepalive_expiry=KEEPALIVE_EXPIRY_S
     )
+    if kind == "aiohttp":
+        return _AiohttpClient(limits=pool_limits, timeout=timeout, trust_env=trust_env)
+    if kind == "httpx2":
+        return openai.DefaultAsyncHttpxClient(
+            limits=pool_limits, timeout=timeout, trust_env=trust_env
+        )
 
     def httpx2_pool() -> httpx2.AsyncBaseTransport:
         return httpx2.AsyncHTTPTransport(limits=pool_limits, trust_env=trust_env)
@@ -395,6 +417,42 @@ def _http_client(
     return openai.DefaultAsyncHttpxClient(transport=transport, timeout=timeout, trust_env=trust_env)
 
 
+class _AiohttpClient(openai.DefaultAioHttpClient):  # type: ignore[misc, valid-type]
+    """The SDK's aiohttp client, with every transport failure raised as httpx2's type.
+
+    The adapter the SDK vendors (``openai._vendor.httpx_aiohttp``, from httpx-aiohttp 0.2.0;
+    openai 3.57) maps aiohttp's errors by class, and two of its mappings mislead: a refused
+    connection and a server that hangs up both become ``httpx2.ConnectTimeout`` (the SDK's
+    ``APITimeoutError``: "no reply within 600 s" for a call that failed at once; noted upstream
+    in the review of openai/openai-python#3594), and a malformed reply
+    (``aiohttp.ClientResponseError``) is not mapped at all, so it escapes the SDK as a raw
+    aiohttp error that no caller classifies. Here they become ``ConnectError`` /
+    ``RemoteProtocolError`` (the SDK's ``APIConnectionError``), as with httpx2's own transport;
+    timeouts stay timeouts. Drop this class once the SDK maps them itself.
+    """
+
+    async def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
+        try:
+            return await super().send(request, **kwargs)
+        except httpx2.ConnectTimeout as exc:
+            cause = exc.__cause__
+            if cause is None or isinstance(cause, TimeoutError):  # a real connect timeout
+                raise
+            raise _as_httpx2_error(cause, request) from cause
+        except aiohttp.ClientError as exc:  # one the adapter leaves unmapped
+            raise _as_httpx2_error(exc, request) from exc
+
+
+def _as_httpx2_error(exc: BaseException, request: httpx2.Request) -> httpx2.TransportError:
+    """The httpx2 error httpx2's own transport raises for what aiohttp reported as ``exc``."""
+    if isinstance(exc, TimeoutError):  # aiohttp's timeouts are TimeoutErrors
+        return httpx2.ReadTimeout(str(exc), request=request)
+    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, unreachable, no such host
+        return httpx2.ConnectError(str(exc), request=request)
+    # the server hung up, reset the connection, or sent a reply that cannot be read
+    return httpx2.RemoteProtocolError(str(exc), request=request)
+
+
 class OpenAIBackend:
     """An OpenAI-compatible ``/v1`` endpoint as a ``Backend``.
 
@@ -402,6 +460,8 @@ class OpenAIBackend:
     ``drpo.backends.ratelimit``); explicit limits can only tighten a shared limiter. ``timeout_s``
     bounds each attempt; ``max_attempts`` counts the first try. ``prices`` defaults to the
     built-in table. ``clock`` is for tests: it injects virtual time into waits and backoff.
+
+    ``http`` picks the HTTP client (see ``HttpClientKind``).
 
     ``Completion.latency_s`` is what the caller waited: rate-limit waits and retries included.
     Errors carry ``attempts`` (and permanent ones the HTTP ``status_code``).
@@ -424,6 +484,7 @@ class OpenAIBackend:
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 60.0,
         clock: Clock | None = None,
+        http: HttpClientKind = DEFAULT_HTTP_CLIENT,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -450,6 +511,7 @@ class OpenAIBackend:
             self._limiter.limits,
             timeout_s,
             trust_env=not is_loopback_url(self._endpoint),
+            kind=http,
         )
         self._client = AsyncOpenAI(
             api_key=key,

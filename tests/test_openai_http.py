@@ -1,0 +1,259 @@
+"""The HTTP clients under ``OpenAIBackend``: each one keeps the behaviour the backend relies on.
+
+Every client ``HttpClientKind`` names must keep connections alive, hold every call the
+in-flight guard lets through without queueing for a connection, leave environment proxies out
+of loopback calls (and honour them elsewhere), and report each failure as the SDK's error types
+so that the backend classifies it alike. Each test runs a scripted raw TCP server on 127.0.0.1
+that answers with exact bytes, so failures are exercised as a real server would cause them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import get_args
+
+import anyio
+import pytest
+
+from drpo.backends.base import ChatMessage, CompletionRequest, TransientBackendError
+from drpo.backends.openai_api import HttpClientKind, OpenAIBackend
+from drpo.backends.ratelimit import RateLimits
+
+pytestmark = [pytest.mark.anyio, pytest.mark.network]
+
+KINDS: tuple[HttpClientKind, ...] = get_args(HttpClientKind)
+KEY_ENV = "DRPO_TEST_OPENAI_HTTP_KEY"
+
+#: A handler gets each request's head and body and the writer to answer on.
+Handler = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
+
+
+def completion_reply(text: str = "hello") -> bytes:
+    body = json.dumps(
+        {
+            "id": "c1",
+            "object": "chat.completion",
+            "model": "m",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+    ).encode()
+    head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
+    return head.encode() + b"\r\n\r\n" + body
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head + (await reader.readexactly(length) if length else b"")
+
+
+@asynccontextmanager
+async def scripted_server(handler: Handler) -> AsyncIterator[tuple[str, list[bytes], list[int]]]:
+    """Yields (base URL, requests seen, connection count); ``handler`` answers each request."""
+    requests: list[bytes] = []
+    connections = [0]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[0] += 1
+        try:
+            while not writer.is_closing():
+                request = await _read_request(reader)
+                if request is None:
+                    break
+                requests.append(request)
+                await handler(request, writer)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1", requests, connections
+    finally:
+        server.close()
+
+
+def answer(data: bytes) -> Handler:
+    async def handler(request: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    return handler
+
+
+def chat(text: str = "hi") -> CompletionRequest:
+    return CompletionRequest(messages=(ChatMessage(role="user", content=text),), max_tokens=8)
+
+
+def backend(base_url: str, kind: HttpClientKind, **settings: object) -> OpenAIBackend:
+    options: dict[str, object] = {"api_key_env": KEY_ENV, "timeout_s": 5.0, "http": kind}
+    options.update(settings)
+    return OpenAIBackend("m", base_url=base_url, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Keep-alive and the pool
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_connections_are_kept_alive_and_reused(kind: HttpClientKind) -> None:
+    async with scripted_server(answer(completion_reply())) as (url, requests, connections):
+        async with backend(url, kind) as client:
+            for _ in range(10):
+                assert (await client.complete(chat())).text == "hello"
+            assert connections[0] == 1
+            for _ in range(3):  # concurrent calls: one connection each, reused next time
+                async with anyio.create_task_group() as tg:
+                    for _ in range(6):
+                        tg.start_soon(client.complete, chat())
+    assert connections[0] <= 6
+    assert len(requests) == 28
+    assert requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_pool_holds_every_call_the_in_flight_guard_lets_through(
+    kind: HttpClientKind,
+) -> None:
+    """130 calls in flight (more than any library's default pool of 100) all reach the server
+    before it answers any: none waits for a connection."""
+    calls = 130
+    arrived = asyncio.Event()
+    waiting: list[asyncio.StreamWriter] = []
+
+    async def handler(request: bytes, writer: asyncio.StreamWriter) -> None:
+        waiting.append(writer)
+        if len(waiting) == calls:
+            arrived.set()
+        await arrived.wait()
+        writer.write(completion_reply())
+        await writer.drain()
+
+    async with scripted_server(handler) as (url, requests, connections):
+        limits = RateLimits(max_in_flight=calls)
+        async with backend(url, kind, limits=limits, timeout_s=10.0, max_attempts=1) as client:
+            async with anyio.create_task_group() as tg:
+                for _ in range(calls):
+                    tg.start_soon(client.complete, chat())
+    assert len(requests) == calls and connections[0] == calls
+
+
+# --------------------------------------------------------------------------------------------
+# Environment proxies
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_loopback_server_is_reached_past_an_environment_proxy(
+    kind: HttpClientKind, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = f"http://127.0.0.1:{_free_port()}"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.setenv(name, dead)
+    async with scripted_server(answer(completion_reply())) as (url, requests, _):
+        async with backend(url, kind, max_attempts=1) as client:
+            assert (await client.complete(chat())).text == "hello"
+    assert requests[0].startswith(b"POST /v1/chat/completions ")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_remote_server_is_reached_through_the_environment_proxy(
+    kind: HttpClientKind, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    async with scripted_server(answer(completion_reply("via proxy"))) as (proxy, requests, _):
+        monkeypatch.setenv("HTTP_PROXY", proxy.removesuffix("/v1"))
+        async with backend("http://api.example.test/v1", kind, max_attempts=1) as client:
+            assert (await client.complete(chat())).text == "via proxy"
+    # the proxy got the request in absolute form, for the remote host
+    assert requests[0].startswith(b"POST http://api.example.test/v1/chat/completions ")
+
+
+# --------------------------------------------------------------------------------------------
+# Failures, as the backend sees them (through the SDK's error types)
+
+
+async def _hang_up(request: bytes, writer: asyncio.StreamWriter) -> None:
+    writer.close()
+
+
+async def _cut_the_body(request: bytes, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{")
+    await writer.drain()
+    writer.close()
+
+
+async def _never_answer(request: bytes, writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(30)
+
+
+FAILURES: dict[str, tuple[Handler | None, str]] = {
+    # case: (handler, None for no server at all; what the backend says was the last cause)
+    "refused": (None, "connection error (ConnectError)"),
+    "hung up": (_hang_up, "connection error (RemoteProtocolError)"),
+    "cut body": (_cut_the_body, "connection error ("),
+    "bad status line": (answer(b"garbage\r\n\r\n"), "connection error (RemoteProtocolError)"),
+    "bad header": (
+        answer(b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n"),
+        "connection error (RemoteProtocolError)",
+    ),
+    "no reply": (_never_answer, "no reply within 0.5 s"),
+    "HTTP 503": (
+        answer(b"HTTP/1.1 503 Busy\r\ncontent-length: 4\r\n\r\nbusy"),
+        "HTTP 503: busy",
+    ),
+    "not JSON": (
+        answer(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnope"),
+        "malformed response",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FAILURES)
+@pytest.mark.parametrize("kind", KINDS)
+async def test_each_failure_is_classified_alike_on_every_client(
+    kind: HttpClientKind, case: str
+) -> None:
+    handler, says = FAILURES[case]
+    if handler is None:
+        url = f"http://127.0.0.1:{_free_port()}/v1"
+        async with backend(url, kind, timeout_s=0.5, max_attempts=1) as client:
+            with pytest.raises(TransientBackendError) as caught:
+                await client.complete(chat())
+    else:
+        async with scripted_server(handler) as (url, _, _):
+            async with backend(url, kind, timeout_s=0.5, max_attempts=1) as client:
+                with pytest.raises(TransientBackendError) as caught:
+                    await client.complete(chat())
+    assert says in caught.value.last_cause  # type: ignore[attr-defined]
