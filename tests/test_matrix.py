@@ -27,8 +27,11 @@ from pathlib import Path
 
 import pytest
 from fakeserver import OPENAI_CHAT, VLLM_BASE, VLLM_INSTRUCT, FakeOpenAIServer
-from sim_server_main import only_run_id, run_drpo, run_status
+from sim_server_main import only_run_id, run_status
 from simulated_llm import respond
+from typer.testing import CliRunner
+
+from drpo.cli.app import app
 
 PRESETS = ("small", "robust", "paper")
 JOBS = ("optimize", "icl", "eval", "generate")
@@ -48,7 +51,8 @@ EXPECTED: dict[tuple[str, str, str], tuple[str, str]] = {
     },
 }
 
-#: Tiny sizes: a few levels and a few dozen tokens, whatever the preset.
+#: Tiny sizes: a few levels and a few dozen tokens, whatever the preset (a 135M model writes
+#: no readable JSON verdict at any length, and a CPU writes a dozen tokens a second).
 SIZES = """
 [search]
 depth = 3
@@ -58,14 +62,14 @@ n_actions = 2
 num_train_queries = 6
 [proposer]
 k = 1
-max_tokens = 40
+max_tokens = 24
 [critic]
-max_tokens = 200
+max_tokens = 48
 [editor]
-max_tokens = 120
+max_tokens = 64
 [icl]
 rounds = 1
-max_tokens = 120
+max_tokens = 64
 """
 
 
@@ -122,9 +126,10 @@ def _command(job: str, preset: str, base: str, helper: str, tmp_path: Path) -> l
         )
         return [
             "eval", "default", "none", "--queries", str(queries), "--model", base,
-            "--judge", helper, "--preset", preset, "--max-tokens", "40", "--db", db,
+            "--judge", helper, "--preset", preset, "--max-tokens", "24",
+            "--judge-max-tokens", "48", "--db", db,
         ]  # fmt: skip
-    return ["generate", "How do I start running?", "--model", base, "--max-tokens", "40",
+    return ["generate", "How do I start running?", "--model", base, "--max-tokens", "24",
             "--db", db]  # fmt: skip
 
 
@@ -151,23 +156,23 @@ def test_cell(
     preset: str, endpoint: str, job: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     base, helper = _models(endpoint, request)
-    result = run_drpo(*_command(job, preset, base, helper, tmp_path), cwd=tmp_path, timeout=600)
+    # in this process, so a local model is loaded once for every cell that uses it
+    result = CliRunner().invoke(app, _command(job, preset, base, helper, tmp_path))
     db = tmp_path / "drpo.db"
     run_id = only_run_id(db)
-    assert run_id is not None, result.stdout + result.stderr
+    assert run_id is not None, result.output
     status, error = run_status(db, run_id)
     expected_status, reason = EXPECTED.get((preset, endpoint, job), ("finished", ""))
-    assert status == expected_status, f"{status}: {error}\n{result.stderr[-2000:]}"
+    assert status == expected_status, f"{status}: {error}\n{result.output[-2000:]}"
     if expected_status == "finished":
-        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.exit_code == 0, result.output
     else:
         # a one-line reason naming the fix, a non-zero exit, and the run ready to resume
-        assert result.returncode == 1, result.stdout + result.stderr
+        assert result.exit_code == 1, result.output
         assert error and "\n" not in error and re.search(reason, error), error
-        assert f"drpo resume {run_id}" in result.stderr
+        assert f"drpo resume {run_id}" in result.output
     if job == "optimize" and status == "finished":
-        settings = json.loads(
-            run_drpo("runs", "show", run_id, "--db", str(db), "--json", cwd=tmp_path).stdout
-        )["settings"]
+        shown = CliRunner().invoke(app, ["runs", "show", run_id, "--db", str(db), "--json"])
+        settings = json.loads(shown.stdout)["settings"]
         framing = settings["proposer"]["framing"]
         assert framing == ("chat" if endpoint == "openai-chat" else "raw"), framing

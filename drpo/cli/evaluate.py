@@ -41,6 +41,7 @@ _DEFINING = (
     "seed",
     "k",
     "max_tokens",
+    "judge_max_tokens",
     "temperature",
     "framing",
     "resamples",
@@ -122,6 +123,10 @@ def eval_command(
     max_tokens: Annotated[
         int | None, typer.Option(help="Max new tokens per answer. (default: 512)")
     ] = None,
+    judge_max_tokens: Annotated[
+        int | None,
+        typer.Option(help="Max tokens of a JSON verdict. (default: the --preset's critic's)"),
+    ] = None,
     temperature: Annotated[
         float | None, typer.Option(help="Answer temperature. (default: 0)")
     ] = None,
@@ -183,6 +188,7 @@ def eval_command(
             seed=seed,
             k=k,
             max_tokens=max_tokens,
+            judge_max_tokens=judge_max_tokens,
             temperature=temperature,
             framing=framing,
             resamples=resamples,
@@ -291,7 +297,7 @@ def _plan(
             "judge": judge,
             "judge_mode": judge_mode,
             "judge_policy": critic.policy,
-            "judge_max_tokens": critic.max_tokens,
+            "judge_max_tokens": options["judge_max_tokens"] or critic.max_tokens,
             # plain prompts answer with the artifacts' model, so a comparison is like for like
             "model": next((p.model for p in chosen if p.model), DEFAULT_MODEL),
             "model_override": options["model"],

@@ -40,7 +40,7 @@ from drpo.bus.messages import (
 from drpo.jobs.config import BudgetSettings
 from drpo.jobs.evaluation.protocol import EvalPrompt, EvalQuery, selection_for
 from drpo.jobs.evaluation.stats import summarize
-from drpo.jobs.lifecycle import JobResult, RunLifecycle, run_versions
+from drpo.jobs.lifecycle import JobResult, RunLifecycle, describe_error, run_versions
 from drpo.jobs.session import Session
 from drpo.runs.store import RunStore
 
@@ -356,7 +356,7 @@ async def _evaluate_all(
                     node_id=node_id,
                 )
             except Exception as exc:  # one item's failure does not stop the others
-                item.error = f"{type(exc).__name__}: {exc}"
+                item.error = describe_error(exc)
             else:
                 if critique.failed:
                     item.judge_error = critique.error or "the verdict could not be read"
