@@ -20,13 +20,14 @@ critic's or editor's call) against the same server:
   ``OpenAIBackend`` (rate limiter, retry loop, response mapping), and a ``Recorder`` persists
   every bus envelope into the ``RunStore``.
 
-``OpenAIBackend`` can send through three HTTP clients (``drpo.backends.openai_api``'s
-``HttpClientKind``): drpo's lean transport under httpx2 (``lean``), the SDK's
-``DefaultAioHttpClient`` (httpx2 on aiohttp's C parser and pool, ``aiohttp``) and httpx2's default
-transport (httpcore2's pool, ``httpx2``). The backend and the full path run on each:
-``backend:aiohttp``, ``drpo:httpx2``, ... name the ones that are not the default, and
-``sdk:aiohttp`` is the bare SDK on aiohttp. The report compares them layer by layer: CPU per
-call, its spread over the rounds, the ratio to the default client and the difference.
+``OpenAIBackend`` can send through two HTTP clients (``drpo.backends.openai_api``'s
+``HttpClientKind``): the SDK's ``DefaultAioHttpClient`` (httpx2 on aiohttp's C parser and pool,
+``aiohttp``, the default) and httpx2's default transport (httpcore2's pool, ``httpx2``). The
+backend and the full path run on each: ``backend:httpx2`` and ``drpo:httpx2`` name the one that
+is not the default, and ``sdk:aiohttp`` is the bare SDK on aiohttp. The report compares them
+layer by layer: CPU per call, its spread over the rounds, the ratio to the default client and
+the difference. (Until commit 4e9a34c a third client, drpo's own asyncio transport ``lean``, was
+compared too; ``_http_client`` in ``openai_api`` records why it was dropped.)
 
 Measured, side by side in one run:
 
@@ -186,6 +187,9 @@ def sim_server(latency_s: float) -> Iterator[Server]:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 # ------------------------------------------------------------------------------------ clients

@@ -2,10 +2,10 @@
 
 Built for thousands of concurrent calls through the official ``openai`` SDK:
 
-* one keep-alive connection pool per backend (``drpo.backends.transport``: an asyncio-protocol
-  HTTP/1.1 transport under httpx2, a quarter of the CPU of httpcore2's pool), and the SDK's own
-  retries turned off, so there is exactly ONE retry loop (ours) and every attempt passes through
-  the shared rate limiter;
+* one keep-alive connection pool per backend: the SDK's ``DefaultAioHttpClient`` (httpx2 on
+  aiohttp's pool and C-accelerated HTTP parser: about 0.6x the CPU per call of httpx2's default
+  transport; see ``_http_client``), and the SDK's own retries turned off, so there is exactly
+  ONE retry loop (ours) and every attempt passes through the shared rate limiter;
 * the SDK's low-level ``post(..., cast_to=httpx2.Response)`` with a body we serialize ourselves,
   and our own parsing of the reply into drpo's types: the SDK's per-call request transforms and
   response models cost more CPU than the HTTP exchange, and we need neither; the SDK still sends
@@ -67,7 +67,6 @@ from drpo.backends.ratelimit import (
     Reservation,
     shared_limiter,
 )
-from drpo.backends.transport import lean_transport
 
 log = logging.getLogger(__name__)
 
@@ -359,21 +358,20 @@ def map_response(parsed: Any, *, chat: bool, fallback_model: str) -> _Success:
 # The backend
 
 
-#: Seconds an idle connection is kept for reuse (servers close theirs after 5 s to minutes; the
-#: transport learns of a close as it happens, so a longer expiry costs nothing but a socket).
+#: Seconds an idle connection is kept for reuse (servers close theirs after 5 s to minutes;
+#: aiohttp learns of a close as it happens, so a longer expiry costs nothing but a socket).
 KEEPALIVE_EXPIRY_S = 30.0
 
 
-#: The HTTP clients an ``OpenAIBackend`` can send through; ``benchmarks/callpath.py`` compares
-#: them. "lean": httpx2 on drpo's own transport (``drpo.backends.transport``); "aiohttp": the
-#: SDK's ``DefaultAioHttpClient`` (httpx2 on aiohttp's pool and C parser); "httpx2": httpx2's
-#: default transport (httpcore2's pool).
-HttpClientKind = Literal["lean", "aiohttp", "httpx2"]
-DEFAULT_HTTP_CLIENT: HttpClientKind = "lean"
+#: The HTTP clients an ``OpenAIBackend`` can send through. "aiohttp", the default: the SDK's
+#: ``DefaultAioHttpClient`` (httpx2 on aiohttp's pool and C parser). "httpx2": httpx2's default
+#: transport (httpcore2's pool), for ``benchmarks/callpath.py``'s comparison and for event loops
+#: other than asyncio, which aiohttp does not run on.
+HttpClientKind = Literal["aiohttp", "httpx2"]
+DEFAULT_HTTP_CLIENT: HttpClientKind = "aiohttp"
 
 
 def _http_client(
-    base_url: str,
     limits: RateLimits,
     timeout_s: float,
     *,
@@ -382,39 +380,35 @@ def _http_client(
 ) -> httpx2.AsyncClient:
     """The SDK's httpx2 client for one backend, on the transport ``kind`` names.
 
-    Every kind pools as many connections as the in-flight guard (at least 100) and keeps them
-    alive, so a steady load reuses its connections and a call never queues for one; opening a
-    connection is bounded by 30 s, each read by ``timeout_s``. ``trust_env`` is off for loopback
-    servers: an environment proxy must not capture calls to a local model server. Where the
-    lean transport cannot serve (an environment proxy), httpx2's own pool is used.
+    Why aiohttp, measured with ``benchmarks/callpath.py`` (2 shared cores, load 2.5-6.6, 3000
+    chat calls by 64 callers, 3 runs of 3 rounds, process CPU time): httpx2's default transport
+    costs 320-400 us more CPU per call than aiohttp under ``OpenAIBackend`` alone (855-986 vs
+    531-592 us), 500-560 us more on drpo's full path; httpcore2 re-scans its whole pool and polls
+    every idle socket at each request start and response close (at 512 callers: 1,870 vs 651 us
+    alone). drpo used to own a hand-written asyncio HTTP/1.1 transport that was cheaper still
+    (404-468 us alone, 692-793 us on the full path: aiohttp costs 1.12-1.29x that on the full
+    path, 90-215 us per call; 1.27-1.33x and 210-260 us at 512 callers, where the event loop
+    thread carries about 1,030 calls/s per core on aiohttp against 1,370 on the old transport).
+    That is within the 1.3x we accept for not owning an HTTP/1.1 parser when aiohttp's is
+    maintained and C-accelerated (the old one: drpo/backends/transport.py up to commit 4e9a34c).
+
+    The pool holds as many connections as the in-flight guard (at least 100), each kept alive
+    for ``KEEPALIVE_EXPIRY_S``, so a steady load reuses its connections and no call queues for
+    one. Opening a connection is bounded by 30 s and each read by ``timeout_s`` (the backend
+    bounds the whole attempt too). ``trust_env`` is off for loopback servers: an environment
+    proxy must not capture calls to a local model server; elsewhere httpx2 reads
+    ``HTTPS_PROXY``/``NO_PROXY`` and hands the proxy to aiohttp.
     """
     pool = max(limits.max_in_flight, 100)
     timeout = httpx2.Timeout(timeout_s, connect=min(timeout_s, 30.0))
     pool_limits = httpx2.Limits(
         max_connections=pool, max_keepalive_connections=pool, keepalive_expiry=KEEPALIVE_EXPIRY_S
     )
-    if kind == "aiohttp":
-        return _AiohttpClient(limits=pool_limits, timeout=timeout, trust_env=trust_env)
     if kind == "httpx2":
         return openai.DefaultAsyncHttpxClient(
             limits=pool_limits, timeout=timeout, trust_env=trust_env
         )
-
-    def httpx2_pool() -> httpx2.AsyncBaseTransport:
-        return httpx2.AsyncHTTPTransport(limits=pool_limits, trust_env=trust_env)
-
-    transport = lean_transport(
-        base_url,
-        trust_env=trust_env,
-        max_keepalive=pool,
-        keepalive_expiry=KEEPALIVE_EXPIRY_S,
-        fallback=httpx2_pool,
-    )
-    if transport is None:  # a proxy: httpx2 reads it from the environment itself
-        return openai.DefaultAsyncHttpxClient(
-            limits=pool_limits, timeout=timeout, trust_env=trust_env
-        )
-    return openai.DefaultAsyncHttpxClient(transport=transport, timeout=timeout, trust_env=trust_env)
+    return _AiohttpClient(limits=pool_limits, timeout=timeout, trust_env=trust_env)
 
 
 class _AiohttpClient(openai.DefaultAioHttpClient):  # type: ignore[misc, valid-type]
@@ -461,7 +455,8 @@ class OpenAIBackend:
     bounds each attempt; ``max_attempts`` counts the first try. ``prices`` defaults to the
     built-in table. ``clock`` is for tests: it injects virtual time into waits and backoff.
 
-    ``http`` picks the HTTP client (see ``HttpClientKind``).
+    ``http`` picks the HTTP client (see ``HttpClientKind``): the default, aiohttp, costs the
+    least CPU per call and runs on asyncio only.
 
     ``Completion.latency_s`` is what the caller waited: rate-limit waits and retries included.
     Errors carry ``attempts`` (and permanent ones the HTTP ``status_code``).
@@ -507,7 +502,6 @@ class OpenAIBackend:
         self.backoff_max_s = backoff_max_s
         self._rng = random.Random()
         self._http = _http_client(
-            self._endpoint,
             self._limiter.limits,
             timeout_s,
             trust_env=not is_loopback_url(self._endpoint),
