@@ -38,11 +38,18 @@ JOBS = ("optimize", "icl", "eval", "generate")
 
 #: The cells that do not finish, and why (the reason is checked against the run's error).
 EXPECTED: dict[tuple[str, str, str], tuple[str, str]] = {
-    # the 135M model as a JSON critic: no verdict is readable, so the search stops at level 1
+    # the 135M model as the robust JSON critic: no verdict is readable (its selections fall
+    # back to the default aspects), so the search stops at level 1 and names the fix
     **{
-        (preset, endpoint, "optimize"): ("failed", r"every verdict of level 1 was unreadable")
-        for preset in ("robust", "paper")
+        ("robust", endpoint, "optimize"): ("failed", r"every verdict of level 1 was unreadable")
         for endpoint in ("transformers-serve", "embedded")
+    },
+    # the paper's critic has no fallback: an unreadable aspect selection ends the run, as the
+    # paper's code did (here with the reason and the fix, not a traceback)
+    **{
+        ("paper", endpoint, job): ("failed", r"aspect selection for the query .* could not be read")
+        for endpoint in ("transformers-serve", "embedded")
+        for job in ("optimize", "icl")
     },
     # transformers serve returns no logprobs, which the small preset's critic reads
     **{
@@ -107,11 +114,18 @@ def _models(endpoint: str, request: pytest.FixtureRequest) -> tuple[str, str]:
     return "local:smollm2", "local:smollm2"
 
 
-def _command(job: str, preset: str, base: str, helper: str, tmp_path: Path) -> list[str]:
+def _command(
+    job: str, preset: str, base: str, helper: str, endpoint: str, tmp_path: Path
+) -> list[str]:
     db = str(tmp_path / "drpo.db")
     config = tmp_path / "sizes.toml"
     models = f'[models]\nbase = "{base}"\ncritic = "{helper}"\neditor = "{helper}"\n'
-    config.write_text(f'preset = "{preset}"\n{models}{SIZES}', encoding="utf-8")
+    # a CPU server works one request at a time: keep little in flight, so a run that stops
+    # early does not leave the server busy with abandoned requests
+    limits = (
+        f'[endpoints."{helper}"]\nmax_in_flight = 2\n' if endpoint == "transformers-serve" else ""
+    )
+    config.write_text(f'preset = "{preset}"\n{models}{SIZES}{limits}', encoding="utf-8")
     if job == "optimize":
         return ["optimize", "--config", str(config), "--db", db]
     if job == "icl":
@@ -126,11 +140,11 @@ def _command(job: str, preset: str, base: str, helper: str, tmp_path: Path) -> l
         )
         return [
             "eval", "default", "none", "--queries", str(queries), "--model", base,
-            "--judge", helper, "--preset", preset, "--max-tokens", "24",
+            "--judge", helper, "--config", str(config), "--max-tokens", "24",
             "--judge-max-tokens", "48", "--db", db,
         ]  # fmt: skip
     return ["generate", "How do I start running?", "--model", base, "--max-tokens", "24",
-            "--db", db]  # fmt: skip
+            "--config", str(config), "--db", db]  # fmt: skip
 
 
 def _cells() -> list[object]:
@@ -157,7 +171,7 @@ def test_cell(
 ) -> None:
     base, helper = _models(endpoint, request)
     # in this process, so a local model is loaded once for every cell that uses it
-    result = CliRunner().invoke(app, _command(job, preset, base, helper, tmp_path))
+    result = CliRunner().invoke(app, _command(job, preset, base, helper, endpoint, tmp_path))
     db = tmp_path / "drpo.db"
     run_id = only_run_id(db)
     assert run_id is not None, result.output

@@ -36,6 +36,7 @@ _DEFINING = (
     "judge",
     "judge_mode",
     "preset",
+    "config",
     "limit",
     "sample",
     "seed",
@@ -106,6 +107,10 @@ def eval_command(
     preset: Annotated[
         str | None,
         typer.Option(help="small (default), robust or paper: the judge's mode and policy."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="TOML settings: the preset, [critic] and [endpoints] apply."),
     ] = None,
     limit: Annotated[
         int | None, typer.Option(help="Only the first N queries (after --sample).")
@@ -183,6 +188,7 @@ def eval_command(
             judge=judge,
             judge_mode=judge_mode,
             preset=preset,
+            config=config,
             limit=limit,
             sample=sample,
             seed=seed,
@@ -238,7 +244,7 @@ def _plan(
 
     from drpo.backends.kinds import DEFAULT_MODEL, ModelSpecError, parse_model_spec
     from drpo.data.loaders import DataFormatError
-    from drpo.jobs.config import ConfigError, build_config
+    from drpo.jobs.config import ConfigError, build_config, load_toml
     from drpo.jobs.evaluation.protocol import (
         PromptSpecError,
         attach_tags,
@@ -285,11 +291,14 @@ def _plan(
     judge = options["judge"] or DEFAULT_MODEL
     judge_mode = options["judge_mode"]
     try:
-        critic = build_config(overrides={"preset": options["preset"] or "small"}).critic
+        file_settings = load_toml(options["config"]) if options["config"] else {}
+        preset = {"preset": options["preset"]} if options["preset"] else {}
+        chosen_config = build_config(file_settings, preset)
     except ConfigError as exc:
         raise fail(str(exc)) from None
+    critic = chosen_config.critic
     try:
-        if judge_mode is None and options["preset"] is not None:
+        if judge_mode is None and (options["preset"] or file_settings):
             judge_mode = critic.mode
         if judge_mode is None:
             judge_mode = "logprobs" if parse_model_spec(judge).kind == "local" else "json"
@@ -324,7 +333,7 @@ def _plan(
             f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
         raise fail(f"invalid options: {problems}") from None
-    return chosen, query_set, settings, {"tagged": tagged}
+    return chosen, query_set, settings, {"tagged": tagged, "endpoints": chosen_config.endpoints}
 
 
 async def _eval_main(
@@ -354,8 +363,10 @@ async def _eval_main(
             total = len(record.config["prompts"]) * len(record.config["queries"])
             verb = "resuming" if record.status != "finished" else "recomputing (from the journal)"
         else:
-            prompts, queries, settings, _ = plan
-            run_id = await create_eval_run(store, prompts, queries, settings, name=name)
+            prompts, queries, settings, extra = plan
+            run_id = await create_eval_run(
+                store, prompts, queries, settings, name=name, endpoints=extra["endpoints"]
+            )
             total = len(prompts) * len(queries)
             verb = "evaluating"
         err_console.print(

@@ -375,6 +375,9 @@ def generate(
         str | None, typer.Option(help="searched (the layout searched with) or inference.")
     ] = None,
     output: Annotated[Path | None, typer.Option(help="Write answers as JSONL here.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML settings: its [endpoints] apply.")
+    ] = None,
     db: DbOption = None,
 ) -> None:
     """Answer queries with an aligned prompt (system prompt + retrieved ICL examples)."""
@@ -386,8 +389,9 @@ def generate(
     if (query is None) == (file is None):
         raise fail('give a query ("...") or --file QUERIES, not both')
     queries = [query] if query is not None else load_or_fail(file, load_queries)
+    endpoints = build_settings(None, config, {}).endpoints if config else {}
     try:
-        plan = generation_plan(artifact, model=model)
+        plan = generation_plan(artifact, model=model, endpoints=endpoints)
         flags = {
             "k": k,
             "max_tokens": max_tokens,
@@ -396,7 +400,9 @@ def generate(
             "framing": framing,
         }
         chosen = {**plan["settings"], **{n: v for n, v in flags.items() if v is not None}}
-        plan = generation_plan(artifact, model=model, settings=GenerateSettings(**chosen))
+        plan = generation_plan(
+            artifact, model=model, settings=GenerateSettings(**chosen), endpoints=endpoints
+        )
     except (ArtifactError, ValueError) as exc:
         raise fail(str(exc)) from None
     db_path = resolve_db(db)

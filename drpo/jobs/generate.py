@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import structlog
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 
 from drpo.agents.client import AgentClient
 from drpo.agents.retrieval import ICLRetriever
-from drpo.backends.kinds import DEFAULT_MODEL, is_chat_only
+from drpo.backends.kinds import DEFAULT_MODEL, is_chat_only, validate_endpoints
 from drpo.bus.messages import Framing, ICLExample, ProposeAnswer, RunStarted
 from drpo.jobs.artifact import AlignedPrompt, ArtifactError
 from drpo.jobs.config import BudgetSettings, GenerateSettings, OptimizeConfig
@@ -42,9 +43,11 @@ def generation_plan(
     *,
     model: str | None = None,
     settings: GenerateSettings | None = None,
+    endpoints: dict[str, Any] | None = None,
 ) -> dict:
     """What a generation needs, from an artifact (or, with none, the unaligned default prompt
-    with no examples): prompt, examples, model, layout and sampling, ready to record."""
+    with no examples): prompt, examples, model, layout, sampling and endpoint settings (the
+    artifact's search's, then ``endpoints``), ready to record."""
     if artifact_path is None:
         chosen = settings or GenerateSettings()
         base = model or DEFAULT_MODEL
@@ -55,6 +58,7 @@ def generation_plan(
             "framing": "chat" if is_chat_only(base) else "raw",
             "artifact": None,
             "settings": chosen.model_dump(mode="json"),
+            "endpoints": _endpoints_json(endpoints or {}),
         }
     artifact = AlignedPrompt.load(artifact_path)
     searched = _searched_config(artifact)
@@ -68,6 +72,14 @@ def generation_plan(
         "framing": framing,
         "artifact": str(artifact_path),
         "settings": chosen.model_dump(mode="json"),
+        "endpoints": _endpoints_json({**searched.endpoints, **(endpoints or {})}),
+    }
+
+
+def _endpoints_json(endpoints: dict[str, Any]) -> dict[str, Any]:
+    return {
+        spec: settings.model_dump(mode="json", exclude_unset=True)
+        for spec, settings in validate_endpoints(endpoints).items()
     }
 
 
@@ -139,6 +151,8 @@ async def run_generate(
         summary = {"answers": [{"query": q, "answer": a} for q, a in pairs]}
         return JobResult(answers, summary=summary)
 
-    lifecycle = RunLifecycle(session, run_id, sender=SENDER, budget=budget, force=force)
+    lifecycle = RunLifecycle(
+        session, run_id, sender=SENDER, budget=budget, endpoints=plan.get("endpoints"), force=force
+    )
     started = RunStarted(config={"generate": plan["settings"]}, queries=tuple(queries))
     return await lifecycle.run(job, started)

@@ -132,7 +132,13 @@ async def run_icl(
         return JobResult(done, summary=summary)
 
     lifecycle = RunLifecycle(
-        session, run_id, sender=SENDER, budget=config.budget, catalogue=catalogue, force=force
+        session,
+        run_id,
+        sender=SENDER,
+        budget=config.budget,
+        catalogue=catalogue,
+        endpoints=config.endpoints,
+        force=force,
     )
     started = RunStarted(config=record.config["settings"], queries=tuple(e.query for e in examples))
     return await lifecycle.run(job, started)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -36,6 +36,7 @@ from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.client import AgentClient
 from drpo.agents.prompts import PROMPTS_VERSION
 from drpo.agents.runtime import RunContext
+from drpo.backends.kinds import validate_endpoints
 from drpo.bus import RemoteError
 from drpo.bus.messages import RunFinished, RunStarted
 from drpo.jobs.config import BudgetSettings
@@ -133,9 +134,12 @@ class RunLifecycle:
         sender: str,
         budget: BudgetSettings | None = None,
         catalogue: AspectCatalogue | None = None,
+        endpoints: Mapping[str, Any] | None = None,
         force: bool = False,
     ) -> None:
         budget = budget or BudgetSettings()
+        # the run's [endpoints] settings (limits, prices, capabilities) for the backends it uses
+        session.registry.configure(validate_endpoints(endpoints or {}))
         self.session = session
         self.run_id = run_id
         #: The run's call journal: every agent call of the run goes through it (and its budget).

@@ -169,7 +169,13 @@ async def run_search(
     examples = [ICLExample.model_validate(item) for item in record.config["icl_examples"]]
     catalogue = AspectCatalogue.load_default().with_custom(list(config.critic.custom_aspects))
     lifecycle = RunLifecycle(
-        session, run_id, sender="search", budget=config.budget, catalogue=catalogue, force=force
+        session,
+        run_id,
+        sender="search",
+        budget=config.budget,
+        catalogue=catalogue,
+        endpoints=config.endpoints,
+        force=force,
     )
     journal = lifecycle.journal
     retriever = ICLRetriever(examples, model_path=config.data.retriever)

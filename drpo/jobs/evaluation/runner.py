@@ -26,7 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from drpo.agents.client import AgentClient
 from drpo.agents.retrieval import ICLRetriever
-from drpo.backends.kinds import DEFAULT_MODEL, is_chat_only, parse_model_spec
+from drpo.backends.kinds import (
+    DEFAULT_MODEL,
+    is_chat_only,
+    parse_model_spec,
+    validate_endpoints,
+)
 from drpo.bus.messages import (
     CriticMode,
     CriticPolicyName,
@@ -122,8 +127,10 @@ async def create_eval_run(
     settings: EvalSettings,
     *,
     name: str | None = None,
+    endpoints: dict[str, Any] | None = None,
 ) -> str:
-    """Record a new evaluation (status ``created``); :func:`run_eval` then runs it."""
+    """Record a new evaluation (status ``created``); :func:`run_eval` then runs it.
+    ``endpoints`` are ``[endpoints]`` settings (limits, prices, capabilities) of its models."""
     if not prompts:
         raise ValueError("an evaluation needs at least one prompt")
     if not queries:
@@ -134,6 +141,10 @@ async def create_eval_run(
         "settings": {
             "models": {"base": ", ".join(m for m in models if m), "critic": settings.judge},
             "eval": settings.model_dump(mode="json"),
+            "endpoints": {
+                spec: value.model_dump(mode="json", exclude_unset=True)
+                for spec, value in validate_endpoints(endpoints or {}).items()
+            },
         },
         "prompts": [p.to_dict() for p in resolved],
         "queries": [q.to_dict() for q in queries],
@@ -244,6 +255,7 @@ async def run_eval(
         run_id,
         sender=SENDER,
         budget=BudgetSettings(max_calls=settings.max_calls, max_cost_usd=settings.max_cost_usd),
+        endpoints=record.config["settings"].get("endpoints"),
         force=force,
     )
     journal = lifecycle.journal
