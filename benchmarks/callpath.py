@@ -82,6 +82,7 @@ from drpo.backends.openai_api import (  # noqa: E402
 from drpo.backends.ratelimit import RateLimits  # noqa: E402
 from drpo.bus import Bus, Envelope  # noqa: E402
 from drpo.bus.messages import Answer, ProposeAnswer  # noqa: E402
+from drpo.jobs.session import quiet_collector  # noqa: E402
 from drpo.runs.journal import JournaledCaller  # noqa: E402
 from drpo.runs.recorder import recording  # noqa: E402
 from drpo.runs.store import RunStore  # noqa: E402
@@ -338,7 +339,8 @@ async def run_drpo(
     leaves the recorder out (the layers one by one, for the breakdown); ``http`` is the
     backend's HTTP client."""
     mode = mode or _mode("drpo", http)
-    with tempfile.TemporaryDirectory(prefix="drpo-callpath-") as folder:
+    # as drpo runs calls: inside a session's garbage-collector policy (drpo.jobs.session)
+    with tempfile.TemporaryDirectory(prefix="drpo-callpath-") as folder, quiet_collector():
         async with RunStore.open(Path(folder) / "bench.db") as store:
             run_id = await store.create_run("bench")
             bus = Bus()
