@@ -163,3 +163,51 @@ async def test_the_agents_fan_n_out_and_name_the_missing_logprobs(served: OpenAI
     with pytest.raises(LogprobsUnsupportedError, match=r'critic\.mode = "json"'):
         await complete(call, chat("What is 2+2?", max_tokens=1, top_logprobs=5), honours, "ts")
     assert honours.logprobs is False
+
+
+def test_the_paper_preset_on_this_server_chat_layout_json_critic_n_fanned_out(
+    transformers_server: ServedModel, tmp_path: Path
+) -> None:
+    """``drpo optimize --preset paper`` with the base model and the editor on this server in the
+    paper's chat layout, and a JSON critic (the strict double: a 135M model writes no readable
+    verdict). The editor's ``n=3`` comes back as one choice and is fanned out; the 135M editor
+    cannot write the paper's JSON rewrite, so the run ends naming the fix, with every call
+    journaled for a resume."""
+    import json
+    import sqlite3
+
+    from fakeserver import serve_fake_openai
+    from sim_server_main import sim_models
+    from simulated_llm import respond
+    from typer.testing import CliRunner
+
+    from drpo.cli.app import app
+
+    served = f"openai:{transformers_server.model}@{transformers_server.base_url}"
+    with serve_fake_openai(models=sim_models(), responder=respond) as critic_server:
+        config = tmp_path / "paper.toml"
+        config.write_text(
+            f'preset = "paper"\n[models]\nbase = "{served}"\neditor = "{served}"\n'
+            f'critic = "openai:sim@{critic_server.base_url}"\n'
+            "[search]\ndepth = 3\nnum_train_queries = 6\n"
+            '[proposer]\nframing = "chat"\nk = 1\nmax_tokens = 24\n[editor]\nmax_tokens = 48\n'
+            f'[endpoints."{served}"]\nmax_in_flight = 2\n',
+            encoding="utf-8",
+        )
+        db = tmp_path / "drpo.db"
+        result = CliRunner().invoke(app, ["optimize", "--config", str(config), "--db", str(db)])
+    rows = sqlite3.connect(db).execute("SELECT role, node_id, request FROM calls").fetchall()
+    requests = [(role, node, json.loads(request)) for role, node, request in rows]
+    proposer = [r for role, _, r in requests if role == "proposer"]
+    assert proposer and all(len(r["messages"]) == 2 for r in proposer)
+    system, user = proposer[0]["messages"]
+    assert system["role"] == "system" and system["content"].startswith("# instructions\n\n")
+    assert "\n\n# Query:\n" in system["content"]  # the retrieved example, spelled as the paper
+    assert user["content"].startswith("# Query:\n") and user["content"].endswith("<START>")
+    editor = sorted(
+        (node, r.get("n", 1), r.get("seed")) for role, node, r in requests if role == "editor"
+    )
+    assert [(n, seed) for _, n, seed in editor[:3]] == [(1, 1), (1, 2), (3, 0)]  # fanned out
+    assert result.exit_code in (0, 1), result.output
+    if result.exit_code == 1:
+        assert "no rewritten prompt of level 1 could be used" in result.output
