@@ -24,6 +24,7 @@ from drpo.cli.support import (
     resolve_db,
     run_async,
 )
+from drpo.inspect.evaluation import format_difference, format_number
 
 #: Options that define a new evaluation; ``--resume`` takes them from the run instead.
 _DEFINING = (
@@ -415,19 +416,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------ printing
 
 
-def _num(value: Any, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _delta(entry: dict[str, Any] | None) -> str:
-    if not entry or entry.get("diff") is None:
-        return "-"
-    text = f"{entry['diff']:+.2f}"
-    if entry.get("low") is not None:
-        text += f" [{entry['low']:+.2f}, {entry['high']:+.2f}]"
-    return text
-
-
 def _style(entry: dict[str, Any] | None) -> str:
     if not entry or entry.get("low") is None:
         return ""
@@ -466,9 +454,9 @@ def print_report(result: dict[str, Any]) -> None:
         table.add_row(
             entry["label"],
             entry.get("model") or "-",
-            *(_num((entry["aspects"].get(a) or {}).get("mean")) for a in aspects),
-            _num(entry["overall"]),
-            "baseline" if comparison is None else _delta(comparison["overall"]),
+            *(format_number((entry["aspects"].get(a) or {}).get("mean")) for a in aspects),
+            format_number(entry["overall"]),
+            "baseline" if comparison is None else format_difference(comparison["overall"]),
             "-"
             if comparison is None
             else f"{comparison['wins']}/{comparison['ties']}/{comparison['losses']}",
@@ -485,7 +473,7 @@ def print_report(result: dict[str, Any]) -> None:
         for aspect in aspects:
             diff.add_column(aspect, justify="right")
         for label, comparison in comparisons.items():
-            diff.add_row(label, *(_delta(comparison["aspects"].get(a)) for a in aspects))
+            diff.add_row(label, *(format_difference(comparison["aspects"].get(a)) for a in aspects))
         console.print(diff)
     for kind in prompts[0]["groups"] if prompts else {}:
         _print_groups(kind, prompts, comparisons)
@@ -505,7 +493,7 @@ def print_report(result: dict[str, Any]) -> None:
                 changes.add_row(
                     str(row["id"]),
                     row["category"],
-                    f"{_num(row['baseline_score'])} → {_num(row['score'])} ({row['diff']:+.2f})",
+                    f"{format_number(row['baseline_score'])} → {format_number(row['score'])} ({row['diff']:+.2f})",
                     " ".join(row["instruction"].split())[:100],
                 )
             console.print(changes)
@@ -534,7 +522,7 @@ def _print_groups(kind: str, prompts: list[dict[str, Any]], comparisons: dict[st
         table.add_row(
             name,
             str(info["n"]),
-            *(_num(entry["groups"][kind][name]["overall"]) for entry in prompts),
-            *(_delta(c["groups"][kind].get(name)) for c in comparisons.values()),
+            *(format_number(entry["groups"][kind][name]["overall"]) for entry in prompts),
+            *(format_difference(c["groups"][kind].get(name)) for c in comparisons.values()),
         )
     console.print(table)

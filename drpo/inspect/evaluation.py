@@ -22,11 +22,13 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _num(value: Any) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def format_number(value: Any, digits: int = 2) -> str:
+    """A score as shown in the evaluation's tables ("-" when there is none)."""
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _delta(entry: dict[str, Any] | None) -> str:
+def format_difference(entry: dict[str, Any] | None) -> str:
+    """A paired difference and its interval, as shown in the tables: "+0.12 [-0.03, +0.27]"."""
     if not entry or entry.get("diff") is None:
         return "-"
     text = f"{entry['diff']:+.2f}"
@@ -68,9 +70,9 @@ def evaluation_section_html(result: dict[str, Any] | None) -> str:
             [
                 entry["label"],
                 entry.get("model") or "-",
-                *(_num((entry["aspects"].get(a) or {}).get("mean")) for a in aspects),
-                _num(entry.get("overall")),
-                "baseline" if comparison is None else _delta(comparison["overall"]),
+                *(format_number((entry["aspects"].get(a) or {}).get("mean")) for a in aspects),
+                format_number(entry.get("overall")),
+                "baseline" if comparison is None else format_difference(comparison["overall"]),
                 "-"
                 if comparison is None
                 else f"{comparison['wins']}/{comparison['ties']}/{comparison['losses']}",
@@ -89,7 +91,7 @@ def evaluation_section_html(result: dict[str, Any] | None) -> str:
             _table(
                 ["prompt", *aspects],
                 [
-                    [label, *(_delta(c["aspects"].get(a)) for a in aspects)]
+                    [label, *(format_difference(c["aspects"].get(a)) for a in aspects)]
                     for label, c in comparisons.items()
                 ],
                 "Paired difference per aspect",
@@ -104,8 +106,11 @@ def evaluation_section_html(result: dict[str, Any] | None) -> str:
                     [
                         name,
                         str(info["n"]),
-                        *(_num(p["groups"][kind][name]["overall"]) for p in prompts),
-                        *(_delta(c["groups"][kind].get(name)) for c in comparisons.values()),
+                        *(format_number(p["groups"][kind][name]["overall"]) for p in prompts),
+                        *(
+                            format_difference(c["groups"][kind].get(name))
+                            for c in comparisons.values()
+                        ),
                     ]
                     for name, info in groups.items()
                 ],
@@ -124,7 +129,7 @@ def evaluation_section_html(result: dict[str, Any] | None) -> str:
                         [
                             str(c["id"]),
                             c["category"],
-                            f"{_num(c['baseline_score'])} → {_num(c['score'])} ({c['diff']:+.2f})",
+                            f"{format_number(c['baseline_score'])} → {format_number(c['score'])} ({c['diff']:+.2f})",
                             c["instruction"],
                             c.get("baseline_answer", ""),
                             c.get("answer", ""),
