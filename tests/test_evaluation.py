@@ -13,7 +13,7 @@ import pytest
 import structlog
 import typer
 from fakeserver import serve_fake_openai
-from shared_data import SHARED_DATA
+from shared_data import SHARED_DATA, needs_shared_data
 from sim_server_main import sim_models
 from simulated_llm import respond
 from typer.testing import CliRunner
@@ -47,7 +47,6 @@ from drpo.runs.store import RunStore
 
 JUST_EVAL = SHARED_DATA / "just_eval_instruct.jsonl"
 JUST_EVAL_TAGS = SHARED_DATA / "just_eval_instruct_tags.jsonl"
-needs_data = pytest.mark.skipif(not JUST_EVAL.exists(), reason="shared data not available")
 
 
 class _LiveStderr:
@@ -220,7 +219,7 @@ def test_prompts_resolve_from_keywords_files_and_text(tmp_path):
 # ------------------------------------------------------------------------------------ loaders
 
 
-@needs_data
+@needs_shared_data
 def test_loads_just_eval_instruct_with_categories_and_tags():
     queries = load_eval_queries(JUST_EVAL)
     assert len(queries) == 1000
@@ -472,7 +471,7 @@ def test_eval_command_rejects_bad_input_cleanly(tmp_path):
 
 
 @pytest.mark.model
-@needs_data
+@needs_shared_data
 def test_eval_with_the_real_embedded_model_and_logprobs_judge(tmp_path, local_backend):
     queries = load_eval_queries(JUST_EVAL)
     small = [queries[0], queries[1], queries[800], queries[801]]

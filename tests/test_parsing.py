@@ -7,7 +7,7 @@ import time
 from collections import Counter
 
 import pytest
-from shared_data import SHARED_DATA
+from shared_data import SHARED_DATA, needs_shared_data
 
 from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.parsing import (
@@ -159,6 +159,7 @@ def _cache() -> dict:
     return json.loads(METRICS_CACHE.read_text())
 
 
+@needs_shared_data
 def test_every_cached_selection_of_the_paper_parses_to_its_aspects() -> None:
     cache = _cache()
     assert len(cache) == 55
@@ -184,6 +185,7 @@ def test_every_cached_selection_of_the_paper_parses_to_its_aspects() -> None:
     assert counts["Interactivity"] == 0
 
 
+@needs_shared_data
 @pytest.mark.parametrize(
     "wrap",
     [

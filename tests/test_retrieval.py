@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from shared_data import SHARED_DATA
+from shared_data import SHARED_DATA, needs_shared_data
 
 from drpo.agents.retrieval import ICLRetriever, RetrievalError, default_model_path, load_model
 from drpo.bus.messages import ICLExample
@@ -35,6 +35,7 @@ def test_a_harmful_query_retrieves_refusal_examples(ours: ICLRetriever) -> None:
     assert all("I can't help" in e.answer for e in top)
 
 
+@needs_shared_data
 def test_the_papers_examples_work_too() -> None:
     retriever = ICLRetriever(load_icl_examples(PAPER_ICL))
     (best,) = retriever.top_k("What are the advantages of wind and solar power?", 1)

@@ -161,7 +161,7 @@ def run_plans(
             result = outcome.result
             console.print(
                 f"[bold green]run {outcome.run_id} finished[/]: score "
-                f"{result.best_score:.3f} after {result.levels} levels; "
+                f"{result.best_score:.3f}, best prompt from level {result.best.level}; "
                 f"artifact {outcome.summary['artifact']}"
             )
             console.print("[bold]final system prompt:[/]")
