@@ -20,14 +20,16 @@ critic's or editor's call) against the same server:
   ``OpenAIBackend`` (rate limiter, retry loop, response mapping), and a ``Recorder`` persists
   every bus envelope into the ``RunStore``.
 
-``OpenAIBackend`` can send through two HTTP clients (``drpo.backends.openai_api``'s
-``HttpClientKind``): the SDK's ``DefaultAioHttpClient`` (httpx2 on aiohttp's C parser and pool,
-``aiohttp``, the default) and httpx2's default transport (httpcore2's pool, ``httpx2``). The
-backend and the full path run on each: ``backend:httpx2`` and ``drpo:httpx2`` name the one that
-is not the default, and ``sdk:aiohttp`` is the bare SDK on aiohttp. The report compares them
-layer by layer: CPU per call, its spread over the rounds, the ratio to the default client and
-the difference. (Until commit 4e9a34c a third client, drpo's own asyncio transport ``lean``, was
-compared too; ``_http_client`` in ``openai_api`` records why it was dropped.)
+``OpenAIBackend`` can post through three HTTP clients (``drpo.backends.openai_http``'s
+``HttpClientKind``): straight on aiohttp with the SDK's headers and error types (``aiohttp``,
+the default), the SDK's low-level ``post`` on its ``DefaultAioHttpClient`` (httpx2 over
+aiohttp: ``sdk-aiohttp``), and the SDK on httpx2's default transport (httpcore2's pool,
+``httpx2``). The backend and the full path run on each: ``backend:sdk-aiohttp``,
+``drpo:httpx2`` and so on name the ones that are not the default, and ``sdk:aiohttp`` is the
+bare SDK on aiohttp. The report compares them layer by layer: CPU per call, its spread over the
+rounds, the ratio to the default client and the difference. (Until commit 4e9a34c a fourth
+client, drpo's own asyncio HTTP/1.1 transport, was compared too; ``openai_http`` records why
+it was dropped.)
 
 Measured, side by side in one run:
 
@@ -524,7 +526,7 @@ def _print_report(rounds: dict[str, list[Sample]], throughput: Sample | None, ar
         "spread worst - best, process CPU time incl. threads)"
     )
     print(
-        f"{'client':<15} {'CPU/call':>9} {'spread':>7} {'x httpx2':>9} {'x sdk':>6} "
+        f"{'client':<20} {'CPU/call':>9} {'spread':>7} {'x httpx2':>9} {'x sdk':>6} "
         f"{'calls/s':>8} {'server CPU':>11}"
     )
     base = best.get("httpx2")
@@ -536,7 +538,7 @@ def _print_report(rounds: dict[str, list[Sample]], throughput: Sample | None, ar
         ratio_base = f"{s.cpu_s / s.calls / (base.cpu_s / base.calls):.2f}" if base else "-"
         ratio_sdk = f"{s.cpu_s / s.calls / (sdk.cpu_s / sdk.calls):.2f}" if sdk else "-"
         print(
-            f"{mode:<15} {s.cpu_us_per_call:7.0f}us {_spread_us(rounds[mode]):5.0f}us "
+            f"{mode:<20} {s.cpu_us_per_call:7.0f}us {_spread_us(rounds[mode]):5.0f}us "
             f"{ratio_base:>9} {ratio_sdk:>6} {s.calls_per_s:8.0f} "
             f"{s.server_cpu_s / s.wall_s:10.0%}  {NOTES.get(mode, '')}"
         )
@@ -569,7 +571,7 @@ def _print_clients(best: dict[str, Sample], rounds: dict[str, list[Sample]]) -> 
                 continue
             s = best[mode]
             lines.append(
-                f"{layer:<8} {kind:<8} {s.cpu_us_per_call:7.0f}us "
+                f"{layer:<8} {kind:<11} {s.cpu_us_per_call:7.0f}us "
                 f"{_spread_us(rounds[mode]):5.0f}us "
                 f"{s.cpu_us_per_call / default.cpu_us_per_call:10.2f} "
                 f"{s.cpu_us_per_call - default.cpu_us_per_call:+8.0f}us"
@@ -579,7 +581,7 @@ def _print_clients(best: dict[str, Sample], rounds: dict[str, list[Sample]]) -> 
             f"\nHTTP clients of OpenAIBackend (default: {DEFAULT_HTTP_CLIENT}), best of the rounds:"
         )
         print(
-            f"{'layer':<8} {'client':<8} {'CPU/call':>9} {'spread':>7} {'x default':>10} {'diff':>10}"
+            f"{'layer':<8} {'client':<11} {'CPU/call':>9} {'spread':>7} {'x default':>10} {'diff':>10}"
         )
         print("\n".join(lines))
 

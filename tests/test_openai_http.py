@@ -19,7 +19,12 @@ from typing import get_args
 import anyio
 import pytest
 
-from drpo.backends.base import ChatMessage, CompletionRequest, TransientBackendError
+from drpo.backends.base import (
+    ChatMessage,
+    CompletionRequest,
+    PermanentBackendError,
+    TransientBackendError,
+)
 from drpo.backends.openai_api import HttpClientKind, OpenAIBackend
 from drpo.backends.ratelimit import RateLimits
 
@@ -257,3 +262,67 @@ async def test_each_failure_is_classified_alike_on_every_client(
                 with pytest.raises(TransientBackendError) as caught:
                     await client.complete(chat())
     assert says in caught.value.last_cause  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------
+# What the server sees and says is the same whichever client sends
+
+
+def _headers(request: bytes) -> dict[str, str]:
+    head = request.split(b"\r\n\r\n", 1)[0].decode()
+    pairs = (line.split(":", 1) for line in head.split("\r\n")[1:])
+    return {name.strip().lower(): value.strip() for name, value in pairs}
+
+
+async def test_every_client_sends_the_sdks_headers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct aiohttp client sends what the SDK's own pipeline sends: the key, the SDK's
+    user agent and platform headers, its retry count and read timeout."""
+    monkeypatch.setenv(KEY_ENV, "sk-test-headers")
+    seen: dict[str, dict[str, str]] = {}
+    for kind in KINDS:
+        async with scripted_server(answer(completion_reply())) as (url, requests, _):
+            async with backend(url, kind) as client:
+                await client.complete(chat())
+        seen[kind] = _headers(requests[0])
+    transport = {"host", "content-length", "connection", "accept-encoding"}  # each client's own
+    sdk = {name: value for name, value in seen["sdk-aiohttp"].items() if name not in transport}
+    assert sdk["authorization"] == "Bearer sk-test-headers"
+    assert sdk["user-agent"].startswith("AsyncOpenAI/Python")
+    assert sdk["x-stainless-retry-count"] == "0" and sdk["x-stainless-read-timeout"] == "5.0"
+    for kind in KINDS:
+        assert {k: v for k, v in seen[kind].items() if k not in transport} == sdk, kind
+
+
+REFUSALS = {
+    # status: (OpenAI's error body, what the backend's permanent error says)
+    401: ("invalid_api_key", "Incorrect API key provided"),
+    404: ("model_not_found", "The model `m` does not exist"),
+    400: ("context_length_exceeded", "maximum context length"),
+}
+
+
+@pytest.mark.parametrize("status", REFUSALS)
+async def test_a_refusal_reads_alike_on_every_client(
+    status: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK's error for a refusal (its class by status, its parsed body) is built alike on
+    every client, so the backend's message and status code do not depend on the client."""
+    monkeypatch.setenv(KEY_ENV, "sk-test-refusal")
+    code, message = REFUSALS[status]
+    body = json.dumps(
+        {"error": {"message": f"{message}.", "type": "invalid_request_error", "code": code}}
+    ).encode()
+    reply = (
+        f"HTTP/1.1 {status} Refused\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    said: dict[str, str] = {}
+    for kind in KINDS:
+        async with scripted_server(answer(reply)) as (url, _, _):
+            async with backend(url, kind, max_attempts=1) as client:
+                with pytest.raises(PermanentBackendError) as caught:
+                    await client.complete(chat())
+        assert caught.value.status_code == status  # type: ignore[attr-defined]
+        assert message in str(caught.value) and "sk-test-refusal" not in str(caught.value)
+        said[kind] = str(caught.value).replace(url, "URL")
+    assert len(set(said.values())) == 1, said

@@ -2,14 +2,14 @@
 
 Built for thousands of concurrent calls through the official ``openai`` SDK:
 
-* one keep-alive connection pool per backend: the SDK's ``DefaultAioHttpClient`` (httpx2 on
-  aiohttp's pool and C-accelerated HTTP parser: about 0.6x the CPU per call of httpx2's default
-  transport; see ``_http_client``), and the SDK's own retries turned off, so there is exactly
-  ONE retry loop (ours) and every attempt passes through the shared rate limiter;
-* the SDK's low-level ``post(..., cast_to=httpx2.Response)`` with a body we serialize ourselves,
-  and our own parsing of the reply into drpo's types: the SDK's per-call request transforms and
-  response models cost more CPU than the HTTP exchange, and we need neither; the SDK still sends
-  the request and raises its own errors (``openai.APIStatusError`` & co.) for HTTP failures;
+* one keep-alive connection pool per backend, on aiohttp (its pool and C-accelerated HTTP
+  parser), with the SDK's retries off, so there is exactly ONE retry loop (ours) and every
+  attempt passes through the shared rate limiter; how a request reaches the server, and why
+  it skips the SDK's request pipeline while keeping its headers and error types
+  (``openai.APIStatusError`` & co.), is ``openai_http``'s concern;
+* a request body we serialize ourselves and our own parsing of the reply into drpo's types:
+  the SDK's per-call request transforms and response models cost more CPU than the HTTP
+  exchange, and we need neither;
 * transient failures (connection errors, timeouts, 408, 409, 429, 5xx, malformed or empty
   replies) are retried with full-jitter exponential backoff, and a server's ``retry-after-ms`` or
   ``Retry-After`` is obeyed however long it is: the call waits, it does not fail;
@@ -33,19 +33,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import anyio
-import httpx2
-import openai
 from openai import (
     APIConnectionError,
     APIResponseValidationError,
     APIStatusError,
     APITimeoutError,
-    AsyncOpenAI,
 )
 
 from drpo.backends.base import (
@@ -57,6 +53,12 @@ from drpo.backends.base import (
     TopLogprob,
     TransientBackendError,
     Usage,
+)
+from drpo.backends.openai_http import (
+    DEFAULT_HTTP_CLIENT,
+    HttpClientKind,
+    HttpReply,
+    make_poster,
 )
 from drpo.backends.pricing import PriceTable
 from drpo.backends.ratelimit import (
@@ -358,95 +360,6 @@ def map_response(parsed: Any, *, chat: bool, fallback_model: str) -> _Success:
 # The backend
 
 
-#: Seconds an idle connection is kept for reuse (servers close theirs after 5 s to minutes;
-#: aiohttp learns of a close as it happens, so a longer expiry costs nothing but a socket).
-KEEPALIVE_EXPIRY_S = 30.0
-
-
-#: The HTTP clients an ``OpenAIBackend`` can send through. "aiohttp", the default: the SDK's
-#: ``DefaultAioHttpClient`` (httpx2 on aiohttp's pool and C parser). "httpx2": httpx2's default
-#: transport (httpcore2's pool), for ``benchmarks/callpath.py``'s comparison and for event loops
-#: other than asyncio, which aiohttp does not run on.
-HttpClientKind = Literal["aiohttp", "httpx2"]
-DEFAULT_HTTP_CLIENT: HttpClientKind = "aiohttp"
-
-
-def _http_client(
-    limits: RateLimits,
-    timeout_s: float,
-    *,
-    trust_env: bool,
-    kind: HttpClientKind = DEFAULT_HTTP_CLIENT,
-) -> httpx2.AsyncClient:
-    """The SDK's httpx2 client for one backend, on the transport ``kind`` names.
-
-    Why aiohttp, measured with ``benchmarks/callpath.py`` (2 shared cores, load 2.5-6.6, 3000
-    chat calls by 64 callers, 3 runs of 3 rounds, process CPU time): httpx2's default transport
-    costs 320-400 us more CPU per call than aiohttp under ``OpenAIBackend`` alone (855-986 vs
-    531-592 us), 500-560 us more on drpo's full path; httpcore2 re-scans its whole pool and polls
-    every idle socket at each request start and response close (at 512 callers: 1,870 vs 651 us
-    alone). drpo used to own a hand-written asyncio HTTP/1.1 transport that was cheaper still
-    (404-468 us alone, 692-793 us on the full path: aiohttp costs 1.12-1.29x that on the full
-    path, 90-215 us per call; 1.27-1.33x and 210-260 us at 512 callers, where the event loop
-    thread carries about 1,030 calls/s per core on aiohttp against 1,370 on the old transport).
-    That is within the 1.3x we accept for not owning an HTTP/1.1 parser when aiohttp's is
-    maintained and C-accelerated (the old one: drpo/backends/transport.py up to commit 4e9a34c).
-
-    The pool holds as many connections as the in-flight guard (at least 100), each kept alive
-    for ``KEEPALIVE_EXPIRY_S``, so a steady load reuses its connections and no call queues for
-    one. Opening a connection is bounded by 30 s and each read by ``timeout_s`` (the backend
-    bounds the whole attempt too). ``trust_env`` is off for loopback servers: an environment
-    proxy must not capture calls to a local model server; elsewhere httpx2 reads
-    ``HTTPS_PROXY``/``NO_PROXY`` and hands the proxy to aiohttp.
-    """
-    pool = max(limits.max_in_flight, 100)
-    timeout = httpx2.Timeout(timeout_s, connect=min(timeout_s, 30.0))
-    pool_limits = httpx2.Limits(
-        max_connections=pool, max_keepalive_connections=pool, keepalive_expiry=KEEPALIVE_EXPIRY_S
-    )
-    if kind == "httpx2":
-        return openai.DefaultAsyncHttpxClient(
-            limits=pool_limits, timeout=timeout, trust_env=trust_env
-        )
-    return _AiohttpClient(limits=pool_limits, timeout=timeout, trust_env=trust_env)
-
-
-class _AiohttpClient(openai.DefaultAioHttpClient):  # type: ignore[misc, valid-type]
-    """The SDK's aiohttp client, with every transport failure raised as httpx2's type.
-
-    The adapter the SDK vendors (``openai._vendor.httpx_aiohttp``, from httpx-aiohttp 0.2.0;
-    openai 3.57) maps aiohttp's errors by class, and two of its mappings mislead: a refused
-    connection and a server that hangs up both become ``httpx2.ConnectTimeout`` (the SDK's
-    ``APITimeoutError``: "no reply within 600 s" for a call that failed at once; noted upstream
-    in the review of openai/openai-python#3594), and a malformed reply
-    (``aiohttp.ClientResponseError``) is not mapped at all, so it escapes the SDK as a raw
-    aiohttp error that no caller classifies. Here they become ``ConnectError`` /
-    ``RemoteProtocolError`` (the SDK's ``APIConnectionError``), as with httpx2's own transport;
-    timeouts stay timeouts. Drop this class once the SDK maps them itself.
-    """
-
-    async def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
-        try:
-            return await super().send(request, **kwargs)
-        except httpx2.ConnectTimeout as exc:
-            cause = exc.__cause__
-            if cause is None or isinstance(cause, TimeoutError):  # a real connect timeout
-                raise
-            raise _as_httpx2_error(cause, request) from cause
-        except aiohttp.ClientError as exc:  # one the adapter leaves unmapped
-            raise _as_httpx2_error(exc, request) from exc
-
-
-def _as_httpx2_error(exc: BaseException, request: httpx2.Request) -> httpx2.TransportError:
-    """The httpx2 error httpx2's own transport raises for what aiohttp reported as ``exc``."""
-    if isinstance(exc, TimeoutError):  # aiohttp's timeouts are TimeoutErrors
-        return httpx2.ReadTimeout(str(exc), request=request)
-    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, unreachable, no such host
-        return httpx2.ConnectError(str(exc), request=request)
-    # the server hung up, reset the connection, or sent a reply that cannot be read
-    return httpx2.RemoteProtocolError(str(exc), request=request)
-
-
 class OpenAIBackend:
     """An OpenAI-compatible ``/v1`` endpoint as a ``Backend``.
 
@@ -501,18 +414,13 @@ class OpenAIBackend:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self._rng = random.Random()
-        self._http = _http_client(
-            self._limiter.limits,
-            timeout_s,
-            trust_env=not is_loopback_url(self._endpoint),
-            kind=http,
-        )
-        self._client = AsyncOpenAI(
+        self._poster, _ = make_poster(
+            http,
             api_key=key,
             base_url=self._endpoint,
-            max_retries=0,
-            timeout=httpx2.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
-            http_client=self._http,
+            timeout_s=timeout_s,
+            pool=self._limiter.limits.max_in_flight,
+            trust_env=not is_loopback_url(self._endpoint),
         )
 
     # ---- Backend protocol ---------------------------------------------------------------
@@ -557,8 +465,7 @@ class OpenAIBackend:
         )
 
     async def aclose(self) -> None:
-        await self._client.close()
-        await self._http.aclose()
+        await self._poster.aclose()
 
     async def __aenter__(self) -> OpenAIBackend:
         return self
@@ -595,14 +502,12 @@ class OpenAIBackend:
                 self._limiter.observe_latency(self._clock.now() - sent)
             return outcome
 
-    async def _send(self, request: CompletionRequest) -> httpx2.Response:
-        """POST the request through the SDK's low-level API; its HTTP errors raise as usual."""
+    async def _send(self, request: CompletionRequest) -> HttpReply:
+        """POST the request; HTTP failures raise as the SDK's error types."""
         path, body = request_body(self.model, request)
-        return await self._client.post(path, cast_to=httpx2.Response, content=body)
+        return await self._poster.post(path, body)
 
-    def _parse(
-        self, raw: httpx2.Response, chat: bool, reservation: Reservation
-    ) -> _Success | _Retry:
+    def _parse(self, raw: HttpReply, chat: bool, reservation: Reservation) -> _Success | _Retry:
         try:
             success = map_response(json.loads(raw.content), chat=chat, fallback_model=self.model)
         except _MalformedResponse as exc:
