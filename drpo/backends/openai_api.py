@@ -1,6 +1,6 @@
 """The OpenAI-compatible API backend (OpenAI, vLLM, SGLang, TGI, ``transformers serve``, ...).
 
-Built for thousands of concurrent calls through the official ``openai`` SDK:
+Built for thousands of concurrent calls, speaking the official ``openai`` SDK's protocol:
 
 * one keep-alive connection pool per backend, on aiohttp (its pool and C-accelerated HTTP
   parser), with the SDK's retries off, so there is exactly ONE retry loop (ours) and every
