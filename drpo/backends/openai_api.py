@@ -414,7 +414,7 @@ class OpenAIBackend:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self._rng = random.Random()
-        self._poster, _ = make_poster(
+        self._poster = make_poster(
             http,
             api_key=key,
             base_url=self._endpoint,

@@ -84,8 +84,8 @@ def make_poster(
     timeout_s: float,
     pool: int,
     trust_env: bool,
-) -> tuple[Poster, AsyncOpenAI]:
-    """The poster ``kind`` names, and the SDK client it takes its headers and errors from.
+) -> Poster:
+    """The poster ``kind`` names, over an SDK client (which sends, or gives headers and errors).
 
     ``pool`` connections are kept (at least 100), each alive for ``KEEPALIVE_EXPIRY_S``, so a
     steady load reuses its connections and no call queues for one. ``trust_env`` is off for
@@ -109,8 +109,8 @@ def make_poster(
         api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout, http_client=http
     )
     if http is None:
-        return AiohttpPoster(client, timeout_s, pool=pool, trust_env=trust_env), client
-    return SdkPoster(client, http), client
+        return AiohttpPoster(client, timeout_s, pool=pool, trust_env=trust_env)
+    return SdkPoster(client, http)
 
 
 # --------------------------------------------------------------------------------------------
