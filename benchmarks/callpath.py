@@ -58,8 +58,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -199,11 +199,6 @@ def sim_server(latency_s: float) -> Iterator[Server]:
 
 #: ``call(i)`` makes call number ``i`` and returns the reply text.
 CallFn = Callable[[int], Awaitable[str]]
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 async def _drive(call: CallFn, calls: int, concurrency: int, first: int) -> None:
@@ -348,7 +343,7 @@ async def run_drpo(
             bus = Bus()
             journal = JournaledCaller(store, run_id)
             backend = OpenAIBackend(MODEL, base_url=server.base_url, limits=limits, http=http)
-            recorder = recording(bus, store) if record else _async_nothing()
+            recorder = recording(bus, store) if record else nullcontext()
             async with backend, recorder, anyio.create_task_group() as tg:
 
                 async def handle(envelope: Envelope) -> Answer:
@@ -396,11 +391,6 @@ async def run_journal(server: Server, **options: Any) -> Sample:
 async def run_bus(server: Server, **options: Any) -> Sample:
     """The journal behind a bus request/reply, without the recorder."""
     return await run_drpo(server, record=False, mode="bus", **options)
-
-
-@asynccontextmanager
-async def _async_nothing() -> AsyncIterator[None]:
-    yield
 
 
 RUNNERS: dict[str, Callable[..., Awaitable[Sample]]] = {

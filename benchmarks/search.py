@@ -173,8 +173,6 @@ class _SerialBackend:
         self._lock = lock
         self.name = inner.name
         self.model = inner.model
-        self.supports_n = inner.supports_n
-        self.supports_logprobs = inner.supports_logprobs
 
     @property
     def endpoint(self) -> str:

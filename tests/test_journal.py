@@ -27,8 +27,6 @@ class CountingBackend:
     """A fake backend that counts its calls and answers ``<prompt> #<call number>``."""
 
     name = "fake"
-    supports_n = True
-    supports_logprobs = False
 
     def __init__(
         self, model: str = "fake-1", *, cost: float = 0.01, fail: set[str] | None = None

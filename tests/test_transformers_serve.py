@@ -108,7 +108,8 @@ async def test_server_ignores_n_and_returns_one_choice(served: OpenAIBackend) ->
     """transformers serve 5.24 answers ``n=3`` with ONE choice: callers must fan out.
 
     If this fails with three choices, the server (or OpenAIBackend) now honours ``n``: update
-    this test. Until then a backend for this server should not claim ``supports_n``.
+    this test. Until then drpo learns per endpoint that ``n`` is not honoured and fans it out
+    (``drpo.agents.capabilities``).
     """
     result = await served.complete(chat("Name a colour.", max_tokens=8, n=3))
     assert len(result.choices) == 1

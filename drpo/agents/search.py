@@ -106,7 +106,6 @@ class BeamSearch:
         self.queries = list(queries)
         self.retrieve = retrieve
         self.health = SearchHealth(warn_share=self.search.warn_failure_share)
-        #: Called after each level with (level, depth limit); for progress bars.
         #: Called after each level with (level, depth limit, best score, mean score of the beam).
         self.on_level: Callable[[int, int, float, float], None] | None = None
 
@@ -250,7 +249,7 @@ class BeamSearch:
             node_id=parent.node_id,
         )
         health.edits += self.search.n_actions
-        health.failed_edits += min(reply.dropped, self.search.n_actions)
+        health.failed_edits += reply.dropped
         return list(reply.prompts) or [parent.system_prompt]
 
     async def _evaluate(

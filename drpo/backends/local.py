@@ -67,8 +67,6 @@ class LocalBackend:
     """
 
     name = "local"
-    supports_n = True
-    supports_logprobs = True
 
     def __init__(
         self,

@@ -277,7 +277,7 @@ def generate_batch(
     loaded: LoadedModel,
     requests: Sequence[CompletionRequest],
     max_batch_size: int,
-    cancelled: CancelFlags | None = None,
+    cancelled: CancelFlags,
 ) -> list[GenerationResult | BaseException]:
     """Generate every request (all n samples of each) in as few ``generate`` calls as fit.
 
@@ -290,15 +290,12 @@ def generate_batch(
     at the next token (a chunk whose rows are all cancelled ends there, a chunk not yet started
     is skipped) and it gets :class:`GenerationCancelled`.
     """
-    flags: CancelFlags = (
-        cancelled if cancelled is not None else [threading.Event() for _ in requests]
-    )
     results: list[GenerationResult | BaseException | None] = [None] * len(requests)
     rows: list[_Row] = []
     prompt_lengths: dict[int, int] = {}
     with loaded.lock:
         for index, request in enumerate(requests):
-            if flags[index].is_set():
+            if cancelled[index].is_set():
                 continue
             try:
                 prompt_ids = encode_prompt(loaded, request)
@@ -311,7 +308,7 @@ def generate_batch(
         outputs: dict[tuple[int, int], _RowOutput | BaseException] = {}
         for start in range(0, len(rows), max_batch_size):
             chunk = rows[start : start + max_batch_size]
-            chunk_flags = [flags[row.request_index] for row in chunk]
+            chunk_flags = [cancelled[row.request_index] for row in chunk]
             if all(flag.is_set() for flag in chunk_flags):
                 continue
             generated = _generate_splitting_on_oom(loaded, chunk, chunk_flags)
@@ -320,7 +317,7 @@ def generate_batch(
     for index, request in enumerate(requests):
         if results[index] is not None:
             continue
-        if flags[index].is_set():
+        if cancelled[index].is_set():
             results[index] = GenerationCancelled(f"request {index} of the batch was cancelled")
             continue
         samples = [outputs[index, i % sequences_for(request)] for i in range(request.n)]
@@ -431,7 +428,7 @@ class _RowOutput:
 
 
 def generate_rows(
-    loaded: LoadedModel, rows: Sequence[_Row], cancelled: CancelFlags | None = None
+    loaded: LoadedModel, rows: Sequence[_Row], cancelled: CancelFlags
 ) -> list[_RowOutput]:
     """One left-padded ``generate`` call for ``rows``; each row is then cut to its own limits.
 
@@ -468,9 +465,7 @@ def generate_rows(
         device=loaded.device,
     )
     decoder = _RowDecoder(rows, loaded.device)
-    stoppers: list[StoppingCriteria] = [_RowStopper(loaded.tokenizer, width, rows)]
-    if cancelled is not None:
-        stoppers.append(_CancelStopper(cancelled))
+    stoppers = [_RowStopper(loaded.tokenizer, width, rows), _CancelStopper(cancelled)]
     config = GenerationConfig(
         max_new_tokens=max(row.max_tokens for row in rows),
         do_sample=False,  # our processor picks every token; generate's argmax just obeys it

@@ -39,7 +39,6 @@ from urllib.parse import urlsplit
 import anyio
 from openai import (
     APIConnectionError,
-    APIResponseValidationError,
     APIStatusError,
     APITimeoutError,
 )
@@ -376,8 +375,6 @@ class OpenAIBackend:
     """
 
     name = "openai"
-    supports_n = True
-    supports_logprobs = True
 
     def __init__(
         self,
@@ -494,8 +491,6 @@ class OpenAIBackend:
             except APIConnectionError as err:
                 detail = type(err.__cause__).__name__ if err.__cause__ else "unknown"
                 return _Retry(f"connection error ({detail})")
-            except APIResponseValidationError:
-                return _Retry("malformed response (failed validation)")
             self._limiter.observe_headers(raw.headers)
             outcome = self._parse(raw, request.is_chat, reservation)
             if isinstance(outcome, _Success):  # the latency the in-flight cap follows

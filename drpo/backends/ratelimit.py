@@ -18,9 +18,10 @@ How the limiter keeps "never more than the limit in any window" and still uses t
 * Start times are *reserved* in order under a plain lock and the caller then sleeps until its
   time, so the pacing state is loop-agnostic data and the limiter never holds a lock across an
   ``await``.
-* **Calls in flight** are capped with an anyio ``CapacityLimiter``, taken *before* the start
-  time is reserved, so a request that waited for a free slot cannot start late and bunch up with
-  the ones behind it. The cap follows the endpoint (see "Calls in flight" below).
+* **Calls in flight** are capped (``_InFlight``: a slot taken without a loop yield) *before*
+  the start time is reserved, so a request that waited for a free slot cannot start late and
+  bunch up with the ones behind it. The cap follows the endpoint (see "Calls in flight"
+  below).
 * ``x-ratelimit-*`` response headers can only lower the limits (never above the configured ones)
   and, when they say nothing is left, hold every caller until the reset time; so does a 429's
   ``Retry-After`` (``pause``).
@@ -277,8 +278,8 @@ class RateLimiter:
     """Requests-per-window pacing, a tokens-per-window log, and a cap on calls in flight.
 
     Use ``async with limiter.slot(estimated_tokens) as reservation:`` around exactly one HTTP
-    attempt: the body starts no earlier than the limits allow, and at most ``max_in_flight``
-    bodies run at once.
+    attempt: the body starts no earlier than the limits allow, and at most ``in_flight_cap``
+    bodies run at once (derived from the request rate and latency, at most ``max_in_flight``).
     """
 
     def __init__(self, limits: RateLimits | None = None, *, clock: Clock = SYSTEM_CLOCK) -> None:
@@ -360,7 +361,7 @@ class RateLimiter:
                 self._latency_dev += (abs(mean - seconds) - self._latency_dev) / 4
                 self._latency_mean = mean + (seconds - mean) / 8
             self._latency_samples += 1
-        if self._limits.rpm is not None or self._server_rpm is not None:
+        if self.rpm is not None:
             self._update_cap()  # with no request limit the cap is the guard, whatever latency
 
     def _derive_cap(self) -> int:

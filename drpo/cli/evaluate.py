@@ -7,8 +7,6 @@ inside the command, so ``drpo --help`` stays fast.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,6 +22,7 @@ from drpo.cli.support import (
     resolve_db,
     run_async,
 )
+from drpo.data.files import write_atomically
 from drpo.inspect.evaluation import format_difference, format_number
 
 #: Options that define a new evaluation; ``--resume`` takes them from the run instead.
@@ -403,14 +402,7 @@ def _user_error(message: str) -> Exception:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
-    ) as handle:
-        json.dump(data, handle, indent=2, ensure_ascii=False)
-        temp = handle.name
-    os.replace(temp, path)
+    write_atomically(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 # ------------------------------------------------------------------------------------ printing

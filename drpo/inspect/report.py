@@ -26,7 +26,6 @@ import hashlib
 import html
 import json
 import math
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from rich.console import Console
 from rich.text import Text
 
 from drpo import __version__ as drpo_version
+from drpo.data.files import write_atomically
 from drpo.inspect.calls import totals_of
 from drpo.inspect.common import JSON_FORMAT, duration, open_readonly, print_json, when
 from drpo.inspect.diff import changed_line, diff_stats, word_diff
@@ -544,24 +544,12 @@ class ExportResult:
         }
 
 
-def _write_atomically(out: Path, page: bytes) -> Path:
-    out = out.expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.part")
-    try:
-        partial.write_bytes(page)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
-    return out
-
-
 async def export_report(store: RunStore, run: str, out: Path) -> ExportResult:
     """Write the report of ``run`` to ``out`` (atomically: a reader never sees half a file)."""
     started = time.perf_counter()
     data = await build_report_data(store, run)
     page = render_html(data).encode("utf-8")
-    out = await anyio.to_thread.run_sync(_write_atomically, out, page)
+    out = await anyio.to_thread.run_sync(write_atomically, out, page)
     return ExportResult(
         run_id=data["run"]["run_id"],
         path=out,

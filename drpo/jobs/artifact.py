@@ -8,14 +8,13 @@ reward trace per level, and the run id it came from.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from drpo.bus.messages import ICLExample
+from drpo.data.files import write_atomically
 
 ARTIFACT_FORMAT = "drpo.aligned-prompt/2"
 #: Format 1 called the inference layout "chat"; format 2 calls it "inference" and uses "chat"
@@ -49,15 +48,7 @@ class AlignedPrompt(BaseModel):
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file + rename) so a crash never leaves half an artifact."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
-        ) as handle:
-            handle.write(self.model_dump_json(indent=2))
-            temp = handle.name
-        os.replace(temp, path)
-        return path
+        return write_atomically(path, self.model_dump_json(indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> AlignedPrompt:

@@ -15,8 +15,6 @@ An ICL run is a run like a search: its record holds the settings (from the same 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from drpo.bus.messages import (
     RunStarted,
     SelectAspects,
 )
+from drpo.data.files import write_atomically
 from drpo.jobs.config import BudgetSettings, OptimizeConfig
 from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
 from drpo.jobs.session import Session
@@ -226,11 +225,5 @@ async def _optimize_one(
 def write_examples(path: Path, examples: Sequence[ICLExample]) -> None:
     """Write the examples as a JSON list, atomically (a temp file renamed into place), so a
     reader or a crash never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = json.dumps([e.model_dump() for e in examples], indent=2, ensure_ascii=False)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
-    ) as handle:
-        handle.write(payload)
-        temp = handle.name
-    os.replace(temp, path)
+    write_atomically(path, payload)
