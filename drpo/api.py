@@ -139,7 +139,7 @@ async def aresume(
         record = await store.get_run(run_id)
         if record.kind == "optimize":
             config = OptimizeConfig.model_validate(record.config["settings"])
-            merged = config.budget.model_copy(update=budget.model_dump(exclude_none=True))
+            merged = config.budget.overridden_by(budget)
             plan = RunPlan(config=config.model_copy(update={"budget": merged}), run_id=run_id)
             [outcome] = await run_searches([plan], store=store, force=force)
             return outcome

@@ -49,3 +49,27 @@ def test_optimize_then_generate_from_python(tmp_path: Path) -> None:
         assert len(answers) == 1 and answers[0].startswith("Simulated answer")
         again = drpo.resume(run.run_id, db=tmp_path / "drpo.db")
     assert again.status == "finished"  # a finished search replays from its journal for free
+
+
+@pytest.mark.network
+def test_resume_keeps_the_recorded_budget_unless_told_otherwise(tmp_path: Path) -> None:
+    """A resume's limits override the recorded ones one by one; limits it does not set stay."""
+    db = tmp_path / "drpo.db"
+    with serve_fake_openai(models=sim_models(), responder=respond) as server:
+        model = f"openai:sim@{server.base_url}"
+        run = drpo.icl(
+            preset="robust",
+            critic_model=model,
+            editor_model=model,
+            limit=2,
+            budget={"max_calls": 3},
+            out=tmp_path / "examples.json",
+            db=db,
+        )
+        assert run.status == "budget_exhausted", run.error
+        again = drpo.resume(run.run_id, db=db)  # no limit given: the recorded 3 calls hold
+        assert again.status == "budget_exhausted"
+        served = server.total
+        done = drpo.resume(run.run_id, db=db, max_calls=1000)
+        assert done.status == "finished", done.error
+        assert server.total > served

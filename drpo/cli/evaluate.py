@@ -15,6 +15,7 @@ from rich.table import Table
 
 from drpo.cli.support import (
     DbOption,
+    UserError,
     console,
     err_console,
     fail,
@@ -358,7 +359,7 @@ async def _eval_main(
         if plan is None:
             record = await store.get_run(resume or "")
             if record.kind != RUN_KIND:
-                raise _user_error(f"run {record.run_id} is a {record.kind} run, not an evaluation")
+                raise UserError(f"run {record.run_id} is a {record.kind} run, not an evaluation")
             run_id = record.run_id
             total = len(record.config["prompts"]) * len(record.config["queries"])
             verb = "resuming" if record.status != "finished" else "recomputing (from the journal)"
@@ -393,12 +394,6 @@ async def _eval_main(
                     budget=budget,
                     force=force,
                 )
-
-
-def _user_error(message: str) -> Exception:
-    from drpo.cli.support import UserError
-
-    return UserError(message)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

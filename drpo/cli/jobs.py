@@ -18,6 +18,7 @@ import typer
 
 from drpo.cli.support import (
     DbOption,
+    UserError,
     console,
     err_console,
     fail,
@@ -149,10 +150,7 @@ def run_plans(
 
     def interrupted() -> None:
         for run_id in started:
-            err_console.print(
-                f"[bold red]run {run_id} interrupted[/]; continue it with `drpo resume {run_id}`",
-                highlight=False,
-            )
+            _interrupted(run_id)
 
     outcomes = run_async(_optimize_main, plans, db, started, force, on_interrupt=interrupted)
     ok = True
@@ -242,27 +240,19 @@ def resume(
         raise fail(f"run {record.run_id} already finished")
     if record.kind == "optimize":
         config = OptimizeConfig.model_validate(record.config["settings"])
-        budget = config.budget.model_copy(
-            update={
-                k: v
-                for k, v in {"max_cost_usd": max_cost, "max_calls": max_calls}.items()
-                if v is not None
-            }
-        )
-        config = config.model_copy(update={"budget": budget})
+        override = BudgetSettings(max_cost_usd=max_cost, max_calls=max_calls)
+        config = config.model_copy(update={"budget": config.budget.overridden_by(override)})
         run_plans([config], db=db_path, artifact=out, resume_ids=[record.run_id], force=force)
         return
     budget = BudgetSettings(max_cost_usd=max_cost, max_calls=max_calls)
     if record.kind == "icl":
-        recorded = OptimizeConfig.model_validate(record.config["settings"]).budget
-        merged = recorded.model_copy(update=budget.model_dump(exclude_none=True))
-        _run_icl(db_path, record.run_id, budget=merged, force=force)
+        _run_icl(db_path, record.run_id, budget=budget, force=force)
     elif record.kind == "eval":
         from drpo.cli.evaluate import resume_evaluation
 
         resume_evaluation(db_path, record.run_id, budget=budget, force=force)
     elif record.kind == "generate":
-        _run_generate(db_path, record.run_id, output=None, force=force)
+        _run_generate(db_path, record.run_id, output=None, force=force, budget=budget)
     else:
         raise fail(f"run {record.run_id} is of kind {record.kind!r}, which cannot be resumed")
 
@@ -270,7 +260,6 @@ def resume(
 async def _load_run(db: Path, run: str) -> Any:
     import anyio
 
-    from drpo.cli.support import UserError
     from drpo.runs.store import RunStore
 
     if not await anyio.Path(db).exists():
@@ -418,9 +407,11 @@ async def _create_generate(db: Path, queries: list[str], plan: dict) -> str:
         return await create_generate_run(store, queries, plan)
 
 
-def _run_generate(db: Path, run_id: str, *, output: Path | None, force: bool) -> None:
+def _run_generate(
+    db: Path, run_id: str, *, output: Path | None, force: bool, budget: Any = None
+) -> None:
     outcome = run_async(
-        _generate_main, db, run_id, force, on_interrupt=lambda: _interrupted(run_id)
+        _generate_main, db, run_id, force, budget, on_interrupt=lambda: _interrupted(run_id)
     )
     if not report_outcome(outcome):
         raise typer.Exit(1)
@@ -437,7 +428,7 @@ def _run_generate(db: Path, run_id: str, *, output: Path | None, force: bool) ->
         console.print(a, highlight=False, markup=False)
 
 
-async def _generate_main(db: Path, run_id: str, force: bool) -> Any:
+async def _generate_main(db: Path, run_id: str, force: bool, budget: Any) -> Any:
     from drpo.jobs.generate import run_generate
     from drpo.jobs.session import agent_session
     from drpo.runs.logs import configure_logging
@@ -445,7 +436,7 @@ async def _generate_main(db: Path, run_id: str, force: bool) -> Any:
 
     configure_logging(log_folder=logs_dir(db))
     async with RunStore.open(db) as store, agent_session(store) as session:
-        return await run_generate(session, run_id, force=force)
+        return await run_generate(session, run_id, budget=budget, force=force)
 
 
 def _interrupted(run_id: str) -> None:

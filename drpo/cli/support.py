@@ -53,7 +53,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def report_outcome(outcome: Any, *, resume_hint: bool = True) -> bool:
+def report_outcome(outcome: Any) -> bool:
     """Print how a run ended when it did not finish; True when it finished."""
     if outcome.status == "finished":
         return True
@@ -64,8 +64,7 @@ def report_outcome(outcome: Any, *, resume_hint: bool = True) -> bool:
     else:
         title, hint = outcome.status, f"`drpo resume {run_id}`"
     err_console.print(
-        f"[bold red]run {run_id} {title}[/]: {outcome.error}"
-        + (f"\n  continue it with {hint}" if resume_hint else ""),
+        f"[bold red]run {run_id} {title}[/]: {outcome.error}\n  continue it with {hint}",
         highlight=False,
     )
     return False

@@ -22,9 +22,9 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def format_number(value: Any, digits: int = 2) -> str:
+def format_number(value: Any) -> str:
     """A score as shown in the evaluation's tables ("-" when there is none)."""
-    return "-" if value is None else f"{value:.{digits}f}"
+    return "-" if value is None else f"{value:.2f}"
 
 
 def format_difference(entry: dict[str, Any] | None) -> str:

@@ -157,6 +157,12 @@ class BudgetSettings(_Settings):
     max_cost_usd: float | None = None
     max_calls: int | None = None
 
+    def overridden_by(self, override: BudgetSettings | None) -> BudgetSettings:
+        """This budget with every limit ``override`` sets (a resume's ``--max-calls``...)."""
+        if override is None:
+            return self
+        return self.model_copy(update=override.model_dump(exclude_none=True))
+
 
 class OptimizeConfig(_Settings):
     preset: Literal["small", "robust", "paper"] = "small"

@@ -96,8 +96,7 @@ async def run_icl(
     if record.kind != RUN_KIND:
         raise ValueError(f"run {run_id} is a {record.kind} run, not an ICL run")
     config = OptimizeConfig.model_validate(record.config["settings"]).settled()
-    if budget is not None:
-        config = config.model_copy(update={"budget": budget})
+    config = config.model_copy(update={"budget": config.budget.overridden_by(budget)})
     examples = [ICLExample.model_validate(item) for item in record.config["icl_examples"]]
     out = Path(record.config["out"])
     catalogue = AspectCatalogue.load_default().with_custom(list(config.critic.custom_aspects))

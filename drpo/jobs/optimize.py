@@ -117,8 +117,8 @@ async def run_searches(
 ) -> list[RunOutcome[SearchResult]]:
     """Run every plan concurrently on one bus; returns one outcome per plan, in order.
 
-    A new plan (no ``run_id``) is created first; a plan with a ``run_id`` resumes that run, its
-    ``config.budget`` replacing the recorded budget.
+    A new plan (no ``run_id``) is created first; a plan with a ``run_id`` resumes that run, the
+    limits its ``config.budget`` sets overriding the recorded ones.
     """
     registry = registry or BackendRegistry()
     for plan in plans:
@@ -156,15 +156,14 @@ async def run_search(
     force: bool = False,
     on_level: Callable[[LevelProgress], None] | None = None,
 ) -> RunOutcome[SearchResult]:
-    """Run (or resume) the search recorded as ``run_id``, from its record alone (``budget`` and
-    ``artifact_path`` replace the recorded ones)."""
+    """Run (or resume) the search recorded as ``run_id``, from its record alone (the limits
+    ``budget`` sets override the recorded ones; ``artifact_path`` replaces the recorded one)."""
     record = await session.store.get_run(run_id)
     run_id = record.run_id
     if record.kind != RUN_KIND:
         raise ValueError(f"run {run_id} is a {record.kind} run, not a search")
     config = OptimizeConfig.model_validate(record.config["settings"])
-    if budget is not None:
-        config = config.model_copy(update={"budget": budget})
+    config = config.model_copy(update={"budget": config.budget.overridden_by(budget)})
     queries = list(record.config["queries"])
     examples = [ICLExample.model_validate(item) for item in record.config["icl_examples"]]
     catalogue = AspectCatalogue.load_default().with_custom(list(config.critic.custom_aspects))

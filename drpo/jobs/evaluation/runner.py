@@ -244,17 +244,15 @@ async def run_eval(
     settings = EvalSettings.model_validate(record.config["settings"]["eval"])
     if concurrency is not None:
         settings = settings.model_copy(update={"concurrency": max(1, concurrency)})
-    if budget is not None:
-        settings = settings.model_copy(
-            update={"max_calls": budget.max_calls, "max_cost_usd": budget.max_cost_usd}
-        )
+    recorded = BudgetSettings(max_calls=settings.max_calls, max_cost_usd=settings.max_cost_usd)
+    limits = recorded.overridden_by(budget)
     prompts = [EvalPrompt.from_dict(p) for p in record.config["prompts"]]
     queries = [EvalQuery.from_dict(q) for q in record.config["queries"]]
     lifecycle = RunLifecycle(
         session,
         run_id,
         sender=SENDER,
-        budget=BudgetSettings(max_calls=settings.max_calls, max_cost_usd=settings.max_cost_usd),
+        budget=limits,
         endpoints=record.config["settings"].get("endpoints"),
         force=force,
     )
