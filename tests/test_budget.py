@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakeserver import FakeOpenAIServer
+from fakeserver import FakeOpenAIServer, serve_fake_openai
 from sim_server_main import (
     assert_nothing_recorded_was_sent_again,
     journal,
@@ -40,14 +40,10 @@ INPUT_PRICE, OUTPUT_PRICE = 100.0, 400.0
 
 @pytest.fixture(scope="module")
 def server():
-    # Both endpoints (sim_models: a vLLM instruct model): the paper preset's proposer sends its
-    # raw prompt to /v1/completions until the chat layout lands; an OpenAI chat model refuses it.
-    sim = FakeOpenAIServer(models=sim_models(), responder=respond, latency_s=0.005)
-    sim.start()
-    try:
+    # Both endpoints (sim_models: a vLLM instruct model), so the paper preset's raw layout
+    # (/v1/completions) is served; an OpenAI chat model would refuse it.
+    with serve_fake_openai(models=sim_models(), responder=respond, latency_s=0.005) as sim:
         yield sim
-    finally:
-        sim.stop()
 
 
 @pytest.fixture(scope="module")

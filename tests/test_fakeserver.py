@@ -537,7 +537,7 @@ def test_vllm_instruct_reply_has_vllms_shape_and_honours_everything(make_server:
 
 
 def test_vllm_ignores_unknown_fields_and_defaults_the_model(make_server: Any) -> None:
-    server = make_server(models={"qwen": VLLM_INSTRUCT})
+    server = make_server(models={"qwen": VLLM_INSTRUCT}, responder=lambda b: "w " * 40)
     reply = client_for(server).chat.completions.create(
         model="qwen", messages=USER, extra_body={"top_k": 5, "whatever": True}
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakeserver import FakeOpenAIServer
+from fakeserver import FakeOpenAIServer, serve_fake_openai
 from sim_server_main import (
     assert_nothing_recorded_was_sent_again,
     journal,
@@ -59,12 +59,8 @@ def slow(info: Any) -> float:
 
 @pytest.fixture(scope="module")
 def server():
-    sim = FakeOpenAIServer(responder=sampled, latency_s=FAST_S, models=sim_models())
-    sim.start()
-    try:
+    with serve_fake_openai(responder=sampled, latency_s=FAST_S, models=sim_models()) as sim:
         yield sim
-    finally:
-        sim.stop()
 
 
 def _calls(db: Path, run_id: str | None) -> int:

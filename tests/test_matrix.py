@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakeserver import OPENAI_CHAT, VLLM_BASE, VLLM_INSTRUCT, FakeOpenAIServer
+from fakeserver import OPENAI_CHAT, VLLM_BASE, VLLM_INSTRUCT, FakeOpenAIServer, serve_fake_openai
 from sim_server_main import only_run_id, run_status
 from simulated_llm import respond
 from typer.testing import CliRunner
@@ -81,12 +81,8 @@ max_tokens = 64
 
 
 def _serve(models: dict) -> Iterator[FakeOpenAIServer]:
-    server = FakeOpenAIServer(responder=respond, models=models)
-    server.start()
-    try:
+    with serve_fake_openai(responder=respond, models=models) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

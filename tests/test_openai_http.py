@@ -309,9 +309,10 @@ async def test_a_refusal_reads_alike_on_every_client(
     every client, so the backend's message and status code do not depend on the client."""
     monkeypatch.setenv(KEY_ENV, "sk-test-refusal")
     code, message = REFUSALS[status]
+    said_by_server = f"{message}: sk-test-refusal." if status == 401 else f"{message}."
     body = json.dumps(
-        {"error": {"message": f"{message}.", "type": "invalid_request_error", "code": code}}
-    ).encode()
+        {"error": {"message": said_by_server, "type": "invalid_request_error", "code": code}}
+    ).encode()  # OpenAI's 401 quotes the key it got (masked there; in full here, to catch it)
     reply = (
         f"HTTP/1.1 {status} Refused\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\n\r\n"

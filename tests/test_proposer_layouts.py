@@ -3,14 +3,10 @@ that names the framing to set when an endpoint refuses the one in use (issue 9).
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from fakeserver import OPENAI_CHAT, VLLM_BASE, ModelProfile, serve_fake_openai
 
 from drpo.agents import proposer
 from drpo.agents.proposer import LayoutError
@@ -341,66 +337,25 @@ async def test_other_errors_pass_through_unchanged(error: Exception, framing: st
 # the same through the real OpenAI backend, against a server that answers like the real ones
 
 
-@contextmanager
-def refusing_server(status: int, body: dict[str, Any]) -> Iterator[str]:
-    """A server on 127.0.0.1 that answers every POST with ``status`` and the JSON ``body``."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("content-length") or 0))
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-OPENAI_404_BODY = {
-    "error": {
-        "message": "This is a chat model and not supported in the v1/completions endpoint. Did "
-        "you mean to use v1/chat/completions?",
-        "type": "invalid_request_error",
-        "param": "model",
-        "code": None,
-    }
-}
-VLLM_400_BODY = {
-    "object": "error",
-    "message": "As of transformers v4.44, default chat template is no longer allowed, so you "
-    "must provide a chat template if the tokenizer does not define one.",
-    "type": "BadRequestError",
-    "param": None,
-    "code": 400,
-}
-
-
 @pytest.mark.network
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("status", "body", "framing", "suggested"),
-    [(404, OPENAI_404_BODY, "raw", "chat"), (400, VLLM_400_BODY, "inference", "raw")],
+    ("profile", "status", "framing", "suggested", "refused_path"),
+    [
+        (OPENAI_CHAT, 404, "raw", "chat", "/v1/completions"),
+        (VLLM_BASE, 400, "inference", "raw", "/v1/chat/completions"),
+    ],
     ids=["openai-chat-model", "vllm-base-model"],
 )
 async def test_through_the_openai_backend(
-    status: int, body: dict[str, Any], framing: str, suggested: str
+    profile: ModelProfile, status: int, framing: str, suggested: str, refused_path: str
 ) -> None:
+    """The strict double refuses the endpoint as the real server does (OpenAI's 404 for a chat
+    model on completions, vLLM's 400 for a base model without a chat template)."""
     from drpo.backends.openai_api import OpenAIBackend
 
-    with refusing_server(status, body) as base_url:
-        backend = OpenAIBackend("the-model", base_url=base_url, max_attempts=1)
+    with serve_fake_openai(models={"the-model": profile}) as server:
+        backend = OpenAIBackend("the-model", base_url=server.base_url, max_attempts=1)
         try:
             with pytest.raises(LayoutError, match=f'proposer.framing = "{suggested}"') as caught:
                 await proposer.propose(
@@ -409,3 +364,4 @@ async def test_through_the_openai_backend(
         finally:
             await backend.aclose()
     assert caught.value.status_code == status and "\n" not in str(caught.value)
+    assert [refusal.path for refusal in server.refusals] == [refused_path]

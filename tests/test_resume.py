@@ -38,7 +38,7 @@ from typing import Any
 
 import anyio
 import pytest
-from fakeserver import FakeOpenAIServer, Fault
+from fakeserver import FakeOpenAIServer, Fault, serve_fake_openai
 from sim_server_main import (
     assert_nothing_recorded_was_sent_again,
     body_hash_of,
@@ -78,14 +78,10 @@ def slow_latency(info) -> float:
 
 @pytest.fixture(scope="module")
 def server():
-    # Both endpoints (sim_models: a vLLM instruct model): the paper preset's proposer sends its
-    # raw prompt to /v1/completions until the chat layout lands; an OpenAI chat model refuses it.
-    sim = FakeOpenAIServer(models=sim_models(), responder=respond, latency_s=FAST_S)
-    sim.start()
-    try:
+    # Both endpoints (sim_models: a vLLM instruct model), so the paper preset's raw layout
+    # (/v1/completions) is served; an OpenAI chat model would refuse it.
+    with serve_fake_openai(models=sim_models(), responder=respond, latency_s=FAST_S) as sim:
         yield sim
-    finally:
-        sim.stop()
 
 
 @pytest.fixture(scope="module")
