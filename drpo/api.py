@@ -34,7 +34,6 @@ from drpo.bus.messages import ICLExample
 from drpo.data.loaders import default_icl_examples
 from drpo.jobs.config import (
     BudgetSettings,
-    GenerateSettings,
     OptimizeConfig,
     build_config,
     load_toml,
@@ -112,9 +111,7 @@ async def agenerate(
     default prompt). ``sampling`` overrides the generate settings (k, max_tokens, temperature,
     top_p, framing). Raises RuntimeError when the run does not finish."""
     path = Path(artifact) if artifact is not None else None
-    plan = generation_plan(path, model=model)
-    chosen = GenerateSettings(**{**plan["settings"], **sampling})
-    plan = generation_plan(path, model=model, settings=chosen)
+    plan = generation_plan(path, model=model, sampling=sampling)
     async with RunStore.open(_db(db)) as store, agent_session(store) as session:
         run_id = await create_generate_run(store, queries, plan)
         outcome = await run_generate(session, run_id)

@@ -372,7 +372,6 @@ def generate(
     """Answer queries with an aligned prompt (system prompt + retrieved ICL examples)."""
     from drpo.data.loaders import load_queries
     from drpo.jobs.artifact import ArtifactError
-    from drpo.jobs.config import GenerateSettings
     from drpo.jobs.generate import generation_plan
 
     if (query is None) == (file is None):
@@ -380,18 +379,14 @@ def generate(
     queries = [query] if query is not None else load_or_fail(file, load_queries)
     endpoints = build_settings(None, config, {}).endpoints if config else {}
     try:
-        plan = generation_plan(artifact, model=model, endpoints=endpoints)
-        flags = {
+        sampling = {
             "k": k,
             "max_tokens": max_tokens,
             "temperature": temperature,
             "top_p": top_p,
             "framing": framing,
         }
-        chosen = {**plan["settings"], **{n: v for n, v in flags.items() if v is not None}}
-        plan = generation_plan(
-            artifact, model=model, settings=GenerateSettings(**chosen), endpoints=endpoints
-        )
+        plan = generation_plan(artifact, model=model, sampling=sampling, endpoints=endpoints)
     except (ArtifactError, ValueError) as exc:
         raise fail(str(exc)) from None
     db_path = resolve_db(db)

@@ -11,7 +11,7 @@ mismatch, spec §9 item 9) unless the settings ask for the paper's inference lay
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +42,15 @@ def generation_plan(
     artifact_path: Path | None,
     *,
     model: str | None = None,
-    settings: GenerateSettings | None = None,
+    sampling: Mapping[str, Any] | None = None,
     endpoints: dict[str, Any] | None = None,
 ) -> dict:
     """What a generation needs, from an artifact (or, with none, the unaligned default prompt
     with no examples): prompt, examples, model, layout, sampling and endpoint settings (the
-    artifact's search's, then ``endpoints``), ready to record."""
+    artifact's search's, then ``endpoints``), ready to record. ``sampling`` overrides the
+    generate settings field by field (k, max_tokens, temperature, top_p, framing; None keeps)."""
     if artifact_path is None:
-        chosen = settings or GenerateSettings()
+        chosen = _overridden(GenerateSettings(), sampling)
         base = model or DEFAULT_MODEL
         return {
             "system_prompt": DEFAULT_SYSTEM_PROMPT,
@@ -62,7 +63,7 @@ def generation_plan(
         }
     artifact = AlignedPrompt.load(artifact_path)
     searched = _searched_config(artifact)
-    chosen = settings or searched.generate
+    chosen = _overridden(searched.generate, sampling)
     framing: Framing = "inference" if chosen.framing == "inference" else searched.proposer_framing()
     base = model or artifact.base_model
     return {
@@ -74,6 +75,11 @@ def generation_plan(
         "settings": chosen.model_dump(mode="json"),
         "endpoints": _endpoints_json({**searched.endpoints, **(endpoints or {})}),
     }
+
+
+def _overridden(settings: GenerateSettings, sampling: Mapping[str, Any] | None) -> GenerateSettings:
+    given = {name: value for name, value in (sampling or {}).items() if value is not None}
+    return GenerateSettings(**{**settings.model_dump(), **given}) if given else settings
 
 
 def _endpoints_json(endpoints: dict[str, Any]) -> dict[str, Any]:
