@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
 from pydantic import ValidationError
+from scripted_calls import Scripted, as_completion
 
 from drpo.agents import critic, editor, proposer
 from drpo.agents.aspects import AspectCatalogue
@@ -27,38 +27,6 @@ from drpo.bus.messages import (
 
 CATALOGUE = AspectCatalogue.load_default()
 QUERY = "How do tides work?"
-
-Reply = str | list[str] | Completion | Callable[[CompletionRequest], Any]
-
-
-class Scripted:
-    """A fake model call: answers requests with scripted replies, in order, and records them.
-
-    A reply is a text, a list of texts (one choice each), a Completion, or a function of the
-    request returning one of those (sync or async).
-    """
-
-    def __init__(self, *replies: Reply) -> None:
-        self.replies = list(replies)
-        self.requests: list[CompletionRequest] = []
-
-    async def __call__(self, request: CompletionRequest) -> Completion:
-        self.requests.append(request)
-        if not self.replies:
-            raise AssertionError(f"unexpected extra call: {request}")
-        reply = self.replies.pop(0)
-        if callable(reply):
-            reply = reply(request)
-            if hasattr(reply, "__await__"):
-                reply = await reply
-        return as_completion(reply)
-
-
-def as_completion(reply: str | list[str] | Completion) -> Completion:
-    if isinstance(reply, Completion):
-        return reply
-    texts = [reply] if isinstance(reply, str) else reply
-    return Completion(choices=tuple(Choice(text=t) for t in texts), model="fake")
 
 
 def selection_json(*aspects: str, reasoning: str = "because") -> str:

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import pytest
+from scripted_calls import Scripted
 
 from drpo.agents import editor, prompts
 from drpo.agents.parsing import ParseError
@@ -18,22 +19,6 @@ QUERY = "How do tides work?"
 CRITIQUE = Critique.from_scores(
     {"Clarity": AspectScore(score=3, rationale="rambling"), "Depth": AspectScore(score=5)}
 )
-
-
-class Scripted:
-    """A model call answering with scripted replies (a text, or a list: one choice each)."""
-
-    def __init__(self, *replies: str | list[str]) -> None:
-        self.replies = list(replies)
-        self.requests: list[CompletionRequest] = []
-
-    async def __call__(self, request: CompletionRequest) -> Completion:
-        self.requests.append(request)
-        if not self.replies:
-            raise AssertionError(f"unexpected extra call: {request}")
-        reply = self.replies.pop(0)
-        texts = [reply] if isinstance(reply, str) else reply
-        return Completion(choices=tuple(Choice(text=t) for t in texts), model="fake")
 
 
 def candidate(text: str) -> str:
