@@ -86,8 +86,16 @@ def _request_identity(
     )
 
 
-def _key_of(identity: str, place: str, sample_index: int) -> str:
-    return hashlib.sha256(f"{identity}@{place}#{sample_index}".encode()).hexdigest()
+def _asked_at(identity: str, place: str) -> Any:
+    """The hash of a request at its place, before the sample index: identical requests at one
+    place share it (it counts them), and each key is it plus the index."""
+    return hashlib.sha256(f"{identity}@{place}#".encode())
+
+
+def _key_of(asked: Any, sample_index: int) -> str:
+    key = asked.copy()
+    key.update(str(sample_index).encode())
+    return key.hexdigest()
 
 
 def place_of(role: str, node_id: str | None) -> str:
@@ -106,7 +114,7 @@ def content_key(
     """The journal key of a call: sha256 over canonical JSON of what was asked, where it was
     asked, and the index of this sample among identical requests at that place."""
     identity = _request_identity(backend_name, endpoint, model, request)
-    return _key_of(identity, place, sample_index)
+    return _key_of(_asked_at(identity, place), sample_index)
 
 
 @dataclass(slots=True)
@@ -143,7 +151,7 @@ class JournaledCaller:
         self.max_cost_usd = max_cost_usd
         #: How many identical requests were made at each place: keyed by a digest of the
         #: request and its place (a request's identity is kilobytes; thousands are kept).
-        self._asked: Counter[str] = Counter()
+        self._asked: Counter[bytes] = Counter()
         self._loaded = False
         self._load_lock = anyio.Lock()
         self._replayable: set[str] = set()
@@ -237,10 +245,11 @@ class JournaledCaller:
         # Numbered before the first await, among identical requests at the same place only.
         identity = _request_identity(backend.name, backend.endpoint, backend.model, request)
         place = place_of(role, node_id)
-        asked = _key_of(identity, place, -1)
-        sample_index = self._asked[asked]
-        self._asked[asked] += 1
-        key = _key_of(identity, place, sample_index)
+        asked = _asked_at(identity, place)
+        digest = asked.digest()
+        sample_index = self._asked[digest]
+        self._asked[digest] += 1
+        key = _key_of(asked, sample_index)
 
         if not self._loaded:
             await self._load()
