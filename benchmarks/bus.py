@@ -29,7 +29,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drpo.bus import Bus, Envelope, Subscription
-from drpo.bus.messages import Answer
+from drpo.domain.requests import Answer
 from drpo.runs.recorder import Recorder
 from drpo.runs.store import RunStore
 

@@ -83,7 +83,7 @@ from drpo.backends.openai_api import (  # noqa: E402
 )
 from drpo.backends.ratelimit import RateLimits  # noqa: E402
 from drpo.bus import Bus, Envelope  # noqa: E402
-from drpo.bus.messages import Answer, ProposeAnswer  # noqa: E402
+from drpo.domain.requests import Answer, ProposeAnswer  # noqa: E402
 from drpo.jobs.session import quiet_collector  # noqa: E402
 from drpo.runs.journal import JournaledCaller  # noqa: E402
 from drpo.runs.recorder import recording  # noqa: E402

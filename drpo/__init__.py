@@ -33,7 +33,7 @@ _EXPORTS = {
     "OptimizeConfig": "drpo.jobs.config",
     "RunOutcome": "drpo.jobs.lifecycle",
     "SearchResult": "drpo.agents.search",
-    "ICLExample": "drpo.bus.messages",
+    "ICLExample": "drpo.domain.values",
     "RunStore": "drpo.runs.store",
 }
 
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
         resume,
         settings,
     )
-    from drpo.bus.messages import ICLExample
+    from drpo.domain.values import ICLExample
     from drpo.jobs.artifact import AlignedPrompt
     from drpo.jobs.config import OptimizeConfig
     from drpo.jobs.lifecycle import RunOutcome

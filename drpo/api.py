@@ -30,8 +30,8 @@ from typing import Any
 import anyio
 
 from drpo.agents.search import SearchResult
-from drpo.bus.messages import ICLExample
 from drpo.data.loaders import default_icl_examples
+from drpo.domain.values import ICLExample
 from drpo.jobs.config import (
     BudgetSettings,
     OptimizeConfig,

@@ -35,22 +35,20 @@ from drpo.agents import client
 from drpo.agents.search import BeamSearch
 from drpo.backends.base import ChatMessage, Choice, Completion, CompletionRequest, Usage
 from drpo.bus import Bus, Envelope
-from drpo.bus.messages import (
+from drpo.domain.events import RunFinished, RunStarted
+from drpo.domain.requests import (
     Answer,
-    AspectScore,
-    AspectSelection,
     AspectsSelected,
-    Critique,
     EditPrompt,
     Judge,
     Judged,
     PromptCandidates,
     ProposeAnswer,
-    RunFinished,
-    RunStarted,
     SelectAspects,
 )
+from drpo.domain.values import AspectScore, AspectSelection, Critique
 from drpo.jobs.config import build_config
+from drpo.jobs.optimize import search_plan
 from drpo.runs.recorder import Recorder
 from drpo.runs.store import CallRecord, RunStore
 
@@ -455,7 +453,7 @@ async def _one_pass(
             run_id=run_id,
         )
         try:
-            result = await BeamSearch(bus, run_id, config, queries, no_examples).run()
+            result = await BeamSearch(bus, run_id, search_plan(config), queries, no_examples).run()
             status = "finished"
         except BaseException as exc:  # a failed call fails the search, as in drpo optimize
             if isinstance(exc, anyio.get_cancelled_exc_class()):

@@ -7,14 +7,8 @@ import pytest
 
 from drpo.agents import client
 from drpo.bus import Bus, Envelope, RemoteError
-from drpo.bus.messages import (
-    Answer,
-    AspectScore,
-    Critique,
-    Judge,
-    Judged,
-    ProposeAnswer,
-)
+from drpo.domain.requests import Answer, Judge, Judged, ProposeAnswer
+from drpo.domain.values import AspectScore, Critique
 from drpo.runs.journal import BudgetExceeded
 
 pytestmark = pytest.mark.anyio

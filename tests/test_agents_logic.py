@@ -15,15 +15,8 @@ from scripted_calls import Scripted, as_completion
 from drpo.agents import critic, editor, proposer
 from drpo.agents.aspects import AspectCatalogue
 from drpo.backends.base import Choice, Completion, CompletionRequest, TokenLogprob, TopLogprob
-from drpo.bus.messages import (
-    AspectScore,
-    AspectSelection,
-    Critique,
-    EditAnswer,
-    EditPrompt,
-    ICLExample,
-    ProposeAnswer,
-)
+from drpo.domain.requests import EditAnswer, EditPrompt, ProposeAnswer
+from drpo.domain.values import AspectScore, AspectSelection, Critique, ICLExample
 
 CATALOGUE = AspectCatalogue.load_default()
 QUERY = "How do tides work?"

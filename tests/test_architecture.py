@@ -1,5 +1,5 @@
-"""The shape of the code: no import cycle in ``drpo/``, topics named only by the bus and the agent
-client, replies never checked by hand.
+"""The shape of the code: layers that import downward only, no import cycle in ``drpo/``, topics
+named only by the bus and the agent client, replies never checked by hand.
 
 Imports are read from the source (``ast``), function-level ones included, because a lazy import
 that closes a cycle still ties two modules together; only ``if TYPE_CHECKING:`` blocks are left
@@ -121,8 +121,80 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 def test_no_import_cycle_in_drpo() -> None:
     graph = import_graph()
-    assert "drpo.agents.search" in graph and "drpo.jobs.config" in graph["drpo.agents.search"]
+    assert "drpo.agents.search" in graph and "drpo.agents.client" in graph["drpo.agents.search"]
     assert cycles(graph) == []
+
+
+#: The layers of drpo, lowest first: a module may import only from its own layer or a lower one.
+#: The domain (the search's values, messages and reward rule) imports nothing of ours; the bus
+#: carries the domain's values without importing them; backends know requests and completions;
+#: runs keep what the bus and backends produce; agents use all of those; the views, the jobs,
+#: and the two front doors (the Python API and the command) sit on top.
+LAYERS: tuple[str, ...] = (
+    "domain",
+    "data",
+    "bus",
+    "backends",
+    "runs",
+    "agents",
+    "inspect",
+    "jobs",
+    "api",
+    "cli",
+    "",  # drpo/__init__.py: the public names, loaded lazily from every layer
+)
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from a lower layer to a higher one, or between layers not in :data:`LAYERS`."""
+    rank = {layer: index for index, layer in enumerate(LAYERS)}
+    found = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            source_layer, target_layer = _layer(module), _layer(target)
+            if source_layer == target_layer:
+                continue
+            if source_layer not in rank or target_layer not in rank:
+                found.append(f"{module} -> {target} (a layer missing from LAYERS)")
+            elif rank[target_layer] > rank[source_layer]:
+                found.append(f"{module} -> {target}")
+    return found
+
+
+def layer_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Cycles between subpackages (each subpackage one node), function-level imports included."""
+    layered: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        layered.setdefault(_layer(module), set()).update(
+            _layer(target) for target in targets if _layer(target) != _layer(module)
+        )
+    return cycles(layered)
+
+
+def test_the_layer_checks_find_what_they_look_for() -> None:
+    graph = {"drpo.bus.bus": {"drpo.domain.values"}, "drpo.domain.values": {"drpo.bus.bus"}}
+    assert upward_imports(graph) == ["drpo.domain.values -> drpo.bus.bus"]
+    assert layer_cycles(graph) == [["bus", "domain"]]
+    assert upward_imports({"drpo.novel.x": {"drpo.domain.values"}}) == [
+        "drpo.novel.x -> drpo.domain.values (a layer missing from LAYERS)"
+    ]
+
+
+def test_every_subpackage_has_a_layer() -> None:
+    assert {_layer(module) for module in import_graph()} <= set(LAYERS)
+
+
+def test_layers_import_downward_only() -> None:
+    assert upward_imports(import_graph()) == []
+
+
+def test_no_cycle_between_subpackages() -> None:
+    assert layer_cycles(import_graph()) == []
 
 
 def _sources() -> Iterator[tuple[Path, str]]:

@@ -14,29 +14,23 @@ from pydantic import BaseModel
 
 from drpo.bus import Bus, Envelope, NoServerError, RemoteError, UnknownTopicError
 from drpo.bus.bus import Handler
-from drpo.bus.messages import (
-    PAYLOAD_TYPES,
+from drpo.bus.envelope import Failure
+from drpo.domain.events import LevelCompleted, NodeCreated, Note, RunFinished, RunStarted
+from drpo.domain.messages import MESSAGE_TYPES
+from drpo.domain.requests import (
     Answer,
     AnswerRewritten,
-    AspectScore,
-    AspectSelection,
     AspectsSelected,
-    Critique,
     EditAnswer,
     EditPrompt,
-    Failure,
-    ICLExample,
     Judge,
     Judged,
-    LevelCompleted,
-    NodeCreated,
-    Note,
     PromptCandidates,
     ProposeAnswer,
-    RunFinished,
-    RunStarted,
     SelectAspects,
 )
+from drpo.domain.values import AspectScore, AspectSelection, Critique, ICLExample
+from drpo.runs.store import StoredEnvelope
 
 pytestmark = pytest.mark.anyio
 
@@ -137,6 +131,9 @@ def _texts(envelopes: Iterable[Envelope]) -> list[str]:
     return [envelope.payload.text for envelope in envelopes]  # type: ignore[union-attr]
 
 
+PAYLOAD_TYPES = (*MESSAGE_TYPES, Failure)
+
+
 def test_samples_cover_every_payload_type() -> None:
     assert set(SAMPLES) == set(PAYLOAD_TYPES)
 
@@ -153,7 +150,7 @@ def test_envelope_json_round_trip_is_lossless(payload_type: type[BaseModel]) -> 
         causation_id="cafe",
         node_id="n-1-0",
     )
-    again = Envelope.model_validate_json(envelope.model_dump_json())
+    again = StoredEnvelope.model_validate_json(envelope.model_dump_json())
     assert again == envelope
     assert type(again.payload) is payload_type
 

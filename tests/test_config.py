@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from drpo.bus.messages import ICLExample
+from drpo.domain.values import ICLExample
 from drpo.jobs.artifact import AlignedPrompt, ArtifactError
 from drpo.jobs.config import ConfigError, build_config, load_toml
 from drpo.jobs.projection import describe_projection, project_calls

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from drpo.agents import critic
 from drpo.agents.aspects import AspectCatalogue
 from drpo.backends.base import Choice, Completion, CompletionRequest, TokenLogprob, TopLogprob
-from drpo.bus.messages import AspectSelection
 from drpo.cli.app import app
+from drpo.domain.values import AspectSelection
 from drpo.jobs.artifact import AlignedPrompt
 
 QUERIES = [
@@ -124,7 +124,8 @@ def test_optimize_then_generate_with_the_embedded_model(tmp_path, local_backend,
 @pytest.mark.anyio
 async def test_text_editor_format_for_small_models():
     from drpo.agents import editor
-    from drpo.bus.messages import AspectScore, Critique, EditPrompt
+    from drpo.domain.requests import EditPrompt
+    from drpo.domain.values import AspectScore, Critique
 
     seen: list[CompletionRequest] = []
 

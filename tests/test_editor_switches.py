@@ -13,7 +13,8 @@ from scripted_calls import Scripted
 from drpo.agents import editor, prompts
 from drpo.agents.parsing import ParseError
 from drpo.backends.base import Choice, Completion, CompletionRequest
-from drpo.bus.messages import AspectScore, Critique, EditAnswer, EditPrompt
+from drpo.domain.requests import EditAnswer, EditPrompt
+from drpo.domain.values import AspectScore, Critique
 
 QUERY = "How do tides work?"
 CRITIQUE = Critique.from_scores(

@@ -19,9 +19,9 @@ from simulated_llm import respond
 from typer.testing import CliRunner
 
 from drpo.agents.aspects import AspectCatalogue
-from drpo.bus.messages import ICLExample
 from drpo.cli.evaluate import eval_command
 from drpo.data.loaders import DataFormatError
+from drpo.domain.values import ICLExample
 from drpo.inspect.report import export_report
 from drpo.jobs.artifact import AlignedPrompt
 from drpo.jobs.evaluation.protocol import (

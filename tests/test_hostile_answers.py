@@ -42,7 +42,7 @@ from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.critic import CriticPolicy
 from drpo.agents.parsing import ParseError, extract_json, get_field, iter_json_values
 from drpo.backends.base import Choice, Completion, CompletionRequest
-from drpo.bus.messages import AspectSelection
+from drpo.domain.values import AspectSelection
 
 CATALOGUE = AspectCatalogue.load_default()
 QUERY = "How do tides work?"

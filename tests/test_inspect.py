@@ -23,7 +23,7 @@ import pytest
 from run_fixtures import FixtureRun, build_db, record_run
 from typer.testing import CliRunner
 
-from drpo.bus.messages import Envelope
+from drpo.bus.envelope import Envelope
 from drpo.cli.runs import runs_app
 from drpo.inspect.calls import load_calls
 from drpo.inspect.diff import diff_stats, new_text, old_text, word_diff

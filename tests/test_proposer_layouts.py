@@ -18,7 +18,8 @@ from drpo.backends.base import (
     TransientBackendError,
 )
 from drpo.backends.openai_api import OpenAIPermanentError
-from drpo.bus.messages import ICLExample, ProposeAnswer
+from drpo.domain.requests import ProposeAnswer
+from drpo.domain.values import ICLExample
 
 QUERY = "How do tides work?"
 EXAMPLES = (

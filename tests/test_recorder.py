@@ -11,7 +11,8 @@ import anyio.lowlevel
 import pytest
 
 from drpo.bus import Bus, Envelope
-from drpo.bus.messages import Answer, Note
+from drpo.domain.events import Note
+from drpo.domain.requests import Answer
 from drpo.runs.recorder import Recorder, RecorderStoppedError, recording
 from drpo.runs.store import RunStore
 

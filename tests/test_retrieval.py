@@ -8,8 +8,8 @@ import pytest
 from shared_data import SHARED_DATA, needs_shared_data
 
 from drpo.agents.retrieval import ICLRetriever, RetrievalError, default_model_path, load_model
-from drpo.bus.messages import ICLExample
 from drpo.data.loaders import default_icl_examples, load_icl_examples
+from drpo.domain.values import ICLExample
 
 PAPER_ICL = SHARED_DATA / "drpo" / "ICL_examples.json"
 

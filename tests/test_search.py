@@ -18,23 +18,21 @@ from drpo.agents import client
 from drpo.agents.health import SearchCannotLearnError
 from drpo.agents.search import BeamSearch
 from drpo.bus import Bus, Envelope
-from drpo.bus.messages import (
+from drpo.domain.events import LevelCompleted, Note
+from drpo.domain.requests import (
     Answer,
-    AspectScore,
-    AspectSelection,
     AspectsSelected,
-    Critique,
     EditPrompt,
     Judge,
     Judged,
-    LevelCompleted,
-    Note,
     PromptCandidates,
     ProposeAnswer,
     SelectAspects,
 )
+from drpo.domain.values import AspectScore, AspectSelection, Critique
 from drpo.jobs.config import build_config
 from drpo.jobs.lifecycle import leaf_exceptions
+from drpo.jobs.optimize import search_plan
 
 QUERIES = [f"q{i}" for i in range(40)]
 
@@ -108,7 +106,7 @@ async def run_search(agents: ScriptedAgents, queries=QUERIES, **search):
 
     async with anyio.create_task_group() as tg:
         await agents.serve(bus, tg)
-        result = await BeamSearch(bus, "run-1", config, queries, no_examples).run()
+        result = await BeamSearch(bus, "run-1", search_plan(config), queries, no_examples).run()
         tg.cancel_scope.cancel()
     received = []
     while True:

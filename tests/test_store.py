@@ -13,7 +13,9 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from drpo.bus.messages import AspectSelection, Envelope, Note
+from drpo.bus.envelope import Envelope
+from drpo.domain.events import Note
+from drpo.domain.values import AspectSelection
 from drpo.runs import paths, schema
 from drpo.runs.schema import APPLICATION_ID, SCHEMA_VERSION
 from drpo.runs.store import (

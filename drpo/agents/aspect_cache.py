@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.critic import CriticPolicy
 from drpo.agents.prompts import PROMPTS_VERSION
-from drpo.bus.messages import AspectSelection, CriticMode
+from drpo.domain.requests import CriticMode
+from drpo.domain.values import AspectSelection
 from drpo.runs.store import RunStore, query_hash
 
 #: ``AspectSelection.analysis`` marks a selection the critic could not make (see the critic).

@@ -18,24 +18,22 @@ import anyio
 from anyio.abc import TaskGroup
 
 from drpo.bus import Bus, Envelope, RemoteError
-from drpo.bus.messages import (
+from drpo.domain.requests import (
     Answer,
     AnswerRewritten,
-    AspectSelection,
     AspectsSelected,
-    Critique,
     EditAnswer,
     EditPrompt,
     Judge,
     Judged,
-    Payload,
     PromptCandidates,
     ProposeAnswer,
     SelectAspects,
 )
+from drpo.domain.values import AspectSelection, Critique, Value
 
-Request = TypeVar("Request", bound=Payload)
-Reply = TypeVar("Reply", bound=Payload)
+Request = TypeVar("Request", bound=Value)
+Reply = TypeVar("Reply", bound=Value)
 
 #: Search events (nodes, levels, run start and end): read by the recorder and the viewers.
 EVENTS = "search.events"
@@ -103,7 +101,7 @@ class AgentClient:
         """The ICL stage's rewrite of an example answer (``answer`` None when unusable)."""
         return await self._call(EDIT_ANSWER, request, node_id)
 
-    async def emit(self, event: Payload, *, node_id: str | None = None) -> Envelope:
+    async def emit(self, event: Value, *, node_id: str | None = None) -> Envelope:
         """Publish a run event (node created, level completed, run started or finished...)."""
         return await self.bus.emit(
             EVENTS, event, sender=self.sender, run_id=self.run_id, node_id=node_id

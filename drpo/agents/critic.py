@@ -44,7 +44,8 @@ from drpo.agents.prompts import (
 )
 from drpo.agents.proposer import Call
 from drpo.backends.base import ChatMessage, Choice, CompletionRequest
-from drpo.bus.messages import AspectScore, AspectSelection, CriticMode, Critique
+from drpo.domain.requests import CriticMode
+from drpo.domain.values import AspectScore, AspectSelection, Critique
 
 Variant = Literal["search", "icl"]
 

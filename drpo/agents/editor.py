@@ -35,7 +35,7 @@ from drpo.agents.prompts import (
 )
 from drpo.agents.proposer import Call, clean_answer, wrap_answer
 from drpo.backends.base import ChatMessage, CompletionRequest
-from drpo.bus.messages import EditAnswer, EditPrompt
+from drpo.domain.requests import EditAnswer, EditPrompt
 
 #: The optimizer's settings besides temperature and n (spec §1.1).
 OPTIMIZER_SETTINGS = {"top_p": 0.95}

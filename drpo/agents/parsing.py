@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drpo.agents.aspects import AspectCatalogue, normalize_name
-from drpo.bus.messages import AspectScore
+from drpo.domain.values import AspectScore
 
 _SNIPPET = 200
 

@@ -17,7 +17,7 @@ import unicodedata
 from collections.abc import Sequence
 
 from drpo.agents.aspects import Aspect, AspectCatalogue
-from drpo.bus.messages import Critique
+from drpo.domain.values import Critique
 
 # --------------------------------------------------------------------------------------------
 # The answer frame of the model being aligned (spec §1.2, §1.3)

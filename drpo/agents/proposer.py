@@ -42,7 +42,8 @@ from drpo.agents.prompts import (
     STOP_STRINGS,
 )
 from drpo.backends.base import ChatMessage, Completion, CompletionRequest, PermanentBackendError
-from drpo.bus.messages import Framing, ICLExample, ICLHeaders, ProposeAnswer
+from drpo.domain.requests import Framing, ICLHeaders, ProposeAnswer
+from drpo.domain.values import ICLExample
 
 #: A model call already bound to a model, role, run and journal (the bus wrapper makes it).
 Call = Callable[[CompletionRequest], Awaitable[Completion]]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import anyio.to_thread
 
 from drpo.backends.imports import HEAVY_IMPORT_LOCK
-from drpo.bus.messages import ICLExample
+from drpo.domain.values import ICLExample
 
 if TYPE_CHECKING:
     import numpy as np

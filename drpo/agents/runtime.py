@@ -27,10 +27,9 @@ from drpo.backends.base import Completion, CompletionRequest
 from drpo.backends.priority import background
 from drpo.backends.registry import BackendRegistry
 from drpo.bus import Bus, Envelope
-from drpo.bus.messages import (
+from drpo.domain.requests import (
     Answer,
     AnswerRewritten,
-    AspectSelection,
     AspectsSelected,
     EditAnswer,
     EditPrompt,
@@ -40,6 +39,7 @@ from drpo.bus.messages import (
     ProposeAnswer,
     SelectAspects,
 )
+from drpo.domain.values import AspectSelection
 from drpo.runs.journal import JournaledCaller
 from drpo.runs.store import RunStore
 

@@ -24,25 +24,27 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import anyio
 import structlog
+from pydantic import BaseModel, ConfigDict, Field
 
 from drpo.agents.client import AgentClient
 from drpo.agents.health import LevelHealth, SearchHealth, check_level
 from drpo.bus import Bus
-from drpo.bus.messages import (
-    Critique,
+from drpo.domain.events import LevelCompleted, NodeCreated, Note
+from drpo.domain.requests import (
+    CriticMode,
+    CriticPolicyName,
     EditPrompt,
-    ICLExample,
+    Framing,
+    ICLHeaders,
     Judge,
-    LevelCompleted,
-    NodeCreated,
-    Note,
     ProposeAnswer,
     SelectAspects,
 )
-from drpo.jobs.config import OptimizeConfig
+from drpo.domain.values import Critique, ICLExample
 
 log = structlog.get_logger("drpo.search")
 
@@ -53,6 +55,79 @@ URGENT_SELECTIONS = 2
 #: Finds the ICL examples to show with a query (k nearest by embedding); injected so the
 #: search does not depend on sentence-transformers.
 Retrieve = Callable[[str], Awaitable[Sequence[ICLExample]]]
+
+
+class SearchSettings(BaseModel):
+    """The beam search (spec §3): defaults are the paper's CLI defaults. The ``[search]`` section
+    of a run's settings; the search reads all of it but the training queries' count and seed,
+    which choose the queries it is given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    beam_size: int = Field(default=2, ge=1)
+    n_actions: int = Field(default=3, ge=1)
+    depth: int = Field(default=20, ge=2)
+    depth_extension: int = Field(default=10, ge=0)
+    temperature: float = Field(default=0.2, ge=0.0, le=2.0)
+    #: Skip the rewrite when a node's reward is above this (the paper hard-codes 4.5).
+    skip_threshold: float = 4.5
+    #: How many past prompts the editor sees (the paper hard-codes 5).
+    history: int = Field(default=5, ge=1)
+    num_train_queries: int = Field(default=180, ge=2)
+    initial_prompt: str = "You are a helpful assistant."
+    #: Seed of the training-query order (recorded with the run; the paper's order is unseeded).
+    seed: int = 0
+    #: Off by default (0): re-score the final beam's prompts on this many unseen queries.
+    held_out_queries: int = Field(default=0, ge=0)
+    #: Warn once this share of verdicts (or of rewrites) could not be read.
+    warn_failure_share: float = Field(default=0.5, gt=0.0, le=1.0)
+    #: End the run (failed, with the fix named) when every verdict or every rewrite of a level
+    #: failed, instead of paying for the rest of a search that cannot learn.
+    stop_on_failed_level: bool = True
+
+
+@dataclass(frozen=True)
+class ProposerCalls:
+    """How the search asks for answers: the model being aligned, its layout and sampling."""
+
+    model: str
+    framing: Framing
+    max_tokens: int
+    temperature: float
+    top_p: float
+    icl_headers: ICLHeaders
+    cut_runaway: bool
+
+
+@dataclass(frozen=True)
+class CriticCalls:
+    """How the search asks for aspect selections and verdicts."""
+
+    model: str
+    mode: CriticMode
+    max_tokens: int
+    policy: CriticPolicyName
+
+
+@dataclass(frozen=True)
+class EditorCalls:
+    """How the search asks for rewrites (their number and temperature are the search's own)."""
+
+    model: str
+    max_tokens: int
+    format: Literal["json", "text"]
+    retry_unreadable: bool
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """Everything one search needs, built by the job from a run's settings
+    (:func:`drpo.jobs.optimize.search_plan`): the search never reads a job's configuration."""
+
+    search: SearchSettings
+    proposer: ProposerCalls
+    critic: CriticCalls
+    editor: EditorCalls
 
 
 @dataclass(frozen=True)
@@ -95,14 +170,14 @@ class BeamSearch:
         self,
         bus: Bus,
         run_id: str,
-        config: OptimizeConfig,
+        plan: SearchPlan,
         queries: Sequence[str],
         retrieve: Retrieve,
     ) -> None:
         self.agents = AgentClient(bus, run_id, sender="search")
         self.run_id = run_id
-        self.config = config = config.settled()
-        self.search = config.search
+        self.plan = plan
+        self.search = plan.search
         self.queries = list(queries)
         self.retrieve = retrieve
         self.health = SearchHealth(warn_share=self.search.warn_failure_share)
@@ -233,7 +308,7 @@ class BeamSearch:
         (the paper's code would crash here)."""
         reply = await self.agents.edit_prompt(
             EditPrompt(
-                model=self.config.models.editor,
+                model=self.plan.editor.model,
                 system_prompt=parent.system_prompt,
                 query=parent.query,
                 answer=parent.answer,
@@ -241,10 +316,10 @@ class BeamSearch:
                 history=parent.path_prompts[-self.search.history :],
                 n=self.search.n_actions,
                 temperature=self.search.temperature,
-                max_tokens=self.config.editor.max_tokens,
-                format=self.config.editor.format,
+                max_tokens=self.plan.editor.max_tokens,
+                format=self.plan.editor.format,
                 history_limit=self.search.history,
-                retry_unreadable=self.config.editor.retry_unreadable,
+                retry_unreadable=self.plan.editor.retry_unreadable,
             ),
             node_id=parent.node_id,
         )
@@ -281,18 +356,19 @@ class BeamSearch:
         self, prompt: str, query: str, node_id: str
     ) -> tuple[str, Critique]:
         """The proposer's answer to ``query`` under ``prompt``, and the critic's verdict on it."""
+        proposer = self.plan.proposer
         answer = await self.agents.propose(
             ProposeAnswer(
-                model=self.config.models.base,
+                model=proposer.model,
                 system_prompt=prompt,
                 icl_examples=tuple(await self.retrieve(query)),
                 query=query,
-                framing=self.config.proposer_framing(),
-                max_tokens=self.config.proposer.max_tokens,
-                temperature=self.config.proposer.temperature,
-                top_p=self.config.proposer.top_p,
-                icl_headers=self.config.proposer.icl_headers,
-                cut_runaway=self.config.proposer.cut_runaway,
+                framing=proposer.framing,
+                max_tokens=proposer.max_tokens,
+                temperature=proposer.temperature,
+                top_p=proposer.top_p,
+                icl_headers=proposer.icl_headers,
+                cut_runaway=proposer.cut_runaway,
             ),
             node_id=node_id,
         )
@@ -302,12 +378,12 @@ class BeamSearch:
         """The critic's verdict on ``answer``, on the aspects it selected for ``query``."""
         return await self.agents.judge(
             Judge(
-                model=self.config.models.critic,
+                model=self.plan.critic.model,
                 query=query,
                 answer=answer,
-                mode=self.config.critic.mode,
-                max_tokens=self.config.critic.max_tokens,
-                policy=self.config.critic.policy,
+                mode=self.plan.critic.mode,
+                max_tokens=self.plan.critic.max_tokens,
+                policy=self.plan.critic.policy,
             ),
             node_id=node_id,
         )
@@ -355,10 +431,10 @@ class BeamSearch:
         await self.agents.select_aspects(
             SelectAspects(
                 query=query,
-                model=self.config.models.critic,
-                max_tokens=self.config.critic.max_tokens,
-                mode=self.config.critic.mode,
-                policy=self.config.critic.policy,
+                model=self.plan.critic.model,
+                max_tokens=self.plan.critic.max_tokens,
+                mode=self.plan.critic.mode,
+                policy=self.plan.critic.policy,
                 background=ahead_of_need,
             )
         )

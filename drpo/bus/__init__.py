@@ -10,7 +10,7 @@ from drpo.bus.bus import (
     Subscription,
     UnknownTopicError,
 )
-from drpo.bus.messages import Envelope, Payload
+from drpo.bus.envelope import Envelope, Failure
 
 __all__ = [
     "FAILURES_TOPIC",
@@ -18,8 +18,8 @@ __all__ = [
     "Bus",
     "BusError",
     "Envelope",
+    "Failure",
     "NoServerError",
-    "Payload",
     "RemoteError",
     "Subscription",
     "UnknownTopicError",

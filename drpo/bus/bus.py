@@ -8,7 +8,7 @@ Why these rules:
   :class:`UnknownTopicError`; a request to a topic with no server raises :class:`NoServerError` at
   once instead of timing out; a reply whose request is no longer waiting (it timed out, or was
   never made) still reaches the tap, is counted in :attr:`Bus.orphan_replies` and logged; a
-  handler that raises answers its requester with a :class:`~drpo.bus.messages.Failure`, which
+  handler that raises answers its requester with a :class:`~drpo.bus.envelope.Failure`, which
   :meth:`Bus.request` raises as :class:`RemoteError`.
 * **One tap sees everything.** The recorder subscribes to the tap and persists every envelope,
   requests and replies alike, in the order they were published.
@@ -22,13 +22,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic
 
 import anyio
 import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from drpo.bus.messages import Envelope, Failure, Payload
+from drpo.bus.envelope import Envelope, Failure, P
 
 log = structlog.get_logger("drpo.bus")
 
@@ -127,11 +128,14 @@ class _Pending:
     error: BaseException | None = None
 
 
-Handler = Callable[[Envelope], Awaitable[Payload | None]]
+#: Answers one request: the reply's payload, or None for a message that expects no reply.
+Handler = Callable[[Envelope[P]], Awaitable[P | None]]
 
 
-class Bus:
-    """Topic-based publish/subscribe with bounded buffers, request/reply and a tap."""
+class Bus(Generic[P]):
+    """Topic-based publish/subscribe with bounded buffers, request/reply and a tap, carrying
+    payloads of type ``P`` (the search's messages, :mod:`drpo.domain`) without looking inside
+    them."""
 
     def __init__(self, *, buffer_size: int = 1024, orphan_log_size: int = 1000) -> None:
         self.buffer_size = buffer_size
@@ -210,7 +214,7 @@ class Bus:
     async def emit(
         self,
         topic: str,
-        payload: Payload,
+        payload: P,
         *,
         sender: str,
         run_id: str | None = None,
@@ -234,7 +238,7 @@ class Bus:
     async def request(
         self,
         topic: str,
-        payload: Payload,
+        payload: P,
         *,
         sender: str,
         run_id: str | None = None,
@@ -276,7 +280,7 @@ class Bus:
             raise RemoteError(reply.payload, reply, pending.error)
         return reply
 
-    async def reply(self, request: Envelope, payload: Payload, *, sender: str) -> bool:
+    async def reply(self, request: Envelope, payload: P, *, sender: str) -> bool:
         """Answer ``request``. Returns False when no one was waiting (the reply is an orphan)."""
         envelope = Envelope(
             payload=payload,
@@ -312,7 +316,7 @@ class Bus:
     async def serve(
         self,
         topic: str,
-        handler: Handler,
+        handler: Handler[P],
         *,
         sender: str,
         task_group: TaskGroup,
@@ -337,14 +341,14 @@ class Bus:
 
     async def _handle(
         self,
-        handler: Handler,
+        handler: Handler[P],
         envelope: Envelope,
         sender: str,
         limiter: anyio.CapacityLimiter | None,
     ) -> None:
         try:
             try:
-                result: Payload | None = await handler(envelope)
+                result: P | Failure | None = await handler(envelope)
             except anyio.get_cancelled_exc_class():
                 raise
             except Exception as exc:  # a failing handler must not take the bus down

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from drpo.bus.messages import ICLExample
+from drpo.domain.values import ICLExample
 
 QUERY_FIELDS = ("instruction", "query")
 TRAIN_KINDS = ("helpful", "knowledge", "advice", "creative", "harmful")

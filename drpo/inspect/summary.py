@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from drpo.bus.messages import LevelCompleted
+from drpo.domain.events import LevelCompleted
 from drpo.runs.store import RoleTotals, RunRecord, RunStore, RunTotals
 
 

@@ -19,26 +19,21 @@ from rich.text import Text
 
 from drpo.agents.client import SERVICE_AGENTS
 from drpo.bus.bus import FAILURES_TOPIC, REPLIES_TOPIC
-from drpo.bus.messages import (
+from drpo.bus.envelope import Envelope, Failure
+from drpo.domain.events import LevelCompleted, NodeCreated, Note, RunFinished, RunStarted
+from drpo.domain.requests import (
     Answer,
     AnswerRewritten,
     AspectsSelected,
-    Critique,
     EditAnswer,
     EditPrompt,
-    Envelope,
-    Failure,
     Judge,
     Judged,
-    LevelCompleted,
-    NodeCreated,
-    Note,
     PromptCandidates,
     ProposeAnswer,
-    RunFinished,
-    RunStarted,
     SelectAspects,
 )
+from drpo.domain.values import Critique
 from drpo.inspect.common import JSON_FORMAT, clock, excerpt, open_readonly, print_json_line
 from drpo.runs.schema import TERMINAL_STATUSES
 from drpo.runs.store import RunStore

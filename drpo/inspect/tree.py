@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.text import Text
 from rich.tree import Tree
 
-from drpo.bus.messages import Envelope, LevelCompleted, NodeCreated, RunFinished
+from drpo.bus.envelope import Envelope
+from drpo.domain.events import LevelCompleted, NodeCreated, RunFinished
 from drpo.inspect.common import JSON_FORMAT, excerpt, first_line, open_readonly, print_json
 from drpo.inspect.diff import changed_line, diff_stats, word_diff
 from drpo.runs.store import RunRecord, RunStore

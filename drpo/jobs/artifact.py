@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from drpo.bus.messages import ICLExample
 from drpo.data.files import write_atomically
+from drpo.domain.values import ICLExample
 
 ARTIFACT_FORMAT = "drpo.aligned-prompt/2"
 #: Format 1 called the inference layout "chat"; format 2 calls it "inference" and uses "chat"

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from drpo.agents.search import SearchSettings
 from drpo.backends.kinds import (
     DEFAULT_MODEL,
     is_chat_only,
@@ -37,7 +38,7 @@ from drpo.backends.kinds import (
     validate_endpoints,
 )
 from drpo.backends.settings import KindSettings
-from drpo.bus.messages import CriticMode, CriticPolicyName, Framing, ICLHeaders
+from drpo.domain.requests import CriticMode, CriticPolicyName, Framing, ICLHeaders
 
 
 class ConfigError(ValueError):
@@ -60,31 +61,6 @@ class ModelsSettings(_Settings):
         for spec in (self.base, self.critic, self.editor):
             parse_model_spec(spec)
         return self
-
-
-class SearchSettings(_Settings):
-    """The beam search (spec §3): defaults are the paper's CLI defaults."""
-
-    beam_size: int = Field(default=2, ge=1)
-    n_actions: int = Field(default=3, ge=1)
-    depth: int = Field(default=20, ge=2)
-    depth_extension: int = Field(default=10, ge=0)
-    temperature: float = Field(default=0.2, ge=0.0, le=2.0)
-    #: Skip the rewrite when a node's reward is above this (the paper hard-codes 4.5).
-    skip_threshold: float = 4.5
-    #: How many past prompts the editor sees (the paper hard-codes 5).
-    history: int = Field(default=5, ge=1)
-    num_train_queries: int = Field(default=180, ge=2)
-    initial_prompt: str = "You are a helpful assistant."
-    #: Seed of the training-query order (recorded with the run; the paper's order is unseeded).
-    seed: int = 0
-    #: Off by default (0): re-score the final beam's prompts on this many unseen queries.
-    held_out_queries: int = Field(default=0, ge=0)
-    #: Warn once this share of verdicts (or of rewrites) could not be read.
-    warn_failure_share: float = Field(default=0.5, gt=0.0, le=1.0)
-    #: End the run (failed, with the fix named) when every verdict or every rewrite of a level
-    #: failed, instead of paying for the rest of a search that cannot learn.
-    stop_on_failed_level: bool = True
 
 
 class ProposerSettings(_Settings):

@@ -22,7 +22,9 @@ from pydantic import ValidationError
 from drpo.agents.client import AgentClient
 from drpo.agents.retrieval import ICLRetriever
 from drpo.backends.kinds import DEFAULT_MODEL, is_chat_only, validate_endpoints
-from drpo.bus.messages import Framing, ICLExample, ProposeAnswer, RunStarted
+from drpo.domain.events import RunStarted
+from drpo.domain.requests import Framing, ProposeAnswer
+from drpo.domain.values import ICLExample
 from drpo.jobs.artifact import AlignedPrompt, ArtifactError
 from drpo.jobs.config import BudgetSettings, GenerateSettings, OptimizeConfig
 from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions

@@ -25,16 +25,10 @@ import structlog
 
 from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.client import AgentClient
-from drpo.bus.messages import (
-    Critique,
-    EditAnswer,
-    ICLExample,
-    Judge,
-    Note,
-    RunStarted,
-    SelectAspects,
-)
 from drpo.data.files import write_atomically
+from drpo.domain.events import Note, RunStarted
+from drpo.domain.requests import EditAnswer, Judge, SelectAspects
+from drpo.domain.values import Critique, ICLExample
 from drpo.jobs.config import BudgetSettings, OptimizeConfig
 from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
 from drpo.jobs.session import Session

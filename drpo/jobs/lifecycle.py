@@ -38,7 +38,7 @@ from drpo.agents.prompts import PROMPTS_VERSION
 from drpo.agents.runtime import RunContext
 from drpo.backends.kinds import validate_endpoints
 from drpo.bus import RemoteError
-from drpo.bus.messages import RunFinished, RunStarted
+from drpo.domain.events import RunFinished, RunStarted
 from drpo.jobs.config import BudgetSettings
 from drpo.jobs.session import Session
 from drpo.runs.journal import KEY_FORMAT, JournaledCaller

@@ -18,15 +18,23 @@ import structlog
 
 from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.retrieval import ICLRetriever
-from drpo.agents.search import BeamSearch, SearchResult
+from drpo.agents.search import (
+    BeamSearch,
+    CriticCalls,
+    EditorCalls,
+    ProposerCalls,
+    SearchPlan,
+    SearchResult,
+)
 from drpo.backends.registry import BackendRegistry
-from drpo.bus.messages import ICLExample, RunStarted
 from drpo.data.loaders import (
     default_icl_examples,
     default_train_queries,
     load_icl_examples,
     load_queries,
 )
+from drpo.domain.events import RunStarted
+from drpo.domain.values import ICLExample
 from drpo.jobs.artifact import AlignedPrompt, LevelTrace
 from drpo.jobs.config import BudgetSettings, OptimizeConfig
 from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
@@ -183,7 +191,7 @@ async def run_search(
     async def retrieve(query: str) -> list[ICLExample]:
         return await retriever.atop_k(query, k) if k else []
 
-    search = BeamSearch(session.bus, run_id, config, queries, retrieve)
+    search = BeamSearch(session.bus, run_id, search_plan(config), queries, retrieve)
     if on_level is not None:
 
         def level_done(level: int, limit: int, best: float, mean: float) -> None:
@@ -221,6 +229,36 @@ async def run_search(
 
     return await lifecycle.run(
         job, RunStarted(config=record.config["settings"], queries=tuple(queries))
+    )
+
+
+def search_plan(config: OptimizeConfig) -> SearchPlan:
+    """What the search needs of a run's settings, made concrete for its models."""
+    config = config.settled()
+    proposer, critic, editor = config.proposer, config.critic, config.editor
+    return SearchPlan(
+        search=config.search,
+        proposer=ProposerCalls(
+            model=config.models.base,
+            framing=config.proposer_framing(),
+            max_tokens=proposer.max_tokens,
+            temperature=proposer.temperature,
+            top_p=proposer.top_p,
+            icl_headers=proposer.icl_headers,
+            cut_runaway=proposer.cut_runaway,
+        ),
+        critic=CriticCalls(
+            model=config.models.critic,
+            mode=critic.mode,
+            max_tokens=critic.max_tokens,
+            policy=critic.policy,
+        ),
+        editor=EditorCalls(
+            model=config.models.editor,
+            max_tokens=editor.max_tokens,
+            format=editor.format,
+            retry_unreadable=editor.retry_unreadable,
+        ),
     )
 
 

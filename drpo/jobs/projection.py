@@ -164,7 +164,7 @@ def estimate_tokens_per_call(config: OptimizeConfig) -> dict[str, TokensPerCall]
         selection_prompt,
     )
     from drpo.agents.proposer import build_answer_request
-    from drpo.bus.messages import Critique, ICLExample
+    from drpo.domain.values import Critique, ICLExample
 
     catalogue = AspectCatalogue.load_default().with_custom(list(config.critic.custom_aspects))
     aspects = list(catalogue)

@@ -24,7 +24,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from drpo.bus.bus import Bus, Subscription
-from drpo.bus.messages import Envelope
+from drpo.bus.envelope import Envelope
 from drpo.runs.store import RunStore, message_row
 
 

@@ -29,13 +29,16 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import aiosqlite
 import anyio
 import anyio.to_thread
+from pydantic import Field
 
-from drpo.bus.messages import AspectSelection, Envelope
+from drpo.bus.envelope import Envelope, Failure
+from drpo.domain.messages import MESSAGE_TYPES
+from drpo.domain.values import AspectSelection
 from drpo.runs.paths import default_db_path
 from drpo.runs.schema import (
     APPLICATION_ID,
@@ -87,6 +90,12 @@ class RunRecord:
     updated_at: float
     result: Any
     error: str | None
+
+
+#: What the message log holds: the search's messages and the bus's failures, told apart by kind.
+StoredPayload = Annotated[Union[(*MESSAGE_TYPES, Failure)], Field(discriminator="kind")]
+#: An envelope as the message log reads it back.
+StoredEnvelope = Envelope[StoredPayload]
 
 
 @dataclass(frozen=True, slots=True)
@@ -575,7 +584,7 @@ class RunStore:
             page_params = [params[0], last, *params[1:], page_size]
             rows = await self._fetchall(sql, page_params)
             for row in rows:
-                yield StoredMessage(row[0], Envelope.model_validate_json(row[1]))
+                yield StoredMessage(row[0], StoredEnvelope.model_validate_json(row[1]))
             if len(rows) < page_size:
                 return
             last = rows[-1][0]

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drpo.bus.messages import AspectSelection, ICLExample
 from drpo.data.loaders import DataFormatError
+from drpo.domain.values import AspectSelection, ICLExample
 from drpo.jobs.artifact import AlignedPrompt, ArtifactError
 from drpo.jobs.generate import DEFAULT_SYSTEM_PROMPT
 

@@ -32,16 +32,9 @@ from drpo.backends.kinds import (
     parse_model_spec,
     validate_endpoints,
 )
-from drpo.bus.messages import (
-    CriticMode,
-    CriticPolicyName,
-    Framing,
-    ICLExample,
-    Judge,
-    Note,
-    ProposeAnswer,
-    RunStarted,
-)
+from drpo.domain.events import Note, RunStarted
+from drpo.domain.requests import CriticMode, CriticPolicyName, Framing, Judge, ProposeAnswer
+from drpo.domain.values import ICLExample
 from drpo.jobs.config import BudgetSettings
 from drpo.jobs.evaluation.protocol import EvalPrompt, EvalQuery, selection_for
 from drpo.jobs.evaluation.stats import summarize
