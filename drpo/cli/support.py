@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import anyio
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from drpo.runs.paths import default_db_path
 
@@ -108,7 +109,8 @@ class UserError(Exception):
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # the message is text, not markup: "pip install 'drpo[otel]'" must print as written
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
     return typer.Exit(code)
 
 

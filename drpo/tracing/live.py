@@ -242,23 +242,29 @@ async def _follow_main(db: Path, url: str, content: bool, flush_timeout_s: float
                     await follower.poll()
                 tg.cancel_scope.cancel()
             await follower.finish()
-        _shutdown(processor, flush_timeout_s)
-        if exporter.dropped and not exporter.warned:
+        # a collector that is down gets no long goodbye: the run's process is waiting to exit
+        timeout_s = 1.0 if exporter.failing else flush_timeout_s
+        if not _shutdown(processor, timeout_s) and not exporter.warned:
+            exporter.warned = True  # its export thread, still trying, must not warn again
+            why = "no collector answered" if not exporter.sent else "the collector was too slow"
+            _warn(
+                f"tracing: could not send spans to {url} ({why} within {timeout_s:g} s); "
+                "the run went on without them, and `drpo runs export RUN --otlp URL` sends "
+                "its trace later"
+            )
+        elif exporter.dropped and not exporter.warned:
             _warn(f"tracing: {exporter.dropped} spans were not sent to {url}")
+    sys.stderr.flush()
+    os._exit(0)  # an exporter thread may still be stuck on the collector: leave it
 
 
-def _shutdown(processor: Any, timeout_s: float) -> None:
-    """Flush and stop the batch processor, giving a slow collector ``timeout_s`` at most."""
+def _shutdown(processor: Any, timeout_s: float) -> bool:
+    """Flush and stop the batch processor, giving the collector ``timeout_s`` at most; False
+    when that was not enough."""
     done = threading.Thread(target=processor.shutdown, daemon=True)
     done.start()
     done.join(timeout_s)
-    if done.is_alive():
-        _warn(
-            f"tracing: the collector did not take the last spans within {timeout_s:g} s; "
-            "`drpo runs export RUN --otlp URL` sends the whole trace again"
-        )
-        sys.stderr.flush()
-        os._exit(0)  # the exporter's thread is stuck on the collector: leave it
+    return not done.is_alive()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -266,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--url", required=True)
     parser.add_argument("--content", action="store_true")
-    parser.add_argument("--flush-timeout", type=float, default=10.0)
+    parser.add_argument("--flush-timeout", type=float, default=5.0)
     args = parser.parse_args(argv)
     anyio.run(_follow_main, args.db, args.url, args.content, args.flush_timeout)
 

@@ -142,6 +142,8 @@ def warn_once_exporter(
             self.warned = False
             self.dropped = 0
             self.sent = 0
+            #: The last export failed: the collector is down (or refusing) right now.
+            self.failing = False
 
         def export(self, spans: Sequence[Any]) -> Any:
             try:
@@ -150,7 +152,8 @@ def warn_once_exporter(
                 result, reason = SpanExportResult.FAILURE, f"{type(exc).__name__}: {exc}"
             else:
                 reason = (logs.last if logs else None) or "the collector did not take them"
-            if result is SpanExportResult.SUCCESS:
+            self.failing = result is not SpanExportResult.SUCCESS
+            if not self.failing:
                 self.sent += len(spans)
                 return result
             self.dropped += len(spans)

@@ -83,7 +83,7 @@ class TraceSettings(BaseModel):
     #: Put prompt and answer text into the spans (opt-in, as the conventions require).
     content: bool = False
     #: Longest wait, when the process ends, for the collector to take the last spans.
-    flush_timeout_s: float = Field(default=10.0, gt=0)
+    flush_timeout_s: float = Field(default=5.0, gt=0)
 
     @field_validator("endpoint")
     @classmethod
