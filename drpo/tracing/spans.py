@@ -723,17 +723,33 @@ class TraceBuilder:
         if self.content:
             attributes.update(_call_content(row.request, response))
         end = row.updated_at
-        start = max(not_before, end - row.latency_s)
+        start = min(end, max(not_before, end - row.latency_s))
+        span_id = span_id_of(self.run.run_id, "call", row.key, row.tries)
+        return self._call_span(row, span_id, parent, (start, end), attributes, error)
+
+    def _call_span(
+        self,
+        row: CallRecord,
+        span_id: int,
+        parent: int,
+        window: tuple[float, float],
+        attributes: dict[str, AttributeValue],
+        error: str | None = None,
+        links: tuple[int, ...] = (),
+    ) -> SpanRecord:
+        """A model call's span: named ``{operation} {model}``, a client span unless the model
+        runs in this process."""
         return SpanRecord(
             self.trace_id,
-            span_id_of(self.run.run_id, "call", row.key, row.tries),
+            span_id,
             parent,
             f"{attributes['gen_ai.operation.name']} {row.model}",
             "internal" if row.backend == "local" else "client",
-            _ns(min(start, end)),
-            _ns(end),
+            _ns(window[0]),
+            _ns(window[1]),
             attributes,
             error,
+            links,
         )
 
     def _replay_span(
@@ -745,17 +761,9 @@ class TraceBuilder:
         if self.content:
             attributes.update(_call_content(row.request, response))
         made = self._made_span.get(row.id or -1)
-        return SpanRecord(
-            self.trace_id,
-            span_id_of(self.run.run_id, "replay", row.key, attempt.index),
-            parent,
-            f"{attributes['gen_ai.operation.name']} {row.model}",
-            "internal" if row.backend == "local" else "client",
-            _ns(at),
-            _ns(at),
-            attributes,
-            links=(made,) if made is not None else (),
-        )
+        span_id = span_id_of(self.run.run_id, "replay", row.key, attempt.index)
+        links = (made,) if made is not None else ()
+        return self._call_span(row, span_id, parent, (at, at), attributes, links=links)
 
 
 # ------------------------------------------------------------------------------------ helpers
