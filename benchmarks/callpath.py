@@ -41,6 +41,11 @@ Measured, side by side in one run:
    ``--latency`` (50 ms) of latency, with ``--callers`` (512) callers and the endpoint's default
    in-flight limit; target >= 1,000 calls/s. Client and server CPU utilisation are printed.
 
+3. With ``--trace``: drpo's full path again with live tracing on (``drpo.tracing.live``: a
+   follower process reads the run's committed rows and sends OTLP/HTTP to a sink on loopback,
+   itself a process of its own): the added CPU per call in this process (target < 5 %), and the
+   follower's own CPU per call (its start-up, measured on an empty run, taken off).
+
 CPU time is the figure to trust on a busy machine (wall-clock rates also count other
 programs), and the load average is printed before and after (the machine's other work shows
 in the spread); ``--profile MODE`` writes a cProfile of one more round of that client to
@@ -75,6 +80,7 @@ import httpx2  # noqa: E402
 import openai  # noqa: E402
 import psutil  # noqa: E402
 
+from drpo.agents.client import EVENTS, PROPOSE  # noqa: E402
 from drpo.backends.base import ChatMessage, CompletionRequest  # noqa: E402
 from drpo.backends.openai_api import (  # noqa: E402
     DEFAULT_HTTP_CLIENT,
@@ -83,11 +89,14 @@ from drpo.backends.openai_api import (  # noqa: E402
 )
 from drpo.backends.ratelimit import RateLimits  # noqa: E402
 from drpo.bus import Bus, Envelope  # noqa: E402
+from drpo.domain.events import RunFinished, RunStarted  # noqa: E402
 from drpo.domain.requests import Answer, ProposeAnswer  # noqa: E402
 from drpo.jobs.session import quiet_collector  # noqa: E402
 from drpo.runs.journal import JournaledCaller  # noqa: E402
 from drpo.runs.recorder import recording  # noqa: E402
 from drpo.runs.store import RunStore  # noqa: E402
+from drpo.tracing.live import LiveTracer  # noqa: E402
+from drpo.tracing.settings import TraceSettings  # noqa: E402
 
 MODEL = "sim"
 TOPIC = "agent.bench"
@@ -330,17 +339,26 @@ async def run_drpo(
     record: bool = True,
     mode: str | None = None,
     http: HttpClientKind = DEFAULT_HTTP_CLIENT,
+    trace_url: str | None = None,
     **options: Any,
 ) -> Sample:
     """drpo's full path; ``bus_layer=False`` calls the journal directly, ``record=False``
     leaves the recorder out (the layers one by one, for the breakdown); ``http`` is the
-    backend's HTTP client."""
+    backend's HTTP client; ``trace_url``: traced live to that OTLP/HTTP URL (the requests go
+    to the proposer's topic, between a run's start and end events, as in a real run)."""
     mode = mode or _mode("drpo", http)
+    topic = PROPOSE.topic if trace_url else TOPIC
     # as drpo runs calls: inside a session's garbage-collector policy (drpo.jobs.session)
     with tempfile.TemporaryDirectory(prefix="drpo-callpath-") as folder, quiet_collector():
         async with RunStore.open(Path(folder) / "bench.db") as store:
             run_id = await store.create_run("bench")
             bus = Bus()
+            bus.declare(EVENTS)
+            tracer = None
+            if trace_url is not None:
+                tracer = LiveTracer(store.path, TraceSettings(enabled=True, endpoint=trace_url))
+                await tracer.follow(run_id)
+                await bus.emit(EVENTS, RunStarted(), sender="search", run_id=run_id)
             journal = JournaledCaller(store, run_id)
             backend = OpenAIBackend(MODEL, base_url=server.base_url, limits=limits, http=http)
             recorder = recording(bus, store) if record else nullcontext()
@@ -356,13 +374,13 @@ async def run_drpo(
 
                 ready = anyio.Event()
                 tg.start_soon(
-                    lambda: bus.serve(TOPIC, handle, sender="agent", task_group=tg, ready=ready)
+                    lambda: bus.serve(topic, handle, sender="agent", task_group=tg, ready=ready)
                 )
                 await ready.wait()
 
                 async def call(i: int) -> str:
                     reply = await bus.request(
-                        TOPIC,
+                        topic,
                         ProposeAnswer(model=MODEL, system_prompt="", query=str(i)),
                         sender="search",
                         run_id=run_id,
@@ -379,7 +397,13 @@ async def run_drpo(
                 sample = await _measure(
                     mode, call if bus_layer else call_journal, server, **options
                 )
+                if tracer is not None:
+                    await bus.emit(
+                        EVENTS, RunFinished(status="finished"), sender="search", run_id=run_id
+                    )
                 tg.cancel_scope.cancel()
+            if tracer is not None:
+                await tracer.aclose()
     return sample
 
 
@@ -404,6 +428,88 @@ RUNNERS: dict[str, Callable[..., Awaitable[Sample]]] = {
     **{f"backend:{kind}": partial(run_backend, http=kind) for kind in OTHER_CLIENTS},
     **{f"drpo:{kind}": partial(run_drpo, http=kind) for kind in OTHER_CLIENTS},
 }
+
+
+# ------------------------------------------------------------------------------------ tracing
+
+#: A collector that takes every OTLP/HTTP request and keeps nothing (a process of its own).
+_SINK = """
+import sys
+from aiohttp import web
+async def take(request):
+    await request.read()
+    return web.Response(status=200, content_type="application/x-protobuf", body=b"")
+app = web.Application(client_max_size=256 * 2**20)
+app.router.add_post("/v1/traces", take)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
+
+
+@contextmanager
+def trace_sink() -> Iterator[str]:
+    """An OTLP/HTTP sink on loopback; yields its base URL."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", _SINK, str(port)])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the trace sink did not start") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def _children_cpu_s() -> float:
+    """CPU of this process's finished (reaped) children: the tracing follower once it ended."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure_tracing(server: Server, args: Any, options: dict[str, Any]) -> None:
+    """drpo's full path without and with live tracing, interleaved; prints part 3."""
+    plain: list[Sample] = []
+    traced: list[tuple[Sample, float]] = []
+    with trace_sink() as url:
+        before = _children_cpu_s()
+        anyio.run(lambda: run_drpo(server, profile=None, trace_url=url, calls=0, concurrency=1,
+                                   warmup=0))  # fmt: skip
+        startup = _children_cpu_s() - before  # a follower that follows a run of no calls
+        for round_ in range(args.rounds):
+            plain.append(anyio.run(lambda: run_drpo(server, profile=None, **options)))
+            before = _children_cpu_s()
+            sample = anyio.run(lambda: run_drpo(server, profile=None, trace_url=url, **options))
+            traced.append((sample, _children_cpu_s() - before))
+            print(
+                f"  round {round_ + 1} drpo {plain[-1].cpu_us_per_call:5.0f} us/call, traced "
+                f"{sample.cpu_us_per_call:5.0f} us/call (+ follower {traced[-1][1]:.2f} s)",
+                file=sys.stderr,
+            )
+    base = _best(plain)
+    best, follower_s = min(traced, key=lambda item: item[0].cpu_s / item[0].calls)
+    traced_calls = best.calls + options["warmup"]
+    follower_us = max(0.0, follower_s - startup) / traced_calls * 1e6
+    added = best.cpu_us_per_call / base.cpu_us_per_call - 1
+    print(
+        f"\nLive tracing (--trace), drpo full path, {args.calls} calls, {args.concurrency} callers, "
+        f"best of {args.rounds} rounds:\n"
+        f"  this process: {base.cpu_us_per_call:.0f} us/call untraced, "
+        f"{best.cpu_us_per_call:.0f} us/call traced: {added:+.1%} (target < +5 %)\n"
+        f"  the follower process (reads the store, builds 2 spans a call, OTLP to a sink): "
+        f"{follower_us:.0f} us/call of its own CPU, after {startup:.2f} s to start"
+    )
 
 
 # ------------------------------------------------------------------------------------ report
@@ -449,6 +555,9 @@ def main() -> None:
     )
     parser.add_argument("--profile", choices=ORDER, default=None, help="profile this client")
     parser.add_argument("--top", type=int, default=40, help="profile entries to print")
+    parser.add_argument(
+        "--trace", action="store_true", help="also part 3: the CPU live tracing adds per call"
+    )
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in RUNNERS]
@@ -490,8 +599,15 @@ def main() -> None:
             )
             name = args.profile.replace(":", "-")
             profiled = _profile_report(profile, Path(f"callpath-{name}.prof"), args.top)
+        traced = io.StringIO()
+        if args.trace:
+            from contextlib import redirect_stdout
+
+            with redirect_stdout(traced):
+                measure_tracing(server, args, options)
     print(f"load average {_load()} at the end", file=sys.stderr)
     _print_report(rounds, throughput, args)
+    print(traced.getvalue(), end="")
     if profiled:
         print(f"\ncProfile of one round of {args.profile} (by own time):")
         print(profiled)

@@ -128,8 +128,8 @@ def test_no_import_cycle_in_drpo() -> None:
 #: The layers of drpo, lowest first: a module may import only from its own layer or a lower one.
 #: The domain (the search's values, messages and reward rule) imports nothing of ours; the bus
 #: carries the domain's values without importing them; backends know requests and completions;
-#: runs keep what the bus and backends produce; agents use all of those; the views, the jobs,
-#: and the two front doors (the Python API and the command) sit on top.
+#: runs keep what the bus and backends produce; agents use all of those; the views, the traces,
+#: the jobs, and the two front doors (the Python API and the command) sit on top.
 LAYERS: tuple[str, ...] = (
     "domain",
     "data",
@@ -138,6 +138,7 @@ LAYERS: tuple[str, ...] = (
     "runs",
     "agents",
     "inspect",
+    "tracing",
     "jobs",
     "api",
     "cli",

@@ -38,6 +38,17 @@ class AspectKey:
         return f"aspects:{self.query_hash[:16]}"
 
 
+def selection_query_hash(query: str, mode: CriticMode, variant: str) -> str:
+    """The query part of a selection's key: the query with how it is selected."""
+    return query_hash(f"{variant}/{mode}\x00{query}")
+
+
+def selection_place(query: str, mode: CriticMode, variant: str) -> str:
+    """Where the selection for ``query`` makes its model calls in a run's journal (see
+    :attr:`AspectKey.place`), for readers of the journal such as the trace builder."""
+    return AspectKey(selection_query_hash(query, mode, variant), "", "").place
+
+
 def is_fallback(selection: AspectSelection) -> bool:
     return selection.analysis.get(FALLBACK_MARK[0]) == FALLBACK_MARK[1]
 
@@ -59,7 +70,7 @@ class AspectCache:
         catalogue: AspectCatalogue,
     ) -> AspectKey:
         return AspectKey(
-            query_hash=query_hash(f"{variant}/{mode}\x00{query}"),
+            query_hash=selection_query_hash(query, mode, variant),
             model=model,
             version=f"{catalogue.version}:{PROMPTS_VERSION}:{policy.selection_version}",
         )

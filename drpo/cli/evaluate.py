@@ -15,6 +15,9 @@ from rich.table import Table
 
 from drpo.cli.support import (
     DbOption,
+    TraceContentOption,
+    TraceEndpointOption,
+    TraceOption,
     UserError,
     console,
     err_console,
@@ -22,6 +25,7 @@ from drpo.cli.support import (
     report_outcome,
     resolve_db,
     run_async,
+    trace_settings,
 )
 from drpo.data.files import write_atomically
 from drpo.inspect.evaluation import format_difference, format_number
@@ -164,6 +168,9 @@ def eval_command(
     json_out: Annotated[
         Path | None, typer.Option(help="Write the results, with every answer and score, as JSON.")
     ] = None,
+    trace: TraceOption = False,
+    trace_endpoint: TraceEndpointOption = None,
+    trace_content: TraceContentOption = False,
     db: DbOption = None,
 ) -> None:
     """Evaluate prompts on a query set (just-eval-instruct protocol), paired against the first."""
@@ -204,12 +211,23 @@ def eval_command(
             max_calls=max_calls,
             max_cost=max_cost,
         )
-    _evaluate(db_path, plan, resume, name=name, concurrency=concurrency, json_out=json_out)
+    traced = trace_settings(trace, trace_endpoint, trace_content)
+    _evaluate(
+        db_path,
+        plan,
+        resume,
+        name=name,
+        concurrency=concurrency,
+        json_out=json_out,
+        trace=traced,
+    )
 
 
-def resume_evaluation(db: Path, run_id: str, *, budget: Any, force: bool) -> None:
+def resume_evaluation(
+    db: Path, run_id: str, *, budget: Any, force: bool, trace: Any = None
+) -> None:
     """``drpo resume`` of an evaluation: the missing calls, then the report."""
-    _evaluate(db, None, run_id, budget=budget, force=force)
+    _evaluate(db, None, run_id, budget=budget, force=force, trace=trace)
 
 
 def _evaluate(
@@ -222,8 +240,9 @@ def _evaluate(
     json_out: Path | None = None,
     budget: Any = None,
     force: bool = False,
+    trace: Any = None,
 ) -> None:
-    outcome = run_async(_eval_main, db, plan, resume, name, concurrency, budget, force)
+    outcome = run_async(_eval_main, db, plan, resume, name, concurrency, budget, force, trace)
     if outcome.result is not None:
         print_report(outcome.result)
     if json_out is not None:
@@ -345,6 +364,7 @@ async def _eval_main(
     concurrency: Any,
     budget: Any = None,
     force: bool = False,
+    trace: Any = None,
 ) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -384,7 +404,7 @@ async def _eval_main(
             disable=not err_console.is_terminal,
         )
         task = progress.add_task(f"eval {run_id[:8]}", total=total)
-        async with agent_session(store) as session:
+        async with agent_session(store, trace=trace) as session:
             with progress:
                 return await run_eval(
                     session,

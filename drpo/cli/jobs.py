@@ -18,13 +18,19 @@ import typer
 
 from drpo.cli.support import (
     DbOption,
+    TraceContentOption,
+    TraceEndpointOption,
+    TraceOption,
     UserError,
+    checked_trace,
     console,
     err_console,
     fail,
     report_outcome,
     resolve_db,
     run_async,
+    trace_layer,
+    trace_settings,
 )
 from drpo.runs.paths import logs_dir
 
@@ -92,6 +98,9 @@ def optimize(
     max_calls: MaxCallsOption = None,
     name: Annotated[str | None, typer.Option(help="A name for the run.")] = None,
     out: Annotated[Path | None, typer.Option(help="Artifact path (a folder for a sweep).")] = None,
+    trace: TraceOption = False,
+    trace_endpoint: TraceEndpointOption = None,
+    trace_content: TraceContentOption = False,
     db: DbOption = None,
 ) -> None:
     """Search for the system prompt that aligns the base model (the paper's main job)."""
@@ -110,6 +119,7 @@ def optimize(
         "critic": {"mode": judge_mode},
         "data": {"train": str(train) if train else None, "icl": str(icl) if icl else None},
         "budget": {"max_cost_usd": max_cost, "max_calls": max_calls},
+        "trace": trace_layer(trace, trace_endpoint, trace_content),
     }
     configs = []
     for model in base_model or [None]:
@@ -141,6 +151,8 @@ def run_plans(
     from drpo.runs.logs import configure_logging
 
     configure_logging(log_folder=logs_dir(db))
+    if configs:
+        checked_trace(configs[0].trace)
     plans = []
     for index, config in enumerate(configs):
         run_id = resume_ids[index] if resume_ids else None
@@ -229,11 +241,16 @@ def resume(
     out: Annotated[
         Path | None, typer.Option(help="Artifact path (a search), instead of the recorded one.")
     ] = None,
+    trace: TraceOption = False,
+    trace_endpoint: TraceEndpointOption = None,
+    trace_content: TraceContentOption = False,
     db: DbOption = None,
 ) -> None:
     """Continue a run of any kind: recorded calls are answered from the journal, for free."""
     from drpo.jobs.config import BudgetSettings, OptimizeConfig
+    from drpo.tracing.settings import TraceSettings
 
+    traced = trace_settings(trace, trace_endpoint, trace_content)
     db_path = resolve_db(db)
     record = run_async(_load_run, db_path, run)
     if record.status == "finished":
@@ -241,18 +258,23 @@ def resume(
     if record.kind == "optimize":
         config = OptimizeConfig.model_validate(record.config["settings"])
         override = BudgetSettings(max_cost_usd=max_cost, max_calls=max_calls)
-        config = config.model_copy(update={"budget": config.budget.overridden_by(override)})
+        config = config.model_copy(
+            update={
+                "budget": config.budget.overridden_by(override),
+                "trace": traced or TraceSettings(),
+            }
+        )
         run_plans([config], db=db_path, artifact=out, resume_ids=[record.run_id], force=force)
         return
     budget = BudgetSettings(max_cost_usd=max_cost, max_calls=max_calls)
     if record.kind == "icl":
-        _run_icl(db_path, record.run_id, budget=budget, force=force)
+        _run_icl(db_path, record.run_id, budget=budget, force=force, trace=traced)
     elif record.kind == "eval":
         from drpo.cli.evaluate import resume_evaluation
 
-        resume_evaluation(db_path, record.run_id, budget=budget, force=force)
+        resume_evaluation(db_path, record.run_id, budget=budget, force=force, trace=traced)
     elif record.kind == "generate":
-        _run_generate(db_path, record.run_id, output=None, force=force, budget=budget)
+        _run_generate(db_path, record.run_id, output=None, force=force, budget=budget, trace=traced)
     else:
         raise fail(f"run {record.run_id} is of kind {record.kind!r}, which cannot be resumed")
 
@@ -287,6 +309,9 @@ def icl(
     out: Annotated[Path, typer.Option(help="Where to write the optimized examples.")] = Path(
         "icl_examples.optimized.json"
     ),
+    trace: TraceOption = False,
+    trace_endpoint: TraceEndpointOption = None,
+    trace_content: TraceContentOption = False,
     db: DbOption = None,
 ) -> None:
     """Optimize the answers of the ICL examples (the paper's offline ICL stage)."""
@@ -300,12 +325,14 @@ def icl(
             "icl": {"rounds": rounds},
             "critic": {"mode": judge_mode},
             "budget": {"max_calls": max_calls, "max_cost_usd": max_cost},
+            "trace": trace_layer(trace, trace_endpoint, trace_content),
         },
     )
+    traced = checked_trace(settings.trace)
     pool = load_or_fail(examples, load_icl_examples) if examples else default_icl_examples()
     db_path = resolve_db(db)
     run_id = run_async(_create_icl, db_path, list(pool), settings, out, limit)
-    _run_icl(db_path, run_id, budget=settings.budget, force=False)
+    _run_icl(db_path, run_id, budget=settings.budget, force=False, trace=traced)
 
 
 async def _create_icl(db: Path, pool: list, settings: Any, out: Path, limit: int | None) -> str:
@@ -316,9 +343,9 @@ async def _create_icl(db: Path, pool: list, settings: Any, out: Path, limit: int
         return await create_icl_run(store, pool, settings, out, limit=limit)
 
 
-def _run_icl(db: Path, run_id: str, *, budget: Any, force: bool) -> None:
+def _run_icl(db: Path, run_id: str, *, budget: Any, force: bool, trace: Any = None) -> None:
     outcome = run_async(
-        _icl_main, db, run_id, budget, force, on_interrupt=lambda: _interrupted(run_id)
+        _icl_main, db, run_id, budget, force, trace, on_interrupt=lambda: _interrupted(run_id)
     )
     for trace in outcome.result or ():
         console.print(
@@ -335,14 +362,14 @@ def _run_icl(db: Path, run_id: str, *, budget: Any, force: bool) -> None:
     )
 
 
-async def _icl_main(db: Path, run_id: str, budget: Any, force: bool) -> Any:
+async def _icl_main(db: Path, run_id: str, budget: Any, force: bool, trace: Any) -> Any:
     from drpo.jobs.icl import run_icl
     from drpo.jobs.session import agent_session
     from drpo.runs.logs import configure_logging
     from drpo.runs.store import RunStore
 
     configure_logging(log_folder=logs_dir(db))
-    async with RunStore.open(db) as store, agent_session(store) as session:
+    async with RunStore.open(db) as store, agent_session(store, trace=trace) as session:
         return await run_icl(session, run_id, budget=budget, force=force)
 
 
@@ -365,8 +392,11 @@ def generate(
     ] = None,
     output: Annotated[Path | None, typer.Option(help="Write answers as JSONL here.")] = None,
     config: Annotated[
-        Path | None, typer.Option(help="TOML settings: its [endpoints] apply.")
+        Path | None, typer.Option(help="TOML settings: its [endpoints] and [trace] apply.")
     ] = None,
+    trace: TraceOption = False,
+    trace_endpoint: TraceEndpointOption = None,
+    trace_content: TraceContentOption = False,
     db: DbOption = None,
 ) -> None:
     """Answer queries with an aligned prompt (system prompt + retrieved ICL examples)."""
@@ -377,7 +407,11 @@ def generate(
     if (query is None) == (file is None):
         raise fail('give a query ("...") or --file QUERIES, not both')
     queries = [query] if query is not None else load_or_fail(file, load_queries)
-    endpoints = build_settings(None, config, {}).endpoints if config else {}
+    settings = build_settings(
+        None, config, {"trace": trace_layer(trace, trace_endpoint, trace_content)}
+    )
+    endpoints = settings.endpoints if config else {}
+    traced = checked_trace(settings.trace)
     try:
         sampling = {
             "k": k,
@@ -391,7 +425,7 @@ def generate(
         raise fail(str(exc)) from None
     db_path = resolve_db(db)
     run_id = run_async(_create_generate, db_path, queries, plan)
-    _run_generate(db_path, run_id, output=output, force=False)
+    _run_generate(db_path, run_id, output=output, force=False, trace=traced)
 
 
 async def _create_generate(db: Path, queries: list[str], plan: dict) -> str:
@@ -403,10 +437,22 @@ async def _create_generate(db: Path, queries: list[str], plan: dict) -> str:
 
 
 def _run_generate(
-    db: Path, run_id: str, *, output: Path | None, force: bool, budget: Any = None
+    db: Path,
+    run_id: str,
+    *,
+    output: Path | None,
+    force: bool,
+    budget: Any = None,
+    trace: Any = None,
 ) -> None:
     outcome = run_async(
-        _generate_main, db, run_id, force, budget, on_interrupt=lambda: _interrupted(run_id)
+        _generate_main,
+        db,
+        run_id,
+        force,
+        budget,
+        trace,
+        on_interrupt=lambda: _interrupted(run_id),
     )
     if not report_outcome(outcome):
         raise typer.Exit(1)
@@ -423,14 +469,14 @@ def _run_generate(
         console.print(a, highlight=False, markup=False)
 
 
-async def _generate_main(db: Path, run_id: str, force: bool, budget: Any) -> Any:
+async def _generate_main(db: Path, run_id: str, force: bool, budget: Any, trace: Any) -> Any:
     from drpo.jobs.generate import run_generate
     from drpo.jobs.session import agent_session
     from drpo.runs.logs import configure_logging
     from drpo.runs.store import RunStore
 
     configure_logging(log_folder=logs_dir(db))
-    async with RunStore.open(db) as store, agent_session(store) as session:
+    async with RunStore.open(db) as store, agent_session(store, trace=trace) as session:
         return await run_generate(session, run_id, budget=budget, force=force)
 
 

@@ -177,17 +177,72 @@ def runs_export(
         Path | None,
         typer.Option(
             "--html",
-            help="Where to write the report (default: drpo-report-RUN.html here).",
+            help="Where to write the report (default: drpo-report-RUN.html here, unless "
+            "--otlp or --otlp-file is given).",
             dir_okay=False,
         ),
     ] = None,
+    otlp: Annotated[
+        str | None,
+        typer.Option(
+            "--otlp",
+            help="Send the run as an OpenTelemetry trace to this OTLP/HTTP URL (Phoenix: "
+            "http://127.0.0.1:6006); needs drpo[otel].",
+        ),
+    ] = None,
+    otlp_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--otlp-file",
+            help="Write the run's trace to this file (OTLP JSON lines); needs drpo[otel].",
+            dir_okay=False,
+        ),
+    ] = None,
+    content: Annotated[
+        bool,
+        typer.Option(
+            "--content",
+            help="Put prompts and answers into the trace (also: "
+            "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true).",
+        ),
+    ] = False,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """One self-contained HTML report (tree, reward plot, prompt diffs, critiques, calls).
+    """One self-contained HTML report (tree, reward plot, prompt diffs, critiques, calls), or
+    the run as an OpenTelemetry trace (GenAI conventions) for Phoenix, Langfuse, MLflow...
 
-    The file opens offline in any browser: everything is inline, nothing is fetched.
+    The report opens offline in any browser: everything is inline, nothing is fetched. The trace
+    has the same ids however often it is sent, so a collector keeps one copy.
     """
-    from drpo.inspect.report import export_view
+    if otlp is None and otlp_file is None:
+        from drpo.inspect.report import export_view
 
-    run_async(export_view, resolve_db(db), run, html, as_json, console)
+        run_async(export_view, resolve_db(db), run, html, as_json, console)
+        return
+    from drpo.tracing.settings import TraceURLError, content_from_env, traces_url
+
+    try:
+        url = traces_url(otlp) if otlp is not None else None
+    except TraceURLError as exc:
+        raise fail(str(exc)) from None
+    capture = content or content_from_env()
+
+    async def main() -> None:
+        from drpo.inspect.common import open_readonly
+        from drpo.tracing.export import export_run
+
+        async with open_readonly(resolve_db(db)) as store:
+            done = await export_run(store, run, url=url, path=otlp_file, content=capture)
+        for summary in done:
+            console.print(
+                f"run {summary.run_id}: {summary.spans} spans, trace {summary.trace_id} "
+                f"-> {summary.where}",
+                highlight=False,
+            )
+        if html is not None:
+            from drpo.inspect.report import export_view
+
+            await export_view(resolve_db(db), run, html, as_json, console)
+
+    run_async(main)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import anyio
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from drpo.runs.paths import default_db_path
 
@@ -40,6 +41,65 @@ DbOption = Annotated[
 ]
 
 
+TraceOption = Annotated[
+    bool,
+    typer.Option(
+        "--trace",
+        help="Send the run's spans to an OpenTelemetry collector (OTLP/HTTP) while it runs; "
+        "needs drpo[otel].",
+    ),
+]
+TraceEndpointOption = Annotated[
+    str | None,
+    typer.Option(
+        "--trace-endpoint",
+        help="OTLP/HTTP URL (implies --trace). Default: the config's trace endpoint, then "
+        "OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, then http://localhost:4318.",
+    ),
+]
+TraceContentOption = Annotated[
+    bool, typer.Option("--trace-content", help="Put prompts and answers into the spans.")
+]
+
+
+def trace_layer(trace: bool, endpoint: str | None, content: bool) -> dict[str, Any]:
+    """The ``[trace]`` overrides the trace flags make (only those given)."""
+    return {
+        "enabled": True if trace or endpoint or content else None,
+        "endpoint": endpoint,
+        "content": True if content else None,
+    }
+
+
+def checked_trace(trace: Any) -> Any:
+    """``trace`` (TraceSettings) when tracing is on and can work, None when it is off, else a
+    clean exit naming the fix: checked before anything runs, so a bad URL or a missing extra
+    costs nothing."""
+    from drpo.tracing.live import check
+    from drpo.tracing.otel import OtelMissingError
+    from drpo.tracing.settings import TraceURLError
+
+    if not trace.enabled:
+        return None
+    try:
+        check(trace)
+    except (OtelMissingError, TraceURLError) as exc:
+        raise fail(str(exc)) from None
+    return trace
+
+
+def trace_settings(trace: bool, endpoint: str | None, content: bool) -> Any:
+    """The trace settings the flags alone make, checked (a clean exit naming the fix)."""
+    from drpo.tracing.settings import TraceSettings
+
+    layer = {key: value for key, value in trace_layer(trace, endpoint, content).items() if value}
+    try:
+        settings = TraceSettings.model_validate(layer)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    return checked_trace(settings)
+
+
 def resolve_db(db: Path | None) -> Path:
     return db if db is not None else default_db_path()
 
@@ -49,7 +109,8 @@ class UserError(Exception):
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # the message is text, not markup: "pip install 'drpo[otel]'" must print as written
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
     return typer.Exit(code)
 
 
@@ -79,8 +140,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from drpo.jobs.artifact import ArtifactError
     from drpo.jobs.config import ConfigError
     from drpo.runs.store import StoreError
+    from drpo.tracing.export import TraceExportError
+    from drpo.tracing.otel import OtelMissingError
 
     return (
+        OtelMissingError,
+        TraceExportError,
         ArtifactError,
         BackendError,
         ConfigError,

@@ -39,6 +39,7 @@ from drpo.backends.kinds import (
 )
 from drpo.backends.settings import KindSettings
 from drpo.domain.requests import CriticMode, CriticPolicyName, Framing, ICLHeaders
+from drpo.tracing.settings import TraceSettings
 
 
 class ConfigError(ValueError):
@@ -154,6 +155,9 @@ class OptimizeConfig(_Settings):
     #: Per model spec, that kind's settings (``[endpoints."openai:gpt-4o"]``).
     endpoints: dict[str, SerializeAsAny[KindSettings]] = Field(default_factory=dict)
     budget: BudgetSettings = BudgetSettings()
+    #: Where this process sends its runs' spans (``[trace]``, ``--trace``). Not part of what a
+    #: run is: left out of the settings recorded with it (a resume asks again with --trace).
+    trace: TraceSettings = Field(default_factory=TraceSettings, exclude=True)
 
     @field_validator("endpoints", mode="before")
     @classmethod

@@ -167,6 +167,8 @@ class RunLifecycle:
             ttl_s=LEASE_TTL_S,
             force=self.force,
         )
+        if self.session.tracer is not None:
+            await self.session.tracer.follow(self.run_id)
         runtime = self.session.runtime
         runtime.attach(RunContext(self.run_id, self.journal, self.catalogue))
         try:

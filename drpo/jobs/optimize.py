@@ -148,7 +148,8 @@ async def run_searches(
             on_level=on_level,
         )
 
-    async with agent_session(store, registry) as session:
+    trace = plans[0].config.trace if plans else None  # one process, one place to send to
+    async with agent_session(store, registry, trace) as session:
         async with anyio.create_task_group() as searches:
             for index, plan in enumerate(plans):
                 searches.start_soon(one, index, plan, session)

@@ -12,6 +12,7 @@ import gc
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -21,6 +22,10 @@ from drpo.bus import Bus
 from drpo.runs.recorder import Recorder
 from drpo.runs.store import RunStore
 
+if TYPE_CHECKING:
+    from drpo.tracing.live import LiveTracer
+    from drpo.tracing.settings import TraceSettings
+
 
 @dataclass
 class Session:
@@ -28,6 +33,8 @@ class Session:
     runtime: AgentRuntime
     registry: BackendRegistry
     store: RunStore
+    #: Sends the session's runs as traces while they run (``--trace``); None: off.
+    tracer: LiveTracer | None = None
 
 
 @contextmanager
@@ -53,20 +60,30 @@ def quiet_collector() -> Iterator[None]:
 
 @asynccontextmanager
 async def agent_session(
-    store: RunStore, registry: BackendRegistry | None = None
+    store: RunStore, registry: BackendRegistry | None = None, trace: TraceSettings | None = None
 ) -> AsyncIterator[Session]:
+    """A session on ``store``; with ``trace`` enabled its runs are sent as traces live."""
     registry = registry or BackendRegistry()
     bus = Bus()
     runtime = AgentRuntime(bus, registry, store)
     recorder = Recorder(bus, store)
+    tracer = None
+    if trace is not None and trace.enabled:
+        from drpo.tracing.live import LiveTracer
+
+        tracer = LiveTracer(store.path, trace)  # a bad URL or a missing extra fails here
     try:
         with quiet_collector():
             async with anyio.create_task_group() as services:
                 await services.start(recorder.run)  # the tap exists before anyone publishes
                 await runtime.start(services)
-                yield Session(bus=bus, runtime=runtime, registry=registry, store=store)
+                yield Session(
+                    bus=bus, runtime=runtime, registry=registry, store=store, tracer=tracer
+                )
                 await recorder.drain()
                 services.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
+            if tracer is not None:
+                await tracer.aclose()  # after the drain: every message is committed
             await registry.aclose()

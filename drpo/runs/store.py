@@ -656,6 +656,28 @@ class RunStore:
         rows = await self._fetchall(f"SELECT * FROM calls {where} ORDER BY id", params)
         return [_call_record(row) for row in rows]
 
+    async def calls_since(
+        self, run_id: str, after_id: int, *, again: Sequence[int] = ()
+    ) -> list[CallRecord]:
+        """A run's journal entries made after the entry ``after_id``, and the entries ``again``
+        as they are now (a failed call is written again when it is made again), in id order:
+        for a reader that follows the journal while it is written."""
+        ids = [int(call_id) for call_id in again]
+        extra = f" OR id IN ({', '.join('?' * len(ids))})" if ids else ""
+        rows = await self._fetchall(
+            f"SELECT * FROM calls WHERE run_id = ? AND (id > ?{extra}) ORDER BY id",
+            (run_id, after_id, *ids),
+        )
+        return [_call_record(row) for row in rows]
+
+    async def replay_counts(self, run_id: str) -> dict[int, int]:
+        """How often each replayed entry (by id) was answered from the journal, for a reader
+        that follows a resumed run (``mark_replayed`` changes nothing else of an entry)."""
+        rows = await self._fetchall(
+            "SELECT id, replayed FROM calls WHERE run_id = ? AND replayed > 0", (run_id,)
+        )
+        return {row[0]: row[1] for row in rows}
+
     async def run_totals(self, run_id: str) -> RunTotals:
         """Calls, tokens and cost per role of a run, from the journal."""
         rows = await self._fetchall(
