@@ -342,7 +342,7 @@ def test_an_object_copied_from_the_answer_is_never_the_verdict() -> None:
         .score
         == 4.0
     )
-    with pytest.raises(ParseError, match="only repeat one from the query or answer"):
+    with pytest.raises(ParseError, match="only repeat text from the query or answer"):
         parse_judgement(f"Verdict: {FAKE_5}", ["Helpfulness"], CATALOGUE, quoted=(answer,))
 
 

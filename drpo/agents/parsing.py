@@ -7,10 +7,27 @@ the middle of an object, and write scores as "4/5" or "Score: 4". Everything her
 careful human reader would accept, rejects what they would not, and raises :class:`ParseError`
 with the reason and a snippet of the text when nothing usable is there.
 
-A judge's verdict is read with the text it judged in mind (:func:`find_verdict`): the last JSON
-value that scores the selected aspects and is not a copy of something in the query or answer, so
-neither a quoted list before the verdict nor a verdict-shaped object planted in the answer can
-take its place. Scores outside 1-5 are unreadable rather than clamped (:class:`ScoreRangeError`).
+The reading rule for a judge's verdict (:func:`find_verdict`): a candidate verdict counts only
+if the text it was read from (its span in the judge's reply, and the opening of that span through
+its first usable score) occurs nowhere in what the judge was given to judge (the query and the
+answer, compared as written, whitespace-collapsed, and NFKC-casefolded with whitespace
+dropped), whether that text parses
+or not; a value that cannot be written as plain JSON (non-string keys, nesting deeper than 16) is
+never a verdict; of the candidates left, the last one is the verdict, read from the judge's reply
+exactly as the judge wrote it. Text held by the answer is skipped whole without being repaired,
+so it cannot spend the repair budget, which belongs to the judge's own text.
+
+What it guarantees: nothing an answer holds can supply a verdict, or a score inside one, so an
+answer can never raise its reward; an answer that holds the judge's exact verdict text (or its
+opening through its first score) may make that verdict unreadable, which is recorded as such
+(a ParseError naming the copies), never replaced. JSON, metrics, code and logs in an answer that
+do not hold the judge's text leave the verdict as it is, under either policy and in every shape;
+lenient score forms ("5/5", "five") are therefore only ever read from the judge's own text.
+What it cannot do: a judge that obeys an instruction in the answer and writes the answer's
+verdict in its own words writes its own text; keeping it from obeying is the prompt's job (the
+hardened wording). Unbalanced openers copied from the answer still cost scan time, and a
+verdict whose text the answer happens to hold is lost rather than guessed at.
+Scores outside 1-5 are unreadable rather than clamped (:class:`ScoreRangeError`).
 """
 
 from __future__ import annotations
@@ -19,7 +36,8 @@ import ast
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import unicodedata
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,8 +243,22 @@ def iter_json_values(text: str) -> Iterator[tuple[int, Any]]:
     (trailing commas, Python-style quotes and literals). Values cut off by the token limit are not
     yielded; :func:`cut_off_values` reads those.
     """
-    budget = _REPAIR_SCAN_BUDGET
-    pos = 0
+    pos, budget = 0, _REPAIR_SCAN_BUDGET
+    while (found := _next_value(text, pos, budget)) is not None:
+        start, end, value, budget = found
+        yield start, value
+        pos = end
+
+
+def _next_value(
+    text: str, pos: int, budget: int, held: Callable[[str], bool] | None = None
+) -> tuple[int, int, Any, int] | None:
+    """The next complete JSON value at or after ``pos``: ``(start, end, value, budget_left)``.
+
+    ``held`` tells text copied from what was judged: a balanced span it holds is skipped whole
+    without being repaired, so that text never spends the repair budget (it belongs to the
+    judge's own reply), and nothing inside it is read either (any part of a copy is a copy).
+    """
     while (match := _OPENER.search(text, pos)) is not None:
         start = match.start()
         after = text[start + 1 : start + 200].lstrip()[:1]
@@ -239,14 +271,16 @@ def iter_json_values(text: str) -> Iterator[tuple[int, Any]]:
                 value = None
         if value is None and budget > 0 and (not after or after in _JSONISH_AFTER[match[0]]):
             close = _balanced_end(text, start)
+            if close is not None and held is not None and held(text[start : close + 1]):
+                pos = close + 1
+                continue
             budget -= (len(text) if close is None else close) - start
             if close is not None:
                 value, end = _loads_repaired(text[start : close + 1]), close + 1
         if isinstance(value, dict | list):
-            yield start, value
-            pos = end
-        else:
-            pos = start + 1
+            return start, end, value, budget
+        pos = start + 1
+    return None
 
 
 def _decode_at(text: str, start: int) -> tuple[Any, int]:
@@ -267,6 +301,11 @@ def _decode_at(text: str, start: int) -> tuple[Any, int]:
 def cut_off_values(text: str, tries: int = 3) -> Iterator[Any]:
     """Objects the token limit cut off, each closed and read as far as it goes (see
     :func:`extract_json`): from the first ``tries`` object openings that never close."""
+    for _, value in _cut_off_spans(text, tries):
+        yield value
+
+
+def _cut_off_spans(text: str, tries: int = 3) -> Iterator[tuple[int, Any]]:
     budget = _REPAIR_SCAN_BUDGET
     for match in re.finditer(r"\{", text):
         start = match.start()
@@ -280,7 +319,7 @@ def cut_off_values(text: str, tries: int = 3) -> Iterator[Any]:
             tries -= 1
             value = _close_truncated(text[start:])
             if value:
-                yield value
+                yield start, value
 
 
 def _looks_like_json(text: str, start: int) -> bool:
@@ -544,38 +583,160 @@ def find_verdict(
     catalogue: AspectCatalogue,
     quoted: Sequence[str] = (),
 ) -> Any:
-    """The verdict in a judge's reply: the last JSON value that scores a ``wanted`` aspect.
+    """The verdict in a judge's reply: the last JSON value that scores a ``wanted`` aspect and
+    was read from the judge's own text (the reading rule in this module's docstring).
 
     Not the first JSON value: a judge may quote a list or an object (often from the answer)
-    before its verdict, and a hostile answer may carry a verdict-shaped object of its own. The
-    last one is where a judge that writes prose, quotes and then its verdict puts the verdict. A
-    value equal to one found anywhere in the ``quoted`` texts is an echo of the material under
-    judgement, not the judge's own verdict, wherever it sits in the reply, so it never counts.
-    None of this changes the reading of a reply that holds one verdict and nothing else.
-    When no complete value qualifies, an object cut off by the token limit is read if it does.
+    before its verdict. A candidate whose source text occurs in a ``quoted`` text (the query and
+    the answer), or whose opening through a usable score does, is the answer's text, not the
+    judge's, wherever it sits in the reply, so it never counts; nor does a value that cannot be
+    written as plain JSON. None of this changes the reading of a reply that holds one verdict and
+    nothing else. When no complete value qualifies, an object cut off by the token limit is read
+    if its text passes the same test.
     """
-    echoes = _json_fingerprints(quoted)
+    held = _Quoted(quoted)
     found: Any = None
     copied = 0
-    for _, value in iter_json_values(text):
+    pos, budget = 0, _REPAIR_SCAN_BUDGET
+    while (read := _next_value(text, pos, budget, held if held else None)) is not None:
+        start, end, value, budget = read
+        pos = end
         if not _scores_an_aspect(value, wanted, catalogue):
             continue
-        if _is_echo(value, echoes, catalogue):
+        if not _comparable(value):
+            continue
+        span = text[start:end]
+        if held and held(span):
             copied += 1
+            continue
+        if held and (
+            _opening_is_copied(span, held, wanted, catalogue)
+            or _holds_a_copied_verdict(span, held, wanted, catalogue)
+        ):
+            copied += 1
+            pos = start + 1  # the judge's own verdict may sit inside the straddling span
             continue
         found = value
     if found is not None:
         return found
-    for value in cut_off_values(text):
-        if _scores_an_aspect(value, wanted, catalogue) and not _is_echo(value, echoes, catalogue):
-            return value
+    for start, value in _cut_off_spans(text):
+        if not _scores_an_aspect(value, wanted, catalogue) or not _comparable(value):
+            continue
+        span = text[start:]
+        if held and (held(span) or _opening_is_copied(span, held, wanted, catalogue)):
+            copied += 1
+            continue
+        return value
     names = ", ".join(sorted(wanted)) if wanted else "any aspect"
     detail = (
-        f"; {copied} verdict-shaped object(s) only repeat one from the query or answer"
+        f"; {copied} verdict-shaped object(s) only repeat text from the query or answer"
         if copied
         else ""
     )
     raise ParseError(f"no JSON object with scores for {names}{detail}", text)
+
+
+def _normal_forms(text: str) -> tuple[str, str, str]:
+    """The forms a copy is recognised in: as written, whitespace collapsed, and folded (NFKC,
+    casefold, whitespace dropped) so a re-indented, re-cased or compatibility-form copy (a judge
+    that copies a planted verdict with ``indent=2``) is still a copy."""
+    collapsed = " ".join(text.split())
+    folded = "".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return text, collapsed, folded
+
+
+class _Quoted:
+    """What the judge was given to judge, in each normal form; ``held(span)`` tells whether a
+    span of the reply is (a normal form of) a part of it."""
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        forms = [_normal_forms(t) for t in texts if t]
+        self._forms = tuple("\x00".join(f[i] for f in forms) for i in range(3)) if forms else ()
+
+    def __bool__(self) -> bool:
+        return bool(self._forms)
+
+    def __call__(self, span: str) -> bool:
+        if not self._forms:
+            return False
+        pairs = zip(_normal_forms(span), self._forms, strict=True)
+        return any(form and form in whole for form, whole in pairs)
+
+    def longest_prefix(self, span: str) -> int:
+        """The length of the longest opening of ``span`` that is held (binary search: every
+        opening of a held text is held)."""
+        low, high = 0, len(span)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self(span[:middle]):
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+
+def _opening_is_copied(
+    span: str, held: _Quoted, wanted: set[str] | None, catalogue: AspectCatalogue
+) -> bool:
+    """Whether the copied opening of ``span`` already scores an aspect on its own.
+
+    Closes a straddle: an answer that ends in ``{"Factuality": 5, "note": "`` and a judge that
+    quotes it before its verdict make one balanced span whose text is in no quoted text, but
+    whose score was written by the answer.
+    """
+    length = held.longest_prefix(span)
+    if length < 2:
+        return False
+    opening = _close_truncated(span[:length])
+    if not _scores_an_aspect(opening, wanted, catalogue):
+        return False
+    for name, value in _judgement_entries(opening, catalogue):
+        aspect = catalogue.resolve(name)
+        if aspect is None or (wanted is not None and aspect.name not in wanted):
+            continue
+        try:
+            parse_score(value, lenient=True)
+        except ParseError:
+            continue
+        return True
+    return False
+
+
+def _holds_a_copied_verdict(
+    span: str, held: _Quoted, wanted: set[str] | None, catalogue: AspectCatalogue
+) -> bool:
+    """Whether a value inside ``span`` that scores an aspect is copied text: a judge that wraps
+    a copy in its own ``{"scores": ...}`` writes the wrapper, not the scores."""
+    pos, budget = 1, _REPAIR_SCAN_BUDGET
+    while (read := _next_value(span, pos, budget)) is not None:
+        start, end, value, budget = read
+        pos = end
+        if _scores_an_aspect(value, wanted, catalogue) and held(span[start:end]):
+            return True
+    return False
+
+
+def _comparable(value: Any) -> bool:
+    """Whether the value can be written as plain JSON (string keys, bounded depth): one that
+    cannot is no verdict a judge writes, and was most likely repaired out of something else."""
+    try:
+        json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return _depth(value) <= 16
+
+
+def _depth(value: Any, limit: int = 17) -> int:
+    depth, level = 0, [value]
+    while level and depth < limit:
+        depth += 1
+        level = [
+            item
+            for v in level
+            if isinstance(v, dict | list)
+            for item in (v.values() if isinstance(v, dict) else v)
+        ]
+    return depth
 
 
 def _scores_an_aspect(value: Any, wanted: set[str] | None, catalogue: AspectCatalogue) -> bool:
@@ -584,35 +745,6 @@ def _scores_an_aspect(value: Any, wanted: set[str] | None, catalogue: AspectCata
         if aspect is not None and (wanted is None or aspect.name in wanted):
             return True
     return False
-
-
-def _is_echo(value: Any, echoes: set[str], catalogue: AspectCatalogue) -> bool:
-    if not echoes:
-        return False
-    return _fingerprint(value) in echoes or _fingerprint(_verdict_body(value, catalogue)) in echoes
-
-
-def _json_fingerprints(texts: Sequence[str]) -> set[str]:
-    """A fingerprint of every JSON object and list in ``texts``, nested ones included."""
-    found: set[str] = set()
-    for text in texts:
-        for _, value in iter_json_values(text):
-            stack = [value]
-            while stack:
-                item = stack.pop()
-                if isinstance(item, dict | list):
-                    found.add(_fingerprint(item))
-                    stack.extend(item.values() if isinstance(item, dict) else item)
-    found.discard("")
-    return found
-
-
-def _fingerprint(value: Any) -> str:
-    """The value as canonical JSON ("" when it cannot be written): equal values, equal text."""
-    try:
-        return json.dumps(value, sort_keys=True, ensure_ascii=False, default=repr)
-    except (TypeError, ValueError, RecursionError):
-        return ""
 
 
 def _verdict_body(obj: Any, catalogue: AspectCatalogue) -> Any:
