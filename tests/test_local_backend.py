@@ -950,13 +950,16 @@ async def test_out_of_memory_retries_the_batch_in_halves(
     sizes: list[int] = []
 
     def tight_memory(
-        loaded: object, rows: Sequence[object], cancelled: Sequence[threading.Event]
+        loaded: object,
+        rows: Sequence[object],
+        cancelled: Sequence[threading.Event],
+        *between_steps: object,
     ) -> list[object]:
         sizes.append(len(rows))
         too_long = any(len(row.prompt_ids) > 300 for row in rows)  # type: ignore[attr-defined]
         if len(rows) > 2 or too_long:
             raise torch.OutOfMemoryError("simulated")
-        return real(loaded, rows, cancelled)  # type: ignore[arg-type]
+        return real(loaded, rows, cancelled, *between_steps)  # type: ignore[arg-type]
 
     # float32: halves of a batch then give exactly the one-by-one answers (bf16 could part ways
     # at near-ties, see test_batched_greedy_agrees_with_one_by_one_in_the_default_dtype).

@@ -16,6 +16,13 @@ batch whose callers are all cancelled ends there, so the worker thread is free w
 Calls made inside :func:`drpo.backends.priority.background` fill the slots that foreground calls
 leave free (issue 12).
 
+Scoring calls (one token with logprobs: the logprobs critic's selections and verdicts) skip the
+batcher (issue 16): they go to the model's scoring lane
+(:class:`drpo.backends.local_model.ScoringLane`), served as batched prefills before each decode
+step of a running generation, or at once when the model is idle, so a verdict never waits for a
+long answer. ``DRPO_LOCAL_ENGINE=batcher`` sends them through the batcher as before (kept only to
+compare the two in ``benchmarks/local.py``).
+
 The model-ref helpers (:func:`resolve_model_ref`, :class:`ResolvedModel`, :func:`sequences_for`,
 ``EMBEDDED_MODELS``) live in :mod:`drpo.backends.local_refs`, shared with the torch half
 (:mod:`drpo.backends.local_model`) without an import cycle; they are re-exported here.
@@ -23,6 +30,7 @@ The model-ref helpers (:func:`resolve_model_ref`, :class:`ResolvedModel`, :func:
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -39,6 +47,7 @@ from drpo.backends.local_refs import (
     resolve_model_ref,
     sequences_for,
 )
+from drpo.backends.priority import current_priority
 
 if TYPE_CHECKING:
     from drpo.backends.local_model import GenerationResult, LoadedModel
@@ -142,8 +151,11 @@ class LocalBackend:
         if self._closed:
             raise PermanentBackendError(f"local backend for {self.model!r} is closed")
         started = time.perf_counter()
-        await self.aload()
-        result = await self._batcher.submit(request)
+        loaded = await self.aload()
+        if _scoring_lane_enabled() and _is_scoring(request):
+            result = await self._score(loaded, request)
+        else:
+            result = await self._batcher.submit(request)
         return Completion(
             choices=result.choices,
             model=self.model,
@@ -152,6 +164,28 @@ class LocalBackend:
             ),
             latency_s=time.perf_counter() - started,
         )
+
+    async def _score(self, loaded: LoadedModel, request: CompletionRequest) -> GenerationResult:
+        """Put ``request`` in the scoring lane and wait for it on a worker thread.
+
+        A cancelled caller returns at once (the thread is abandoned): its flag makes the lane drop
+        the job if it has not run yet, and a running prefill is one forward pass long.
+        """
+        from drpo.backends.local_model import score_waiting
+
+        cancelled = threading.Event()
+        job = loaded.scoring.add(request, current_priority(), cancelled)
+        try:
+            await anyio.to_thread.run_sync(
+                score_waiting, loaded, job, self._batcher.max_batch_size, abandon_on_cancel=True
+            )
+        except BaseException:
+            cancelled.set()
+            raise
+        if isinstance(job.result, BaseException):
+            raise job.result
+        assert job.result is not None
+        return job.result
 
     def _run_batch(
         self, requests: Sequence[CompletionRequest], cancelled: Sequence[threading.Event]
@@ -163,3 +197,13 @@ class LocalBackend:
     async def aclose(self) -> None:
         """Refuse new calls. The model stays in the process cache for other instances."""
         self._closed = True
+
+
+def _scoring_lane_enabled() -> bool:
+    """False only under ``DRPO_LOCAL_ENGINE=batcher`` (the old path, kept for the benchmark)."""
+    return os.environ.get("DRPO_LOCAL_ENGINE", "").strip().lower() != "batcher"
+
+
+def _is_scoring(request: CompletionRequest) -> bool:
+    """One token with logprobs: see :func:`drpo.backends.local_model.is_scoring`."""
+    return request.max_tokens == 1 and request.top_logprobs is not None

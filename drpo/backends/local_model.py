@@ -21,6 +21,7 @@ as they are chosen, so we never keep a (steps x batch x vocab) logits tensor aro
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -78,6 +79,8 @@ class LoadedModel:
     bos_id: int | None
     max_positions: int | None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Scoring requests waiting for the next free moment of the model (between decode steps).
+    scoring: ScoringLane = field(default_factory=lambda: ScoringLane())
 
 
 _CACHE: dict[tuple[str, str, str], LoadedModel] = {}
@@ -290,30 +293,52 @@ def generate_batch(
     at the next token (a chunk whose rows are all cancelled ends there, a chunk not yet started
     is skipped) and it gets :class:`GenerationCancelled`.
     """
+    with loaded.lock:
+        loaded.scoring.serve(loaded, max_batch_size)
+
+        def run_chunk(chunk: Sequence[_Row], flags: CancelFlags) -> list[Any]:
+            return _generate_splitting_on_oom(
+                loaded, chunk, flags, lambda: loaded.scoring.serve(loaded, max_batch_size)
+            )
+
+        return _run_requests(loaded, requests, max_batch_size, cancelled, run_chunk)
+
+
+def _run_requests(
+    loaded: LoadedModel,
+    requests: Sequence[CompletionRequest],
+    max_batch_size: int,
+    cancelled: CancelFlags,
+    run_chunk: Callable[[Sequence[_Row], CancelFlags], list[Any]],
+) -> list[GenerationResult | BaseException]:
+    """Encode ``requests`` into rows, run them in chunks, and gather each request's result.
+
+    The caller holds the model's lock. Shared by generation and the scoring lane, so both
+    report errors, cancellations and token counts the same way.
+    """
     results: list[GenerationResult | BaseException | None] = [None] * len(requests)
     rows: list[_Row] = []
     prompt_lengths: dict[int, int] = {}
-    with loaded.lock:
-        for index, request in enumerate(requests):
-            if cancelled[index].is_set():
-                continue
-            try:
-                prompt_ids = encode_prompt(loaded, request)
-                max_tokens = _room_for(loaded, request, len(prompt_ids))
-            except PermanentBackendError as exc:
-                results[index] = exc
-                continue
-            prompt_lengths[index] = len(prompt_ids)
-            rows.extend(_rows_of(index, request, prompt_ids, max_tokens))
-        outputs: dict[tuple[int, int], _RowOutput | BaseException] = {}
-        for start in range(0, len(rows), max_batch_size):
-            chunk = rows[start : start + max_batch_size]
-            chunk_flags = [cancelled[row.request_index] for row in chunk]
-            if all(flag.is_set() for flag in chunk_flags):
-                continue
-            generated = _generate_splitting_on_oom(loaded, chunk, chunk_flags)
-            for row, output in zip(chunk, generated, strict=True):
-                outputs[row.request_index, row.sample_index] = output
+    for index, request in enumerate(requests):
+        if cancelled[index].is_set():
+            continue
+        try:
+            prompt_ids = encode_prompt(loaded, request)
+            max_tokens = _room_for(loaded, request, len(prompt_ids))
+        except PermanentBackendError as exc:
+            results[index] = exc
+            continue
+        prompt_lengths[index] = len(prompt_ids)
+        rows.extend(_rows_of(index, request, prompt_ids, max_tokens))
+    outputs: dict[tuple[int, int], _RowOutput | BaseException] = {}
+    for start in range(0, len(rows), max_batch_size):
+        chunk = rows[start : start + max_batch_size]
+        chunk_flags = [cancelled[row.request_index] for row in chunk]
+        if all(flag.is_set() for flag in chunk_flags):
+            continue
+        generated = run_chunk(chunk, chunk_flags)
+        for row, output in zip(chunk, generated, strict=True):
+            outputs[row.request_index, row.sample_index] = output
     for index, request in enumerate(requests):
         if results[index] is not None:
             continue
@@ -354,7 +379,11 @@ def _rows_of(
 
 
 def _generate_splitting_on_oom(
-    loaded: LoadedModel, rows: Sequence[_Row], cancelled: CancelFlags
+    loaded: LoadedModel,
+    rows: Sequence[_Row],
+    cancelled: CancelFlags,
+    between_steps: Callable[[], None] | None = None,
+    run_rows: Callable[..., list[_RowOutput]] | None = None,
 ) -> list[_RowOutput | PermanentBackendError]:
     """Generate ``rows``; if the device runs out of memory, retry in two halves.
 
@@ -363,7 +392,9 @@ def _generate_splitting_on_oom(
     in the batch do not.
     """
     try:
-        return list(generate_rows(loaded, rows, cancelled))
+        if run_rows is not None:
+            return list(run_rows(loaded, rows))
+        return list(generate_rows(loaded, rows, cancelled, between_steps))
     except torch.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -376,8 +407,12 @@ def _generate_splitting_on_oom(
             ]
         middle = len(rows) // 2
         return [
-            *_generate_splitting_on_oom(loaded, rows[:middle], cancelled[:middle]),
-            *_generate_splitting_on_oom(loaded, rows[middle:], cancelled[middle:]),
+            *_generate_splitting_on_oom(
+                loaded, rows[:middle], cancelled[:middle], between_steps, run_rows
+            ),
+            *_generate_splitting_on_oom(
+                loaded, rows[middle:], cancelled[middle:], between_steps, run_rows
+            ),
         ]
 
 
@@ -428,7 +463,10 @@ class _RowOutput:
 
 
 def generate_rows(
-    loaded: LoadedModel, rows: Sequence[_Row], cancelled: CancelFlags
+    loaded: LoadedModel,
+    rows: Sequence[_Row],
+    cancelled: CancelFlags,
+    between_steps: Callable[[], None] | None = None,
 ) -> list[_RowOutput]:
     """One left-padded ``generate`` call for ``rows``; each row is then cut to its own limits.
 
@@ -440,6 +478,9 @@ def generate_rows(
     A row whose flag in ``cancelled`` is set is marked done at the next token, like a row that
     reached its stop, so a batch whose callers are all gone ends there. Its output is whatever it
     had so far (the caller drops it).
+
+    ``between_steps`` runs on this thread before each token is chosen (the model lock is held):
+    the scoring lane uses it so one-token verdicts never wait for the batch's longest row.
     """
     if all(row.max_tokens < 1 for row in rows):  # nothing to generate (max_tokens=0)
         return [
@@ -464,7 +505,7 @@ def generate_rows(
         dtype=torch.long,
         device=loaded.device,
     )
-    decoder = _RowDecoder(rows, loaded.device)
+    decoder = _RowDecoder(rows, loaded.device, between_steps)
     stoppers = [_RowStopper(loaded.tokenizer, width, rows), _CancelStopper(cancelled)]
     config = GenerationConfig(
         max_new_tokens=max(row.max_tokens for row in rows),
@@ -504,8 +545,14 @@ class _RowDecoder(LogitsProcessor):
     are those of the model's distribution, before temperature and top_p (as OpenAI reports).
     """
 
-    def __init__(self, rows: Sequence[_Row], device: torch.device) -> None:
+    def __init__(
+        self,
+        rows: Sequence[_Row],
+        device: torch.device,
+        between_steps: Callable[[], None] | None = None,
+    ) -> None:
         self._rows = rows
+        self._between_steps = between_steps
         self._generators: dict[int, torch.Generator] = {}
         for i, row in enumerate(rows):
             if row.sampled:
@@ -521,6 +568,8 @@ class _RowDecoder(LogitsProcessor):
         self._top_ids: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._between_steps is not None:
+            self._between_steps()
         chosen = scores.argmax(dim=-1)
         for i, generator in self._generators.items():
             row = self._rows[i]
@@ -692,3 +741,157 @@ def _token_logprobs(
         )
         for t in range(steps)
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The scoring lane (issue 16): one-token requests with logprobs never wait for a generation
+# --------------------------------------------------------------------------------------------
+
+
+def is_scoring(request: CompletionRequest) -> bool:
+    """A request that needs only the first position's distribution: one token, with logprobs.
+
+    The logprobs critic's aspect selections and verdicts are such requests: a single forward
+    pass over the prompt (a prefill) answers them, so they need no place in a decode batch.
+    """
+    return request.max_tokens == 1 and request.top_logprobs is not None
+
+
+@dataclass(eq=False)
+class ScoringJob:
+    """One scoring request waiting in (or taken from) a model's lane."""
+
+    request: CompletionRequest
+    order: tuple[int, int]  # (priority, arrival): foreground first, then arrival
+    cancelled: threading.Event
+    done: threading.Event = field(default_factory=threading.Event)
+    result: GenerationResult | BaseException | None = None
+
+    def finish(self, result: GenerationResult | BaseException) -> None:
+        self.result = result
+        self.done.set()
+
+
+class ScoringLane:
+    """Scoring requests of one model, served by whichever thread holds the model's lock.
+
+    Why a lane and not a batch of the batcher: a verdict put in a ``generate`` batch waits for
+    that batch's longest row (issue 16: 105 s on average, 281 s at worst, for one token). Here a
+    thread that generates serves the lane before each decode step (``between_steps`` of
+    :func:`generate_rows`), and a waiting scorer serves it itself when the model is idle
+    (:func:`score_waiting`), so a verdict waits at most one decode step plus its own prefill.
+    All jobs waiting at that moment run as left-padded prefills of ``max_batch_size`` rows,
+    foreground before background.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._pending: list[ScoringJob] = []
+        self._arrivals = itertools.count()
+        #: How many scoring jobs ran and in how many forward passes (for tests and benchmarks).
+        self.jobs_run = 0
+        self.passes = 0
+
+    def add(
+        self, request: CompletionRequest, priority: int, cancelled: threading.Event
+    ) -> ScoringJob:
+        job = ScoringJob(request, (int(priority), next(self._arrivals)), cancelled)
+        with self._guard:
+            self._pending.append(job)
+        return job
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _take_all(self) -> list[ScoringJob]:
+        with self._guard:
+            jobs, self._pending = sorted(self._pending, key=lambda j: j.order), []
+        live = []
+        for job in jobs:
+            if job.cancelled.is_set():
+                job.finish(GenerationCancelled("scoring request was cancelled"))
+            else:
+                live.append(job)
+        return live
+
+    def serve(self, loaded: LoadedModel, max_batch_size: int) -> None:
+        """Run every waiting job (the caller holds ``loaded.lock``)."""
+        if not self._pending:
+            return
+        jobs = self._take_all()
+        for start in range(0, len(jobs), max_batch_size):
+            group = jobs[start : start + max_batch_size]
+            try:
+                results = _run_requests(
+                    loaded,
+                    [job.request for job in group],
+                    max_batch_size,
+                    [job.cancelled for job in group],
+                    lambda chunk, flags: _generate_splitting_on_oom(
+                        loaded, chunk, flags, run_rows=prefill_rows
+                    ),
+                )
+            except Exception as exc:  # the whole pass failed: every job of it sees why
+                results = [exc] * len(group)
+            self.passes += 1
+            self.jobs_run += len(group)
+            for job, result in zip(group, results, strict=True):
+                job.finish(result)
+
+
+def score_waiting(loaded: LoadedModel, job: ScoringJob, max_batch_size: int) -> None:
+    """Block until ``job`` is done: serve the lane ourselves whenever the model is free.
+
+    If another thread holds the model (a generation, or another scorer), it serves the lane
+    before its next step; we only poll in case it released the lock just before our job came.
+    """
+    while not job.done.is_set():
+        if loaded.lock.acquire(blocking=False):
+            try:
+                loaded.scoring.serve(loaded, max_batch_size)
+            finally:
+                loaded.lock.release()
+        else:
+            job.done.wait(0.002)
+
+
+def prefill_rows(loaded: LoadedModel, rows: Sequence[_Row]) -> list[_RowOutput]:
+    """One left-padded forward pass (no KV cache kept): each row's first token and logprobs.
+
+    Position ids are the ones ``generate`` derives from the attention mask, and the token is
+    picked from the raw last-position logits by the same :class:`_RowDecoder` as a generation,
+    so the numbers are today's: top-k logprobs of the raw distribution, argmax or a sample from
+    the row's own seeded generator.
+    """
+    if all(row.max_tokens < 1 for row in rows):
+        return generate_rows(loaded, rows, [threading.Event() for _ in rows])
+    width = max(len(row.prompt_ids) for row in rows)
+    input_ids = torch.tensor(
+        [[loaded.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows],
+        dtype=torch.long,
+        device=loaded.device,
+    )
+    attention_mask = torch.tensor(
+        [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows],
+        dtype=torch.long,
+        device=loaded.device,
+    )
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    decoder = _RowDecoder(rows, loaded.device)
+    with torch.inference_mode():
+        out = loaded.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=1,
+        )
+        scores = out.logits[:, -1, :].float()
+        forced = decoder(input_ids, scores)
+    chosen = forced.argmax(dim=-1).tolist()
+    records = decoder.records()
+    return [
+        _finish_row(loaded, row, [chosen[i]], records, decoder.logprob_slot.get(i))
+        for i, row in enumerate(rows)
+    ]
