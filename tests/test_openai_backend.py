@@ -714,9 +714,11 @@ async def test_backends_of_one_endpoint_model_and_key_share_one_limiter(
                 for i in range(24):
                     tg.start_soon((first if i % 2 else second).complete, chat(f"q{i}"))
         window = srv.max_in_window(1.0)
-    # Two separate limiters would have let ~38 through in a second.
+    # Two separate limiters would have let ~36 through in a second, one lets 18 (rpm 20 less 10 %
+    # headroom); the server sees arrival times, which a loaded machine bunches by a few requests
+    # (CI saw 21), so the line sits between the two.
     assert srv.total == 24
-    assert window <= 20
+    assert window < 28
 
 
 # --------------------------------------------------------------------------------------------
