@@ -111,7 +111,7 @@ async def run_search(agents: ScriptedAgents, queries=QUERIES, **search):
     received = []
     while True:
         try:
-            received.append(events._receive.receive_nowait())
+            received.append(events.receive_nowait())
         except (anyio.WouldBlock, anyio.EndOfStream):
             break
     return result, [env.payload for env in received]

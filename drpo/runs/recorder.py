@@ -16,32 +16,20 @@ transaction. Why it is shaped like this:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
-from drpo.bus.bus import Bus, Subscription
+from drpo.bus.bus import Bus
 from drpo.bus.envelope import Envelope
 from drpo.runs.store import RunStore, message_row
 
 
 class RecorderStoppedError(RuntimeError):
     """:meth:`Recorder.drain` was called on a recorder that no longer runs."""
-
-
-def _nowait_receiver(subscription: Subscription) -> Callable[[], Envelope]:
-    """The subscription's non-blocking receive.
-
-    The bus's :class:`Subscription` has no public ``receive_nowait`` yet (requested); until it
-    has, use its stream's, which raises ``WouldBlock`` when nothing is waiting.
-    """
-    receive_nowait = getattr(subscription, "receive_nowait", None)
-    if receive_nowait is not None:
-        return receive_nowait  # type: ignore[no-any-return]
-    return subscription._receive.receive_nowait
 
 
 class Recorder:
@@ -58,7 +46,6 @@ class Recorder:
         self._store = store
         self.batch_size = batch_size
         self._tap = bus.tap(buffer_size=tap_buffer)
-        self._receive_nowait = _nowait_receiver(self._tap)
         # Publishes counted before the tap existed never reach it.
         self._baseline = bus.published_count
         #: Envelopes handed to the store so far (committed once a flush returns).
@@ -91,7 +78,7 @@ class Recorder:
 
     def _take_ready(self, batch: list[Envelope], limit: int | None) -> None:
         """Append to ``batch`` what the tap holds right now (up to ``limit`` in all)."""
-        receive_nowait = self._receive_nowait
+        receive_nowait = self._tap.receive_nowait
         while limit is None or len(batch) < limit:
             try:
                 batch.append(receive_nowait())

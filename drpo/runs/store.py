@@ -399,7 +399,8 @@ class RunStore:
 
         await anyio.to_thread.run_sync(check_writable, db)
         await anyio.to_thread.run_sync(lambda: db.parent.mkdir(parents=True, exist_ok=True))
-        conn = await aiosqlite.connect(str(db), isolation_level=None)
+        # IMMEDIATE: sqlite3 opens each write batch with BEGIN IMMEDIATE itself (see BatchWriter)
+        conn = await aiosqlite.connect(str(db), isolation_level="IMMEDIATE")
         store = None
         try:
             await _prepare_writer_connection(conn, probe)

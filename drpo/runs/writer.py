@@ -15,6 +15,7 @@ and raised by the next :meth:`BatchWriter.flush`, so nothing fails silently.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,11 @@ class BatchWriter:
     def __init__(
         self, conn: aiosqlite.Connection, *, max_batch_rows: int = 5000, queue_size: int = 1024
     ) -> None:
+        if conn.isolation_level != "IMMEDIATE":
+            raise ValueError(
+                'the writer needs a connection opened with isolation_level="IMMEDIATE" '
+                f"(got {conn.isolation_level!r}): sqlite3 then begins each batch's transaction"
+            )
         self._conn = conn
         self.max_batch_rows = max_batch_rows
         self._send: MemoryObjectSendStream[WriteOp]
@@ -148,18 +154,13 @@ class BatchWriter:
         """Run ``statements`` in one ``BEGIN IMMEDIATE ... COMMIT``.
 
         aiosqlite runs each call on the connection's own thread, and every call is a round trip
-        (a queue put, a thread wake-up, a wake-up of the event loop): ``BEGIN``, the statements
-        and ``COMMIT`` as separate calls cost 75 us of CPU per small transaction, against 36 us
-        as one call (measured; a run commits a small batch per model call at a steady load).
-        So the whole transaction goes to that thread as one function when the connection lets
-        us (aiosqlite's ``_execute`` and ``_conn``, there since 0.17), else call by call.
+        (a queue put, a thread wake-up, a wake-up of the event loop, ~40 us of CPU). So the
+        transaction costs one call per statement group and one for the commit: the connection
+        is opened with ``isolation_level="IMMEDIATE"``, so sqlite3 itself issues ``BEGIN
+        IMMEDIATE`` before the first write (no call of its own), and :func:`_group` has merged
+        every op it may into one ``executemany``.
         """
         conn = self._conn
-        run_in_thread = getattr(conn, "_execute", None)
-        if run_in_thread is not None and hasattr(type(conn), "_conn"):
-            await run_in_thread(_transaction_in_thread, conn, statements)
-            return
-        await conn.execute("BEGIN IMMEDIATE")
         try:
             for sql, rows in statements:
                 assert sql is not None
@@ -167,50 +168,52 @@ class BatchWriter:
                     await conn.execute(sql, rows[0])
                 else:
                     await conn.executemany(sql, rows)
-            await conn.execute("COMMIT")
+            await conn.commit()
         except BaseException:
             if conn.in_transaction:
                 with anyio.CancelScope(shield=True):
                     try:
-                        await conn.execute("ROLLBACK")
+                        await conn.rollback()
                     except sqlite3.Error:
                         pass
             raise
 
 
-def _transaction_in_thread(
-    conn: aiosqlite.Connection, statements: list[tuple[str | None, list[Row]]]
-) -> None:
-    """One transaction, run on the aiosqlite connection's own thread (the only thread that may
-    use its sqlite3 connection)."""
-    raw: sqlite3.Connection = conn._conn
-    raw.execute("BEGIN IMMEDIATE")
-    try:
-        for sql, rows in statements:
-            assert sql is not None
-            if len(rows) == 1:
-                raw.execute(sql, rows[0])
-            else:
-                raw.executemany(sql, rows)
-        raw.execute("COMMIT")
-    except BaseException:
-        if raw.in_transaction:
-            try:
-                raw.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-        raise
+#: The table a write statement changes (every statement the store writes is one of these forms).
+_TARGET = re.compile(
+    r"^\s*(?:INSERT(?:\s+OR\s+\w+)?\s+INTO|REPLACE\s+INTO|UPDATE(?:\s+OR\s+\w+)?|DELETE\s+FROM)"
+    r"\s+(\w+)",
+    re.IGNORECASE,
+)
+
+
+def _target(sql: str | None) -> str | None:
+    match = _TARGET.match(sql or "")
+    return match.group(1).lower() if match else None
 
 
 def _coalesce(ops: list[WriteOp]) -> list[tuple[str | None, list[Row]]]:
-    """Merge consecutive ops with the same SQL into one executemany, keeping their order."""
-    merged: list[tuple[str | None, list[Row]]] = []
+    """Merge ops with the same SQL into one executemany where the order of effects is kept.
+
+    An op joins the latest group with its SQL when every group after that one writes other
+    tables (statements on different tables commute: the schema has no triggers or foreign
+    keys), else it starts a group; a statement whose table is not recognised never moves.
+    A model call's journal entry and its messages go to two tables, so a batch of many calls
+    costs two ``executemany`` instead of one statement per call.
+    """
+    groups: list[tuple[str | None, str | None, list[Row]]] = []
     for op in ops:
-        if merged and merged[-1][0] == op.sql:
-            merged[-1][1].extend(op.rows)
+        table = _target(op.sql)
+        for sql, group_table, rows in reversed(groups):
+            if sql == op.sql:
+                rows.extend(op.rows)
+                break
+            if table is None or group_table is None or group_table == table:
+                groups.append((op.sql, table, list(op.rows)))
+                break
         else:
-            merged.append((op.sql, list(op.rows)))
-    return merged
+            groups.append((op.sql, table, list(op.rows)))
+    return [(sql, rows) for sql, _, rows in groups]
 
 
 __all__ = ["BatchWriter", "Row", "WriteOp"]
