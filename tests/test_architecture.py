@@ -126,11 +126,14 @@ def test_no_import_cycle_in_drpo() -> None:
 
 
 #: The layers of drpo, lowest first: a module may import only from its own layer or a lower one.
-#: The domain (the search's values, messages and reward rule) imports nothing of ours; the bus
+#: ``drpo/errors.py`` (the base of every user error) imports nothing, so that every layer can
+#: derive its errors from it; the domain (the search's values, messages and reward rule) imports
+#: nothing of ours but that; the bus
 #: carries the domain's values without importing them; backends know requests and completions;
 #: runs keep what the bus and backends produce; agents use all of those; the views, the traces,
 #: the jobs, and the two front doors (the Python API and the command) sit on top.
 LAYERS: tuple[str, ...] = (
+    "errors",
     "domain",
     "data",
     "bus",

@@ -23,11 +23,20 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from drpo.errors import UserError
+
 SCORES = (1, 2, 3, 4, 5)
 
 
-class AspectError(ValueError):
+class AspectError(UserError, ValueError):
     """An aspect definition (shipped or user-supplied) that cannot be used; says what is wrong."""
+
+
+class UnknownAspectError(AspectError, KeyError):
+    """A name that names no aspect of the catalogue (a ``KeyError`` too, as a mapping's is)."""
+
+    def __str__(self) -> str:  # KeyError's own would print the message quoted
+        return str(self.args[0])
 
 
 def normalize_name(name: str) -> str:
@@ -196,7 +205,9 @@ class AspectCatalogue:
     def __getitem__(self, name: str) -> Aspect:
         aspect = self.resolve(name)
         if aspect is None:
-            raise KeyError(name)
+            raise UnknownAspectError(
+                f"no aspect is named {name!r}; the catalogue has {', '.join(self.names)}"
+            )
         return aspect
 
     def __contains__(self, name: object) -> bool:

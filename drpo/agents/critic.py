@@ -46,6 +46,7 @@ from drpo.agents.proposer import Call
 from drpo.backends.base import ChatMessage, Choice, CompletionRequest
 from drpo.domain.requests import CriticMode
 from drpo.domain.values import AspectScore, AspectSelection, Critique
+from drpo.errors import UserError
 
 Variant = Literal["search", "icl"]
 
@@ -145,7 +146,7 @@ ROBUST = CriticPolicy.robust()
 PAPER = CriticPolicy.paper()
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError, ValueError):
     """The critic's aspect selection could not be read and the policy has no fallback.
 
     The paper's run crashed here (spec §2.2); the message says why and what to change.

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from drpo.errors import UserError
 
-class SearchCannotLearnError(RuntimeError):
+
+class SearchCannotLearnError(UserError, RuntimeError):
     """Every judgement (or every rewrite) of a level failed: going on would only spend."""
 
 

@@ -23,6 +23,7 @@ import anyio.to_thread
 
 from drpo.backends.imports import HEAVY_IMPORT_LOCK
 from drpo.domain.values import ICLExample
+from drpo.errors import UserError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,7 +36,7 @@ _model_locks: dict[str, threading.Lock] = {}
 _cache_lock = threading.Lock()
 
 
-class RetrievalError(RuntimeError):
+class RetrievalError(UserError, RuntimeError):
     """The embedding model cannot be found or loaded; the message says how to fix it."""
 
 

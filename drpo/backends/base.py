@@ -10,6 +10,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from drpo.errors import UserError
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -89,7 +91,7 @@ class Completion(_Frozen):
         return self.choices[0].text
 
 
-class BackendError(Exception):
+class BackendError(UserError):
     """Base class of every error a backend raises."""
 
 

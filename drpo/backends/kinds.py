@@ -19,11 +19,12 @@ from pydantic import ValidationError
 from drpo.backends.base import Backend
 from drpo.backends.pricing import ModelPrice, PriceTable
 from drpo.backends.settings import EndpointSettings, KindSettings, LocalSettings
+from drpo.errors import UserError
 
 DEFAULT_MODEL = "local:smollm2"
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UserError, ValueError):
     """A model spec that cannot be understood; the message says what a valid one looks like."""
 
 

@@ -18,7 +18,6 @@ from drpo.cli.support import (
     TraceContentOption,
     TraceEndpointOption,
     TraceOption,
-    UserError,
     console,
     err_console,
     fail,
@@ -28,6 +27,7 @@ from drpo.cli.support import (
     trace_settings,
 )
 from drpo.data.files import write_atomically
+from drpo.errors import UserError
 from drpo.inspect.evaluation import format_difference, format_number
 
 #: Options that define a new evaluation; ``--resume`` takes them from the run instead.

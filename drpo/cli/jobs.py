@@ -21,7 +21,6 @@ from drpo.cli.support import (
     TraceContentOption,
     TraceEndpointOption,
     TraceOption,
-    UserError,
     checked_trace,
     console,
     err_console,
@@ -32,6 +31,7 @@ from drpo.cli.support import (
     trace_layer,
     trace_settings,
 )
+from drpo.errors import UserError
 from drpo.runs.paths import logs_dir
 
 PresetOption = Annotated[

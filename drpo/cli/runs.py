@@ -12,7 +12,8 @@ from typing import Annotated, Any
 import anyio
 import typer
 
-from drpo.cli.support import DbOption, UserError, console, fail, resolve_db, run_async
+from drpo.cli.support import DbOption, console, fail, resolve_db, run_async
+from drpo.errors import UserError
 
 runs_app = typer.Typer(help="Inspect recorded runs.", no_args_is_help=True)
 
@@ -22,13 +23,11 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts
 
 def _run_until_interrupted(main: Any, *args: Any) -> None:
     """Like :func:`run_async`, but Ctrl-C just ends the view (it stops nothing else)."""
-    from drpo.cli.support import user_error_types
-
     try:
         anyio.run(main, *args)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    except (*user_error_types(), UserError) as exc:
+    except UserError as exc:
         raise fail(str(exc)) from None
 
 

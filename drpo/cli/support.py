@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from drpo.errors import UserError
 from drpo.runs.paths import default_db_path
 
 #: Width of output that is not a terminal (a file, a pipe, CI): wide enough that rich never
@@ -104,10 +105,6 @@ def resolve_db(db: Path | None) -> Path:
     return db if db is not None else default_db_path()
 
 
-class UserError(Exception):
-    """An error the user can fix; printed without a traceback."""
-
-
 def fail(message: str, code: int = 2) -> typer.Exit:
     # the message is text, not markup: "pip install 'drpo[otel]'" must print as written
     err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
@@ -131,41 +128,17 @@ def report_outcome(outcome: Any) -> bool:
     return False
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Errors whose message alone tells the user what is wrong and how to fix it."""
-    from drpo.agents.critic import SelectionError
-    from drpo.backends.base import BackendError
-    from drpo.backends.kinds import ModelSpecError
-    from drpo.data.loaders import DataFormatError
-    from drpo.jobs.artifact import ArtifactError
-    from drpo.jobs.config import ConfigError
-    from drpo.runs.store import StoreError
-    from drpo.tracing.export import TraceExportError
-    from drpo.tracing.otel import OtelMissingError
-
-    return (
-        OtelMissingError,
-        TraceExportError,
-        ArtifactError,
-        BackendError,
-        ConfigError,
-        DataFormatError,
-        ModelSpecError,
-        SelectionError,
-        StoreError,
-        LookupError,
-    )
-
-
 def run_async(main: Any, *args: Any, on_interrupt: Callable[[], None] | None = None) -> Any:
-    """Run a job's coroutine function, turning known user errors into a clean exit.
+    """Run a job's coroutine function, turning drpo's user errors (:class:`UserError` and what
+    derives from it) into one ``error:`` line and exit 2; any other exception is a bug and
+    propagates with its traceback.
 
     Ctrl-C (or SIGTERM) stops the job: every run in flight is cancelled, recorded as
     interrupted, and its journal committed; then ``on_interrupt`` says how to go on, and the
     process exits with 130 without waiting for a worker thread still busy (a model being
     loaded). A second Ctrl-C exits at once.
     """
-    from drpo.jobs.lifecycle import leaf_exceptions
+    from drpo.jobs.lifecycle import is_user_error, leaf_exceptions
 
     try:
         return anyio.run(_until_signalled, main, args)
@@ -175,15 +148,12 @@ def run_async(main: Any, *args: Any, on_interrupt: Callable[[], None] | None = N
         else:
             err_console.print("interrupted; resume with `drpo resume RUN`")
         _exit_now(130)
-    except (*user_error_types(), UserError) as exc:
+    except UserError as exc:
         raise fail(str(exc)) from None
     except BaseExceptionGroup as group:
         # an error raised inside a task group arrives wrapped: report the user's error plainly
-        known = (*user_error_types(), UserError)
-        leaves = leaf_exceptions(group)
-        user_errors = [leaf for leaf in leaves if isinstance(leaf, known)]
-        if user_errors and len(user_errors) == len(leaves):
-            raise fail(str(user_errors[0])) from None
+        if is_user_error(group):
+            raise fail(str(leaf_exceptions(group)[0])) from None
         raise
 
 

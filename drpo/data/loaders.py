@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from drpo.domain.values import ICLExample
+from drpo.errors import UserError
 
 QUERY_FIELDS = ("instruction", "query")
 TRAIN_KINDS = ("helpful", "knowledge", "advice", "creative", "harmful")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A data file that cannot be read as the expected format."""
 
     def __init__(self, path: str | Path, where: str | None, expected: str) -> None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from drpo.data.files import write_atomically
 from drpo.domain.values import ICLExample
+from drpo.errors import UserError
 
 ARTIFACT_FORMAT = "drpo.aligned-prompt/2"
 #: Format 1 called the inference layout "chat"; format 2 calls it "inference" and uses "chat"
@@ -22,7 +23,7 @@ ARTIFACT_FORMAT = "drpo.aligned-prompt/2"
 FORMATS = (ARTIFACT_FORMAT, "drpo.aligned-prompt/1")
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError, ValueError):
     """A file that is not a readable drpo artifact."""
 
 

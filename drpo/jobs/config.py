@@ -39,10 +39,11 @@ from drpo.backends.kinds import (
 )
 from drpo.backends.settings import KindSettings
 from drpo.domain.requests import CriticMode, CriticPolicyName, Framing, ICLHeaders
+from drpo.errors import UserError
 from drpo.tracing.settings import TraceSettings
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A settings file or flag that cannot be used; the message says what to fix."""
 
 

@@ -14,7 +14,10 @@ does everything around it, in one place:
   | ``failed`` with a one-line reason, with ``RunStarted``/``RunFinished`` on the bus;
 * **classification**: a budget stop is told by the journal's own state (it refused a call for
   the budget), never by an exception's type or name; a cancellation is an interruption; any
-  other error is a failure, summarised in one line.
+  other error is a failure, summarised in one line that names the exception's type. A failure
+  by one of drpo's user errors (:class:`drpo.errors.UserError`: an endpoint that refuses, a
+  search that cannot learn) is returned as the run's outcome; any other exception is a bug, and
+  is re-raised once recorded, so that its traceback is seen.
 
 Everything already journaled stays: a run that ends any way but ``finished`` resumes from its
 journal with ``drpo resume RUN``.
@@ -39,6 +42,7 @@ from drpo.agents.runtime import RunContext
 from drpo.backends.kinds import validate_endpoints
 from drpo.bus import RemoteError
 from drpo.domain.events import RunFinished, RunStarted
+from drpo.errors import UserError
 from drpo.jobs.config import BudgetSettings
 from drpo.jobs.session import Session
 from drpo.runs.journal import KEY_FORMAT, JournaledCaller
@@ -107,6 +111,11 @@ def leaf_exceptions(error: BaseException) -> list[BaseException]:
     if isinstance(error, BaseExceptionGroup):
         return [leaf for inner in error.exceptions for leaf in leaf_exceptions(inner)]
     return [error]
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` (every leaf of it, for a group) is one of drpo's user errors."""
+    return all(isinstance(leaf, UserError) for leaf in leaf_exceptions(error))
 
 
 def describe_error(exc: BaseException, limit: int = 3) -> str:
@@ -196,6 +205,8 @@ class RunLifecycle:
                 status, error = "failed", describe_error(exc)
                 self.log.error("run failed", error=error)
             await self._end(status, error=error)
+            if refused is None and not is_user_error(exc):
+                raise  # a bug: recorded as the run's failure, and shown with its traceback
             return RunOutcome(self.run_id, status, error=error)
         status = result.status
         if status != "finished" and self.journal.exhausted is not None:

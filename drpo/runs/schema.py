@@ -15,6 +15,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from drpo.errors import UserError
+
 #: Bump when the schema changes; add a migration from the previous version when you do.
 SCHEMA_VERSION = 2
 #: ``PRAGMA application_id`` of drpo databases ("DRPO" in ASCII): tells other SQLite files apart.
@@ -26,7 +28,7 @@ RUN_STATUSES = ("created", "running", "finished", "interrupted", "failed", "budg
 TERMINAL_STATUSES = frozenset({"finished", "interrupted", "failed", "budget_exhausted"})
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """Base class of every run-store error."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio.to_thread
 
+from drpo.errors import UserError
 from drpo.runs.store import RunRecord, RunStore
 from drpo.tracing.spans import SpanRecord, build_spans
 
@@ -20,7 +21,7 @@ from drpo.tracing.spans import SpanRecord, build_spans
 BATCH = 512
 
 
-class TraceExportError(RuntimeError):
+class TraceExportError(UserError, RuntimeError):
     """The collector did not take the trace; the message says where and why."""
 
 

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from drpo.errors import UserError
 from drpo.tracing.spans import SpanRecord
 
 #: The extra that holds the OpenTelemetry SDK and exporters.
@@ -37,7 +38,7 @@ _EXPORT_LOGGERS = (
 )
 
 
-class OtelMissingError(RuntimeError):
+class OtelMissingError(UserError, RuntimeError):
     """The OpenTelemetry extra is not installed."""
 
 

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from yarl import URL
 
+from drpo.errors import UserError
+
 #: The OpenTelemetry default OTLP/HTTP endpoint (the SDK's own default).
 DEFAULT_ENDPOINT = "http://localhost:4318"
 TRACES_PATH = "/v1/traces"
@@ -27,7 +29,7 @@ TRACES_PATH = "/v1/traces"
 CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 
 
-class TraceURLError(ValueError):
+class TraceURLError(UserError, ValueError):
     """An endpoint that is not an http(s) URL; the message shows a good one."""
 
 

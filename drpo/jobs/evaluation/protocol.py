@@ -23,6 +23,7 @@ from typing import Any
 
 from drpo.data.loaders import DataFormatError
 from drpo.domain.values import AspectSelection, ICLExample
+from drpo.errors import UserError
 from drpo.jobs.artifact import AlignedPrompt, ArtifactError
 from drpo.jobs.generate import DEFAULT_SYSTEM_PROMPT
 
@@ -347,7 +348,7 @@ class EvalPrompt:
         )
 
 
-class PromptSpecError(ValueError):
+class PromptSpecError(UserError, ValueError):
     """A prompt given on the command line that cannot be used; the message says why."""
 
 
