@@ -28,7 +28,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drpo.bus import Bus, Envelope, Subscription
+from drpo.bus import Bus, Envelope, Subscription, loop
 from drpo.domain.requests import Answer
 from drpo.runs.recorder import Recorder
 from drpo.runs.store import RunStore
@@ -133,7 +133,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.profile:
         profiler = cProfile.Profile()
-        profiler.runcall(anyio.run, main, args.messages)
+        profiler.runcall(loop.run, main, args.messages)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     else:
-        anyio.run(main, args.messages)
+        loop.run(main, args.messages)

@@ -88,7 +88,7 @@ from drpo.backends.openai_api import (  # noqa: E402
     OpenAIBackend,
 )
 from drpo.backends.ratelimit import RateLimits  # noqa: E402
-from drpo.bus import Bus, Envelope  # noqa: E402
+from drpo.bus import Bus, Envelope, loop  # noqa: E402
 from drpo.domain.events import RunFinished, RunStarted  # noqa: E402
 from drpo.domain.requests import Answer, ProposeAnswer  # noqa: E402
 from drpo.jobs.session import quiet_collector  # noqa: E402
@@ -484,13 +484,13 @@ def measure_tracing(server: Server, args: Any, options: dict[str, Any]) -> None:
     traced: list[tuple[Sample, float]] = []
     with trace_sink() as url:
         before = _children_cpu_s()
-        anyio.run(lambda: run_drpo(server, profile=None, trace_url=url, calls=0, concurrency=1,
+        loop.run(lambda: run_drpo(server, profile=None, trace_url=url, calls=0, concurrency=1,
                                    warmup=0))  # fmt: skip
         startup = _children_cpu_s() - before  # a follower that follows a run of no calls
         for round_ in range(args.rounds):
-            plain.append(anyio.run(lambda: run_drpo(server, profile=None, **options)))
+            plain.append(loop.run(lambda: run_drpo(server, profile=None, **options)))
             before = _children_cpu_s()
-            sample = anyio.run(lambda: run_drpo(server, profile=None, trace_url=url, **options))
+            sample = loop.run(lambda: run_drpo(server, profile=None, trace_url=url, **options))
             traced.append((sample, _children_cpu_s() - before))
             print(
                 f"  round {round_ + 1} drpo {plain[-1].cpu_us_per_call:5.0f} us/call, traced "
@@ -570,7 +570,7 @@ def main() -> None:
         if "1" in args.only:
             for round_ in range(args.rounds):
                 for mode in modes:  # interleaved, so a noisy minute hits every client alike
-                    sample = anyio.run(
+                    sample = loop.run(
                         lambda m=mode: RUNNERS[m](server, profile=None, **options)  # type: ignore[misc]
                     )
                     print(
@@ -582,7 +582,7 @@ def main() -> None:
                     rounds.setdefault(mode, []).append(sample)
         throughput: Sample | None = None
         if "2" in args.only:
-            throughput = anyio.run(
+            throughput = loop.run(
                 lambda: run_drpo(
                     server,
                     profile=None,
@@ -594,7 +594,7 @@ def main() -> None:
         profiled = ""
         if args.profile is not None:
             profile = cProfile.Profile()
-            anyio.run(
+            loop.run(
                 lambda: RUNNERS[args.profile](server, profile=profile, **options)  # type: ignore[index]
             )
             name = args.profile.replace(":", "-")

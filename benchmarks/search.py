@@ -1,7 +1,7 @@
 """How close a DRPO search runs to its critical path, and how many searches one process carries.
 
 Run: ``python benchmarks/search.py [--quick] [--latency 0.2] [--searches 50] [--rpm 3000]
-[--gc tuned]``.
+[--only 14] [--profile PATH]``.
 
 Every model call goes to a loopback OpenAI-compatible server (``tests/fakeserver.py`` answering
 with ``tests/simulated_llm.respond``: role-aware, deterministic replies, varied judge scores) with
@@ -35,9 +35,11 @@ Scenarios, measured in one run:
 
 ``--quick`` shrinks depths (6; 4 for scenarios 3 and 5) so it runs in about 2 minutes; the full
 run takes about 14 minutes on a 2-core machine (scenario 3's sequential baseline ~6 min,
-scenario 5 ~5.5 min). ``--json PATH`` also writes every number; ``--gc tuned`` runs every scenario
-under the garbage-collector policy proposed for the job session (see ``gc_policy``), and
-``--profile PATH`` writes a cProfile of scenario 4.
+scenario 5 ~5.5 min). ``--json PATH`` also writes every number, and ``--profile PATH`` writes a cProfile of
+scenario 4. Every scenario runs as drpo runs: on drpo's event loop (``drpo.bus.loop``: uvloop,
+or asyncio's own with ``DRPO_EVENT_LOOP=asyncio``) and under the job session's garbage-collector
+policy (``drpo.jobs.session.quiet_collector``, which ``run_searches`` applies); the benchmark
+only counts the collector's pauses.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ from drpo.backends.base import Completion, CompletionRequest  # noqa: E402
 from drpo.backends.ratelimit import RateLimits  # noqa: E402
 from drpo.backends.registry import BackendRegistry  # noqa: E402
 from drpo.backends.settings import EndpointSettings  # noqa: E402
+from drpo.bus import loop  # noqa: E402
 from drpo.jobs.config import OptimizeConfig, build_config  # noqa: E402
 from drpo.jobs.optimize import RunOutcome, RunPlan, run_searches  # noqa: E402
 from drpo.runs.store import RunStore  # noqa: E402
@@ -240,16 +243,8 @@ class GcStats:
 
 
 @contextmanager
-def gc_policy(tuned: bool) -> Iterator[GcStats]:
-    """Count the collector's pauses; ``tuned`` applies the policy proposed for long runs.
-
-    The proposal (for the job session, which drpo's jobs own): after start-up, ``gc.freeze()``
-    moves the ~100,000 objects of the imported modules (the openai SDK alone defines ~2,800
-    pydantic models) out of the collector's way, and a first-generation threshold of 50,000
-    instead of 700 lets the short-lived objects of each call die before they are ever scanned.
-    Without it, 50 searches spend a quarter of their CPU in the collector, in pauses of up to
-    a quarter of a second (full collections of a heap that grows with the run).
-    """
+def collector_pauses() -> Iterator[GcStats]:
+    """Count the collector's pauses; its settings are drpo's own (the job session's policy)."""
     stats = GcStats()
     started = [0.0]
 
@@ -263,19 +258,11 @@ def gc_policy(tuned: bool) -> Iterator[GcStats]:
         stats.seconds[generation] += pause
         stats.longest_s = max(stats.longest_s, pause)
 
-    thresholds = gc.get_threshold()
-    if tuned:
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 10)
     gc.callbacks.append(timer)
     try:
         yield stats
     finally:
         gc.callbacks.remove(timer)
-        if tuned:
-            gc.set_threshold(*thresholds)
-            gc.unfreeze()
 
 
 def search_config(
@@ -412,22 +399,20 @@ def run_scenario(
     sequential: bool = False,
     rpm_limit: int | None = None,
     profile: Path | None = None,
-    tune_gc: bool = False,
 ) -> tuple[RunStats, ServerCounts]:
-    """Run searches against a fresh server process; ``profile`` writes a cProfile of them,
-    ``tune_gc`` applies the proposed collector policy (see :func:`gc_policy`)."""
+    """Run searches against a fresh server process; ``profile`` writes a cProfile of them."""
     with fake_server(latency, rpm_limit) as (base_url, counts):
         configs = make(base_url)
         profiler = cProfile.Profile() if profile is not None else None
         if profiler is not None:
             profiler.enable()
         try:
-            with gc_policy(tune_gc) as collector:
+            with collector_pauses() as collector:
                 if sequential:
                     with paper_order():
-                        stats = anyio.run(measure, configs, SerialRegistry())
+                        stats = loop.run(measure, configs, SerialRegistry())
                 else:
-                    stats = anyio.run(measure, configs, None)
+                    stats = loop.run(measure, configs, None)
             stats.gc = collector
         finally:
             if profiler is not None:
@@ -479,23 +464,15 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, default=None, help="write a cProfile of scenario 4 here"
     )
-    parser.add_argument(
-        "--gc",
-        choices=("default", "tuned"),
-        default="default",
-        help="the garbage collector's settings: Python's defaults, or the policy proposed for "
-        "the job session (gc.freeze() after start-up, first-generation threshold 50,000)",
-    )
     args = parser.parse_args()
     lat = args.latency
     depth, ext = (6, 2) if args.quick else (20, 10)
     wide_depth, rpm_depth = (4, 4) if args.quick else (20, 20)
     rows: list[Row] = []
-    tune_gc = args.gc == "tuned"
     raw: dict[str, Any] = {
         "latency_s": lat,
         "quick": args.quick,
-        "gc": args.gc,
+        "event_loop": "uvloop" if loop.uses_uvloop() else "asyncio",
         "depth": depth,
         "depth_extension": ext,
     }
@@ -513,7 +490,7 @@ def main() -> None:
     one = None
     if "1" in args.only or "2" in args.only or "4" in args.only:
         say(f"1: one search, beam 2 x 3 actions, depth {depth} (+{ext}), {lat * 1000:.0f} ms/call")
-        one, _ = run_scenario(lat, paper, tune_gc=tune_gc)
+        one, _ = run_scenario(lat, paper)
         floor = one.rounds[0] * lat
         ratio = one.wall_s / floor
         raw["1"] = {
@@ -538,7 +515,7 @@ def main() -> None:
         ]
     if "2" in args.only and one is not None:
         say("2: the same search, every call one after another")
-        seq, _ = run_scenario(lat, paper, sequential=True, tune_gc=tune_gc)
+        seq, _ = run_scenario(lat, paper, sequential=True)
         ceiling = seq.calls[0] / one.rounds[0]
         speedup = seq.wall_s / one.wall_s
         raw["2"] = {
@@ -566,8 +543,8 @@ def main() -> None:
         ]
     if "3" in args.only:
         say(f"3: beam 4 x 8 actions, depth {wide_depth} (+{ext}): concurrent, then sequential")
-        conc, _ = run_scenario(lat, wide, tune_gc=tune_gc)
-        seq, _ = run_scenario(lat, wide, sequential=True, tune_gc=tune_gc)
+        conc, _ = run_scenario(lat, wide)
+        seq, _ = run_scenario(lat, wide, sequential=True)
         floor = conc.rounds[0] * lat
         speedup = seq.wall_s / conc.wall_s
         ceiling = seq.calls[0] / conc.rounds[0]
@@ -618,7 +595,7 @@ def main() -> None:
                 for s in range(n)
             ]
 
-        multi, counts = run_scenario(lat, many, profile=args.profile, tune_gc=tune_gc)
+        multi, counts = run_scenario(lat, many, profile=args.profile)
         floors = [r * lat for r in multi.rounds]
         # The searches differ by seed, and so by length: the slowest of them, run alone, is the
         # least the N can take together. Measured here, after the N, on a fresh server.
@@ -627,7 +604,7 @@ def main() -> None:
         def slowest(url: str) -> list[OptimizeConfig]:
             return [many(url)[slowest_seed]]
 
-        alone, _ = run_scenario(lat, slowest, tune_gc=tune_gc)
+        alone, _ = run_scenario(lat, slowest)
         rusage_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         raw["4"] = {
             "wall_s": multi.wall_s,
@@ -697,7 +674,7 @@ def main() -> None:
             ),
             Row(
                 f"4 {n} at once",
-                f"GC pauses ({args.gc})",
+                "GC pauses (drpo's policy)",
                 f"{multi.gc.total_s:.2f} s",
                 "",
                 f"collections per generation {multi.gc.collections}, longest "
@@ -728,7 +705,7 @@ def main() -> None:
                 for s in range(n)
             ]
 
-        capped, counts = run_scenario(lat, paced, rpm_limit=args.rpm, tune_gc=tune_gc)
+        capped, counts = run_scenario(lat, paced, rpm_limit=args.rpm)
         times = sorted(counts.arrivals)
         span = times[-1] - times[0] if len(times) > 1 else float("nan")
         achieved = (len(times) - 1) / span * 60 if span > 0 else float("nan")
@@ -763,7 +740,7 @@ def main() -> None:
             ),
         ]
     raw["total_s"] = time.perf_counter() - started_all
-    _print_table(rows, lat, raw["total_s"], args.gc)
+    _print_table(rows, lat, raw["total_s"], raw["event_loop"])
     if args.json is not None:
         args.json.write_text(json.dumps(raw, indent=2))
 
@@ -777,7 +754,7 @@ def _max_in_window(times: list[float], window: float) -> int:
     return best
 
 
-def _print_table(rows: list[Row], latency: float, total_s: float, gc_setting: str) -> None:
+def _print_table(rows: list[Row], latency: float, total_s: float, event_loop: str) -> None:
     widths = [
         max(len(getattr(r, f)) for r in rows) if rows else 0
         for f in ("scenario", "metric", "value", "target")
@@ -786,8 +763,8 @@ def _print_table(rows: list[Row], latency: float, total_s: float, gc_setting: st
     widths = [max(w, len(h)) for w, h in zip(widths, head, strict=True)]
     line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + "  note"
     print(
-        f"\nDRPO search benchmark ({latency * 1000:.0f} ms per call; garbage collector: "
-        f"{gc_setting}; {total_s:.0f} s in all)"
+        f"\nDRPO search benchmark ({latency * 1000:.0f} ms per call; event loop: {event_loop}; "
+        f"garbage collector: the job session's policy; {total_s:.0f} s in all)"
     )
     print(line)
     print("-" * len(line))

@@ -27,9 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from drpo.agents.search import SearchResult
+from drpo.bus import loop
 from drpo.data.loaders import default_icl_examples
 from drpo.domain.values import ICLExample
 from drpo.jobs.config import (
@@ -155,19 +154,19 @@ async def aresume(
 
 def optimize(**options: Any) -> RunOutcome[SearchResult]:
     """:func:`aoptimize`, for synchronous callers."""
-    return anyio.run(lambda: aoptimize(**options))
+    return loop.run(lambda: aoptimize(**options))
 
 
 def icl(examples: Sequence[ICLExample] | None = None, **options: Any) -> RunOutcome[Any]:
     """:func:`aicl`, for synchronous callers."""
-    return anyio.run(lambda: aicl(examples, **options))
+    return loop.run(lambda: aicl(examples, **options))
 
 
 def generate(queries: Sequence[str], **options: Any) -> list[str]:
     """:func:`agenerate`, for synchronous callers."""
-    return anyio.run(lambda: agenerate(queries, **options))
+    return loop.run(lambda: agenerate(queries, **options))
 
 
 def resume(run_id: str, **options: Any) -> RunOutcome[Any]:
     """:func:`aresume`, for synchronous callers."""
-    return anyio.run(lambda: aresume(run_id, **options))
+    return loop.run(lambda: aresume(run_id, **options))

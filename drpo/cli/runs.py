@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import anyio
 import typer
 
+from drpo.bus import loop
 from drpo.cli.support import DbOption, console, fail, resolve_db, run_async
 from drpo.errors import UserError
 
@@ -24,7 +24,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts
 def _run_until_interrupted(main: Any, *args: Any) -> None:
     """Like :func:`run_async`, but Ctrl-C just ends the view (it stops nothing else)."""
     try:
-        anyio.run(main, *args)
+        loop.run(main, *args)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except UserError as exc:

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from drpo.bus import loop
 from drpo.errors import UserError
 from drpo.runs.paths import default_db_path
 
@@ -141,7 +142,7 @@ def run_async(main: Any, *args: Any, on_interrupt: Callable[[], None] | None = N
     from drpo.jobs.lifecycle import is_user_error, leaf_exceptions
 
     try:
-        return anyio.run(_until_signalled, main, args)
+        return loop.run(_until_signalled, main, args)
     except KeyboardInterrupt:
         if on_interrupt is not None:
             on_interrupt()

@@ -39,6 +39,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from drpo.bus import loop
 from drpo.runs.store import RunStore
 from drpo.tracing.settings import TraceSettings
 from drpo.tracing.spans import SpanRecord, TraceBuilder
@@ -274,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--content", action="store_true")
     parser.add_argument("--flush-timeout", type=float, default=5.0)
     args = parser.parse_args(argv)
-    anyio.run(_follow_main, args.db, args.url, args.content, args.flush_timeout)
+    loop.run(_follow_main, args.db, args.url, args.content, args.flush_timeout)
 
 
 if __name__ == "__main__":
