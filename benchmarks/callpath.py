@@ -11,25 +11,25 @@ and printed next to the client's, to show it is not what limits the numbers.
 Three clients make the same chat request (a system prompt and a question, ~1.5 KB, like a
 critic's or editor's call) against the same server:
 
-* ``httpx2``: a bare ``httpx2.AsyncClient.post`` loop that decodes the JSON reply: the floor
-  for any Python client on this stack;
-* ``sdk``: the bare official SDK, ``AsyncOpenAI.chat.completions.create`` (its retries off);
+* ``aiohttp``: a bare ``aiohttp.ClientSession.post`` loop that decodes the JSON reply: the
+  floor for any Python client on this stack;
+* ``sdk``: the bare official SDK, ``AsyncOpenAI.chat.completions.create`` (its retries off), on
+  its default client (httpx2's transport), and ``sdk:aiohttp`` the same on its
+  ``DefaultAioHttpClient``;
 * ``drpo``: drpo's whole path for one call: a requester asks an agent-like handler over the
   ``Bus`` (request and reply envelopes), the handler calls through
   ``JournaledCaller.complete`` (the call journal, committed to SQLite before use) and
   ``OpenAIBackend`` (rate limiter, retry loop, response mapping), and a ``Recorder`` persists
   every bus envelope into the ``RunStore``.
 
-``OpenAIBackend`` can post through three HTTP clients (``drpo.backends.openai_http``'s
-``HttpClientKind``): straight on aiohttp with the SDK's headers and error types (``aiohttp``,
-the default), the SDK's low-level ``post`` on its ``DefaultAioHttpClient`` (httpx2 over
-aiohttp: ``sdk-aiohttp``), and the SDK on httpx2's default transport (httpcore2's pool,
-``httpx2``). The backend and the full path run on each: ``backend:sdk-aiohttp``,
-``drpo:httpx2`` and so on name the ones that are not the default, and ``sdk:aiohttp`` is the
-bare SDK on aiohttp. The report compares them layer by layer: CPU per call, its spread over the
-rounds, the ratio to the default client and the difference. (Until commit 4e9a34c a fourth
-client, drpo's own asyncio HTTP/1.1 transport, was compared too; ``openai_http`` records why
-it was dropped.)
+``OpenAIBackend`` can post through two HTTP clients (``drpo.backends.openai_http``'s
+``HttpClientKind``, chosen per endpoint with ``http_client`` under ``[endpoints]``): drpo's own
+POST on aiohttp (``aiohttp``, the default) and the official SDK's client end to end
+(``openai-sdk``). The backend and the full path run on each: ``backend:openai-sdk`` and
+``drpo:openai-sdk`` name the SDK's. The report compares them layer by layer: CPU per call, its
+spread over the rounds, the ratio to the default client and the difference. (Until commit
+4e9a34c a fourth client, drpo's own asyncio HTTP/1.1 transport, was compared too; and until
+issue 19 the SDK on httpx2's transport, which nothing could select.)
 
 Measured, side by side in one run:
 
@@ -76,7 +76,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-import httpx2  # noqa: E402
+import aiohttp  # noqa: E402
 import openai  # noqa: E402
 import psutil  # noqa: E402
 
@@ -105,7 +105,7 @@ SYSTEM = (
     "know, and refuse harmful requests politely. "
 ) * 8
 #: The three compared clients, and drpo's path layer by layer (each adds one to the one before).
-MODES = ("httpx2", "sdk", "drpo")
+MODES = ("aiohttp", "sdk", "drpo")
 LAYERS = ("backend", "journal", "bus")
 #: The HTTP clients OpenAIBackend can use; the layers measured on each one that is not drpo's
 #: default are named "<layer>:<client>".
@@ -113,7 +113,7 @@ HTTP_CLIENTS: tuple[HttpClientKind, ...] = get_args(HttpClientKind)
 OTHER_CLIENTS = tuple(kind for kind in HTTP_CLIENTS if kind != DEFAULT_HTTP_CLIENT)
 COMPARED_LAYERS = ("backend", "drpo")
 ORDER = (
-    "httpx2",
+    "aiohttp",
     "sdk",
     "sdk:aiohttp",
     "backend",
@@ -124,7 +124,7 @@ ORDER = (
     *(f"drpo:{kind}" for kind in OTHER_CLIENTS),
 )
 NOTES = {
-    "httpx2": "bare httpx2.AsyncClient.post loop",
+    "aiohttp": "bare aiohttp.ClientSession.post loop",
     "sdk": "bare AsyncOpenAI.chat.completions.create",
     "sdk:aiohttp": "  the same on the SDK's DefaultAioHttpClient",
     "backend": f"drpo: OpenAIBackend.complete alone ({DEFAULT_HTTP_CLIENT})",
@@ -281,28 +281,25 @@ async def _measure(
     return Sample(mode, calls, wall, cpu, server.cpu_s() - server_cpu, loop_cpu)
 
 
-async def run_httpx2(server: Server, **options: Any) -> Sample:
-    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
+async def run_aiohttp(server: Server, **options: Any) -> Sample:
     url = server.base_url + "/chat/completions"
     headers = {"authorization": "Bearer EMPTY"}
-    async with httpx2.AsyncClient(limits=limits, timeout=60.0) as client:
+    connector = aiohttp.TCPConnector(limit=1000)
+    async with aiohttp.ClientSession(connector=connector) as client:
 
         async def call(i: int) -> str:
-            response = await client.post(url, json=chat_body(i), headers=headers)
-            response.raise_for_status()
-            return str(response.json()["choices"][0]["message"]["content"])
+            async with client.post(url, json=chat_body(i), headers=headers) as response:
+                response.raise_for_status()
+                reply = await response.json()
+            return str(reply["choices"][0]["message"]["content"])
 
-        return await _measure("httpx2", call, server, **options)
+        return await _measure("aiohttp", call, server, **options)
 
 
 async def run_sdk(server: Server, *, aiohttp: bool = False, **options: Any) -> Sample:
-    """The bare SDK on httpx2's default transport, or on its ``DefaultAioHttpClient``."""
-    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
-    http = (
-        openai.DefaultAioHttpClient(limits=limits)
-        if aiohttp
-        else openai.DefaultAsyncHttpxClient(limits=limits)
-    )
+    """The bare SDK on its default client (httpx2's transport), or on ``DefaultAioHttpClient``;
+    the SDK's own connection limits either way (1,000 connections, more than the callers)."""
+    http = openai.DefaultAioHttpClient() if aiohttp else openai.DefaultAsyncHttpxClient()
     client = openai.AsyncOpenAI(
         api_key="EMPTY", base_url=server.base_url, max_retries=0, http_client=http
     )
@@ -418,7 +415,7 @@ async def run_bus(server: Server, **options: Any) -> Sample:
 
 
 RUNNERS: dict[str, Callable[..., Awaitable[Sample]]] = {
-    "httpx2": run_httpx2,
+    "aiohttp": run_aiohttp,
     "sdk": run_sdk,
     "sdk:aiohttp": partial(run_sdk, aiohttp=True),
     "backend": run_backend,
@@ -632,10 +629,10 @@ def _print_report(rounds: dict[str, list[Sample]], throughput: Sample | None, ar
         "spread worst - best, process CPU time incl. threads)"
     )
     print(
-        f"{'client':<20} {'CPU/call':>9} {'spread':>7} {'x httpx2':>9} {'x sdk':>6} "
+        f"{'client':<20} {'CPU/call':>9} {'spread':>7} {'x aiohttp':>10} {'x sdk':>6} "
         f"{'calls/s':>8} {'server CPU':>11}"
     )
-    base = best.get("httpx2")
+    base = best.get("aiohttp")
     sdk = best.get("sdk")
     for mode in ORDER:
         if mode not in best:
@@ -645,7 +642,7 @@ def _print_report(rounds: dict[str, list[Sample]], throughput: Sample | None, ar
         ratio_sdk = f"{s.cpu_s / s.calls / (sdk.cpu_s / sdk.calls):.2f}" if sdk else "-"
         print(
             f"{mode:<20} {s.cpu_us_per_call:7.0f}us {_spread_us(rounds[mode]):5.0f}us "
-            f"{ratio_base:>9} {ratio_sdk:>6} {s.calls_per_s:8.0f} "
+            f"{ratio_base:>10} {ratio_sdk:>6} {s.calls_per_s:8.0f} "
             f"{s.server_cpu_s / s.wall_s:10.0%}  {NOTES.get(mode, '')}"
         )
     if "drpo" in best and sdk is not None:

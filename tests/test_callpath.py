@@ -38,7 +38,7 @@ def test_every_client_makes_its_calls(server: callpath.Server, mode: str) -> Non
 def test_the_report_prints_ratios_to_the_bare_clients_and_the_http_clients(
     server: callpath.Server, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    modes = ("httpx2", "sdk", "drpo", *(f"drpo:{kind}" for kind in callpath.OTHER_CLIENTS))
+    modes = ("aiohttp", "sdk", "drpo", *(f"drpo:{kind}" for kind in callpath.OTHER_CLIENTS))
     rounds = {
         mode: [
             anyio.run(

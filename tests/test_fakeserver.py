@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-import httpx2
 import openai
 import pytest
 from fakeserver import (
@@ -60,10 +61,30 @@ def client_for(server: FakeOpenAIServer, key: str = "sk-test") -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0, timeout=10)
 
 
+@dataclass(frozen=True)
+class RawReply:
+    status_code: int
+    content: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
 def raw_post(server: FakeOpenAIServer, path: str, body: Mapping[str, Any], **headers: str) -> Any:
     """POST without the SDK, for what the SDK will not send (no model, no Authorization)."""
     url = server.base_url.removesuffix("/v1") + path
-    return httpx2.post(url, json=dict(body), headers=headers, timeout=10)
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(dict(body)).encode(),
+        headers={"content-type": "application/json", **headers},
+        method="POST",
+    )
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with no_proxy.open(request, timeout=10) as reply:
+            return RawReply(reply.status, reply.read())
+    except urllib.error.HTTPError as refusal:
+        return RawReply(refusal.code, refusal.read())
 
 
 def openai_error(

@@ -10,8 +10,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
+import aiohttp
 import anyio
-import httpx2
 import pytest
 from fakeserver import (
     CHAT_PATH,
@@ -44,8 +44,8 @@ from drpo.backends.openai_api import (
     OpenAIBackend,
     estimate_tokens,
     full_jitter_delay,
-    parse_retry_after,
 )
+from drpo.backends.openai_errors import parse_retry_after
 from drpo.backends.pricing import DEFAULT_PRICES, ModelPrice, PriceTable
 from drpo.backends.ratelimit import RateLimits
 
@@ -232,9 +232,10 @@ def test_backend_satisfies_the_protocol_and_names_its_endpoint(
 @pytest.mark.anyio
 async def test_models_endpoint_lists_the_served_models() -> None:
     with serve_fake_openai(models=("a", "b")) as srv:
-        async with httpx2.AsyncClient() as client:
-            reply = await client.get(srv.base_url + "/models")
-    assert [m["id"] for m in reply.json()["data"]] == ["a", "b"]
+        async with aiohttp.ClientSession() as client:
+            async with client.get(srv.base_url + "/models") as reply:
+                listed = await reply.json()
+    assert [m["id"] for m in listed["data"]] == ["a", "b"]
     assert srv.by_path == Counter({MODELS_PATH: 1})
 
 

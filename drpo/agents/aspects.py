@@ -19,7 +19,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
@@ -39,13 +39,19 @@ class UnknownAspectError(AspectError, KeyError):
         return str(self.args[0])
 
 
+_NOT_ALNUM = re.compile(r"[^0-9a-z]+")
+
+
+@lru_cache(maxsize=4096)
 def normalize_name(name: str) -> str:
     """The lookup key of an aspect name: lower case, letters and digits only.
 
     Models write the same aspect as "Critical-Thinking", "critical thinking" or
-    "**Critical_Thinking**"; all of them should find one aspect.
+    "**Critical_Thinking**"; all of them should find one aspect. Cached: a judgement's parser
+    looks up the same few dozen names hundreds of thousands of times in a busy run (2.5 s of
+    50 searches' 47 s profiled CPU before the cache).
     """
-    return re.sub(r"[^0-9a-z]+", "", name.lower())
+    return _NOT_ALNUM.sub("", name.lower())
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ def _build_openai(spec: ModelSpec, settings: EndpointSettings) -> Backend:
         api_key_env=settings.api_key_env,
         limits=RateLimits(rpm=settings.rpm, tpm=settings.tpm, max_in_flight=settings.max_in_flight),
         prices=PriceTable({spec.model: price}) if price is not None else PriceTable(),
+        http=settings.http_client,
     )
 
 

@@ -3,10 +3,11 @@
 Built for thousands of concurrent calls, speaking the official ``openai`` SDK's protocol:
 
 * one keep-alive connection pool per backend, on aiohttp (its pool and C-accelerated HTTP
-  parser), with the SDK's retries off, so there is exactly ONE retry loop (ours) and every
-  attempt passes through the shared rate limiter; how a request reaches the server, and why
-  it skips the SDK's request pipeline while keeping its headers and error types
-  (``openai.APIStatusError`` & co.), is ``openai_http``'s concern;
+  parser) or, chosen per endpoint, the official SDK's own client with its retries off: there
+  is exactly ONE retry loop (ours) and every attempt passes through the shared rate limiter;
+  how a request reaches the server is ``openai_http``'s concern (a plain status, headers and
+  body back, one error when no reply came), and what a failure means is
+  ``openai_errors``'s, the one place drpo's error types and their causes are written down;
 * a request body we serialize ourselves and our own parsing of the reply into drpo's types:
   the SDK's per-call request transforms and response models cost more CPU than the HTTP
   exchange, and we need neither;
@@ -17,8 +18,8 @@ Built for thousands of concurrent calls, speaking the official ``openai`` SDK's 
   a request over the context limit) raise ``PermanentBackendError`` at once, with a message that
   says what to change;
 * the API key is read once from the environment and never appears in an error message, a repr or
-  a log line: server messages are redacted and SDK exceptions (whose request objects carry the
-  key in a header) are not chained onto ours.
+  a log line: server messages are redacted, and no client's exception (whose request objects
+  carry the key in a header) is chained onto ours.
 """
 
 from __future__ import annotations
@@ -31,32 +32,32 @@ import os
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
-from openai import (
-    APIConnectionError,
-    APIStatusError,
-    APITimeoutError,
-)
 
 from drpo.backends.base import (
     Choice,
     Completion,
     CompletionRequest,
-    PermanentBackendError,
     TokenLogprob,
     TopLogprob,
-    TransientBackendError,
     Usage,
+)
+from drpo.backends.openai_errors import (
+    Endpoint,
+    OpenAIPermanentError,
+    OpenAITransientError,
+    Retry,
+    classify_status,
+    classify_transport,
 )
 from drpo.backends.openai_http import (
     DEFAULT_HTTP_CLIENT,
     HttpClientKind,
-    HttpReply,
+    HttpResponse,
+    HttpTransportError,
     make_poster,
 )
 from drpo.backends.pricing import PriceTable
@@ -74,41 +75,11 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 #: Sent to loopback servers that need no key (vLLM, ``transformers serve``) when none is set.
 PLACEHOLDER_KEY = "EMPTY"
-#: Statuses worth another try besides 5xx: timeout, conflict, rate limited.
-RETRYABLE_STATUSES = frozenset({408, 409, 429})
-#: Server text quoted in our errors is cut here; it is for humans, not for parsing.
-_MAX_QUOTED_CHARS = 300
 _REDACTED = "[redacted]"
 
 
 # --------------------------------------------------------------------------------------------
-# Errors
-
-
-class OpenAIPermanentError(PermanentBackendError):
-    """A call the endpoint will never accept; ``status_code`` is None when no HTTP reply came."""
-
-    def __init__(self, message: str, *, status_code: int | None = None, attempts: int = 1):
-        super().__init__(message)
-        self.status_code = status_code
-        self.attempts = attempts
-
-
-class OpenAITransientError(TransientBackendError):
-    """Every allowed attempt failed with a retryable error; ``last_cause`` says the last one."""
-
-    def __init__(self, message: str, *, last_cause: str, attempts: int):
-        super().__init__(message)
-        self.last_cause = last_cause
-        self.attempts = attempts
-
-
-@dataclass(frozen=True)
-class _Retry:
-    """An attempt failed in a way another attempt may fix; ``cause`` is safe to show."""
-
-    cause: str
-    retry_after_s: float | None = None
+# Outcomes
 
 
 @dataclass(frozen=True)
@@ -159,60 +130,11 @@ def estimate_tokens(request: CompletionRequest) -> int:
     return math.ceil(chars / 4) + request.max_tokens * request.n
 
 
-def parse_retry_after(headers: Mapping[str, str], wall_now: float) -> float | None:
-    """Seconds the server asks us to wait: ``retry-after-ms``, else ``Retry-After`` (seconds or
-    an HTTP date). None when neither header is there or readable; never negative."""
-    millis = headers.get("retry-after-ms")
-    if millis is not None:
-        try:
-            value = float(millis) / 1000
-            if math.isfinite(value):
-                return max(0.0, value)
-        except ValueError:
-            pass
-    text = headers.get("retry-after")
-    if text is None:
-        return None
-    try:
-        value = float(text)
-        return max(0.0, value) if math.isfinite(value) else None
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # an HTTP date is always GMT, even when it fails to say so
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - wall_now)
-
-
 def full_jitter_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
     """AWS-style full jitter: uniform in [0, min(max, base * 2**(attempt-1))], so many callers
     that failed together do not retry together."""
     ceiling = min(max_s, base_s * 2.0 ** max(0, attempt - 1))
     return rng.uniform(0.0, ceiling)
-
-
-def _error_fields(err: APIStatusError) -> tuple[str, str, str]:
-    """(code, type, message) of an error reply, whatever shape its body has."""
-    body = err.body
-    code = err.code or ""
-    kind = err.type or ""
-    if isinstance(body, Mapping):
-        message = body.get("message") or body.get("detail") or body.get("error") or ""
-        if not isinstance(message, str):
-            message = str(message)
-        code = code or str(body.get("code") or "")
-        kind = kind or str(body.get("type") or "")
-    elif isinstance(body, str):
-        message = body
-    else:
-        message = "" if body is None else str(body)
-    return code, kind, message
-
-
-_CONTEXT_WORDS = ("context length", "context_length", "context window", "maximum context")
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,10 +319,14 @@ class OpenAIBackend:
             raise ValueError("timeout_s must be positive")
         self.model = model
         self._endpoint = (base_url or DEFAULT_BASE_URL).rstrip("/")
-        self._api_key_env = api_key_env
         key = read_api_key(api_key_env, self._endpoint)
-        self._using_placeholder_key = key == PLACEHOLDER_KEY
-        self._redact = _redactor(key)
+        self._errors = Endpoint(
+            model=model,
+            url=self._endpoint,
+            api_key_env=api_key_env,
+            placeholder_key=key == PLACEHOLDER_KEY,
+            redact=_redactor(key),
+        )
         self._clock: Clock = clock or SYSTEM_CLOCK
         self._limiter: RateLimiter = shared_limiter(
             self._endpoint, model, key, limits, clock=self._clock
@@ -435,7 +361,7 @@ class OpenAIBackend:
         """One completion, retried as needed; raises Permanent/TransientBackendError."""
         started = self._clock.now()
         estimate = estimate_tokens(request)
-        last: _Retry | None = None
+        last: Retry | None = None
         for attempt in range(1, self.max_attempts + 1):
             outcome = await self._attempt(request, estimate)
             if isinstance(outcome, _Success):
@@ -477,110 +403,44 @@ class OpenAIBackend:
 
     async def _attempt(
         self, request: CompletionRequest, estimate: int
-    ) -> _Success | _Retry | OpenAIPermanentError:
+    ) -> _Success | Retry | OpenAIPermanentError:
         """Send once through the limiter and say what happened; never raises for API errors."""
         async with self._limiter.slot(estimate) as reservation:
             sent = self._clock.now()
+            path, body = request_body(self.model, request)
             try:
                 with anyio.fail_after(self.timeout_s):
-                    raw = await self._send(request)
-            except APIStatusError as err:
-                return self._after_status_error(err)
-            except (APITimeoutError, TimeoutError):
-                return _Retry(f"no reply within {self.timeout_s:g} s")
-            except APIConnectionError as err:
-                detail = type(err.__cause__).__name__ if err.__cause__ else "unknown"
-                return _Retry(f"connection error ({detail})")
-            self._limiter.observe_headers(raw.headers)
-            outcome = self._parse(raw, request.is_chat, reservation)
+                    reply = await self._poster.post(path, body)
+            except HttpTransportError as err:
+                return classify_transport(err, self.timeout_s)
+            except TimeoutError:
+                return Retry(f"no reply within {self.timeout_s:g} s")
+            self._limiter.observe_headers(reply.headers)
+            if not reply.ok:
+                return self._after_refusal(reply)
+            outcome = self._parse(reply, request.is_chat, reservation)
             if isinstance(outcome, _Success):  # the latency the in-flight cap follows
                 self._limiter.observe_latency(self._clock.now() - sent)
             return outcome
 
-    async def _send(self, request: CompletionRequest) -> HttpReply:
-        """POST the request; HTTP failures raise as the SDK's error types."""
-        path, body = request_body(self.model, request)
-        return await self._poster.post(path, body)
-
-    def _parse(self, raw: HttpReply, chat: bool, reservation: Reservation) -> _Success | _Retry:
+    def _parse(self, raw: HttpResponse, chat: bool, reservation: Reservation) -> _Success | Retry:
         try:
             success = map_response(json.loads(raw.content), chat=chat, fallback_model=self.model)
         except _MalformedResponse as exc:
-            return _Retry(f"malformed response: {exc}")
+            return Retry(f"malformed response: {exc}")
         except (ValueError, TypeError) as exc:
             # JSON that does not decode (ValueError), or a body that is no text (TypeError).
-            return _Retry(f"malformed response ({type(exc).__name__})")
+            return Retry(f"malformed response ({type(exc).__name__})")
         reservation.reconcile(success.usage.total_tokens)
         return success
 
-    def _after_status_error(self, err: APIStatusError) -> _Retry | OpenAIPermanentError:
-        """Classify an HTTP error reply; a rate-limit 429 with a wait also holds the limiter."""
-        headers = err.response.headers
-        self._limiter.observe_headers(headers)
-        outcome = self._classify(err)
-        if isinstance(outcome, _Retry) and err.status_code == 429 and outcome.retry_after_s:
+    def _after_refusal(self, reply: HttpResponse) -> Retry | OpenAIPermanentError:
+        """Classify a reply that is not a 2xx; a rate-limit 429 with a wait also holds the
+        limiter."""
+        outcome = classify_status(reply, self._errors, self._clock.wall())
+        if isinstance(outcome, Retry) and reply.status == 429 and outcome.retry_after_s:
             self._limiter.pause(outcome.retry_after_s)
         return outcome
-
-    def _classify(self, err: APIStatusError) -> _Retry | OpenAIPermanentError:
-        status = err.status_code
-        code, kind, raw_message = _error_fields(err)
-        said = self._quote(raw_message)
-        where = f"{self.model!r} at {self._endpoint}"
-
-        def permanent(text: str) -> OpenAIPermanentError:
-            return OpenAIPermanentError(text, status_code=status)
-
-        if "insufficient_quota" in (code, kind):
-            return permanent(
-                f"the API key's quota is exhausted (HTTP {status} insufficient_quota) for "
-                f"{where}: add credit or raise the spending limit; retrying will not help. "
-                f"Server said: {said}"
-            )
-        if code == "context_length_exceeded" or (
-            status in (400, 413, 422) and any(w in raw_message.lower() for w in _CONTEXT_WORDS)
-        ):
-            return permanent(
-                f"the request is larger than the context limit of {where} (HTTP {status} "
-                f"context_length_exceeded): shorten the prompt or lower max_tokens. "
-                f"Server said: {said}"
-            )
-        if status in RETRYABLE_STATUSES or status >= 500:
-            retry_after = parse_retry_after(err.response.headers, self._clock.wall())
-            return _Retry(f"HTTP {status}: {said}", retry_after)
-        if status == 401:
-            hint = (
-                f"the server needs a key: set {self._api_key_env}"
-                if self._using_placeholder_key
-                else f"check the key in {self._api_key_env}"
-            )
-            return permanent(
-                f"{self._endpoint} rejected the API key (HTTP 401): {hint}. Server said: {said}"
-            )
-        if status == 403:
-            return permanent(
-                f"permission denied for {where} (HTTP 403): the key has no access to this model "
-                f"or project. Server said: {said}"
-            )
-        if status == 404:
-            return permanent(
-                f"unknown model {self.model!r} or wrong base URL {self._endpoint!r} (HTTP 404): "
-                f"check the model name and that the base URL ends in /v1. Server said: {said}"
-            )
-        if status == 413:
-            return permanent(
-                f"the request is too large for {where} (HTTP 413). Server said: {said}"
-            )
-        if status in (400, 422):
-            return permanent(f"{where} rejected the request as invalid (HTTP {status}): {said}")
-        return permanent(f"{where} refused the request (HTTP {status}): {said}")
-
-    def _quote(self, message: str) -> str:
-        """Server text made safe to show: the key removed, and cut to a readable length."""
-        text = self._redact(message.strip()) or "(no message)"
-        if len(text) > _MAX_QUOTED_CHARS:
-            text = text[:_MAX_QUOTED_CHARS] + "..."
-        return text
 
     # ---- waiting ------------------------------------------------------------------------
 
@@ -590,7 +450,7 @@ class OpenAIBackend:
             return retry_after_s
         return full_jitter_delay(attempt, self.backoff_base_s, self.backoff_max_s, self._rng)
 
-    async def _wait_before_retry(self, attempt: int, outcome: _Retry) -> None:
+    async def _wait_before_retry(self, attempt: int, outcome: Retry) -> None:
         delay = self.backoff_delay(attempt, outcome.retry_after_s)
         level = logging.WARNING if delay >= 30 else logging.DEBUG
         log.log(

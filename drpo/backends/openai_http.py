@@ -1,55 +1,51 @@
-"""How an ``OpenAIBackend``'s requests reach the server: the HTTP clients it can post through.
+"""drpo's HTTP contract with an OpenAI-compatible endpoint: one POST in, a plain reply out.
 
-The backend serializes each request body itself and parses each reply itself (see
-``openai_api``); what it needs from HTTP is one POST: the bytes and the headers of a 2xx reply,
-and for anything else the official SDK's own error types (``openai.APIStatusError`` and its
-subclasses by status, ``APITimeoutError``, ``APIConnectionError``), which its classifier reads.
-Three clients give exactly that, named by ``HttpClientKind``:
+In the spirit of httpx's transports, a :class:`Poster` does one thing: it POSTs a JSON body to
+a path under the endpoint and returns what came back, an :class:`HttpResponse` (status,
+headers, body), whatever the status: it never raises on one. When no reply comes (no
+connection, a dropped one, a reply that cannot be read, a timeout) it raises the one
+:class:`HttpTransportError`. What a status or a failure means (retry, or which permanent
+error) is decided in one place, ``drpo.backends.openai_errors``, from the status and the error
+body, whichever client posted. No error object carries the request's headers (the API key is
+one of them), and no exception of a client is chained onto drpo's.
 
-* ``"aiohttp"`` (the default): the POST goes straight to aiohttp's connection pool and
-  C-accelerated parser, with the headers the SDK sends (read once from the SDK client's public
-  ``auth_headers`` and ``default_headers``) and the SDK's error types built from the reply (the
-  SDK's own status-to-class mapping). No ``httpx2.Request``/``Response`` is built for a call
-  that succeeds: that, and the SDK's per-call option and header merging, were the largest items
-  left in the profile of 50 searches at once (about 30 % of the process's CPU).
-* ``"sdk-aiohttp"``: the SDK's low-level ``post(..., cast_to=httpx2.Response)`` on its
-  ``DefaultAioHttpClient`` (httpx2 over aiohttp): the same pool and parser, with the SDK's
-  request pipeline in front. Kept to measure the one above against (``benchmarks/callpath.py``).
-* ``"httpx2"``: the SDK on httpx2's default transport (httpcore2's pool), for event loops other
-  than asyncio, which aiohttp does not run on.
+Two clients, named by ``HttpClientKind`` and chosen per endpoint in a config's ``[endpoints]``
+(``http_client = "openai-sdk"``):
 
-Every client keeps connections alive, holds as many as the in-flight guard lets through,
-leaves environment proxies out of loopback calls and honours them elsewhere, and reports each
-transport failure with the same cause names (``ConnectError``, ``RemoteProtocolError``, ...), so
-the backend's messages do not depend on the client (``tests/test_openai_http.py``). No error
-object carries the request's headers (the API key is one of them).
+* ``"aiohttp"`` (the default): the POST goes straight to aiohttp's keep-alive pool and
+  C-accelerated parser, with headers drpo builds itself (:func:`request_headers`: the key as a
+  bearer token, JSON in and out, drpo's user agent).
+* ``"openai-sdk"``: the official SDK makes the call, end to end: ``AsyncOpenAI``'s
+  ``chat.completions`` / ``completions`` ``.with_raw_response.create`` (its documented way to
+  read a raw reply) on its ``DefaultAioHttpClient``, with the SDK's own headers, request
+  pipeline and connection limits, its retries off (drpo's retry loop is the only one). Its
+  errors are read through their public fields only (``status_code``, ``response``), and a
+  failure without a reply becomes an :class:`HttpTransportError` by its class alone. The SDK's
+  aiohttp adapter reports a refused connection as a timeout (openai 3.57); drpo retries both
+  alike, only the message differs.
 
-Why, measured with ``benchmarks/callpath.py`` (3000 chat calls by 64 callers against a 50 ms
+Why two, measured with ``benchmarks/callpath.py`` (3000 chat calls by 64 callers against a 50 ms
 server in its own process; process CPU time, best of 3 rounds, quiet 2-core machine):
-``OpenAIBackend`` alone costs 196 us of CPU per call straight on aiohttp, 504 us through the
-SDK's pipeline on the same aiohttp pool, and 755 us on httpx2's transport (httpcore2 re-scans
-its whole pool and polls every idle socket at each request start and response close); drpo's
-full path (journal, bus, recorder) 504, 748 and 1,239 us. drpo used to own a hand-written
-asyncio HTTP/1.1 transport (``drpo/backends/transport.py`` up to commit 4e9a34c): aiohttp,
-maintained and C-accelerated, does the same job for less CPU now that the SDK's pipeline is
-not in front of it.
+``OpenAIBackend`` alone costs 196 us of CPU per call straight on aiohttp and 504 us through the
+SDK's pipeline on the same aiohttp pool. A third client, the SDK on httpx2's own transport, was
+reachable only from tests and benchmarks and cost the most (755 us); it is gone, and drpo no
+longer imports httpx2. drpo used to own a hand-written asyncio HTTP/1.1 transport
+(``drpo/backends/transport.py`` up to commit 4e9a34c): aiohttp does the same job for less CPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Protocol
 
 import aiohttp
-import httpx2
-import openai
-from openai import APIConnectionError, APITimeoutError, AsyncOpenAI
 from yarl import URL
 
-#: The HTTP clients an ``OpenAIBackend`` can post through (see the module's docstring).
-HttpClientKind = Literal["aiohttp", "sdk-aiohttp", "httpx2"]
-DEFAULT_HTTP_CLIENT: HttpClientKind = "aiohttp"
+from drpo.backends.settings import DEFAULT_HTTP_CLIENT, HttpClientKind
 
 #: Seconds an idle connection is kept for reuse (servers close theirs after 5 s to minutes;
 #: aiohttp learns of a close as it happens, so a longer expiry costs nothing but a socket).
@@ -58,22 +54,63 @@ KEEPALIVE_EXPIRY_S = 30.0
 CONNECT_TIMEOUT_S = 30.0
 
 
-class HttpReply(Protocol):
-    """A 2xx reply: what the backend reads of it."""
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    """What came back: any status, its headers (looked up case-insensitively) and its body."""
+
+    status: int
+    headers: Mapping[str, str]
+    content: bytes
 
     @property
-    def headers(self) -> Mapping[str, str]: ...
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+class HttpTransportError(Exception):
+    """No HTTP reply: the one error a poster raises.
+
+    ``cause`` says what happened in words safe to show (no header, no key): ``"cannot connect"``,
+    ``"disconnected"`` (the server hung up or reset the connection, or cut the body short),
+    ``"unreadable reply"`` (not HTTP), ``"timeout"``, or ``"connection failed"`` (the client
+    does not say which); ``detail`` names the client's own error class, for a bug report.
+    """
+
+    def __init__(self, cause: str, detail: str = "") -> None:
+        super().__init__(f"{cause} ({detail})" if detail else cause)
+        self.cause = cause
+        self.detail = detail
 
     @property
-    def content(self) -> bytes: ...
+    def timed_out(self) -> bool:
+        return self.cause == "timeout"
 
 
 class Poster(Protocol):
-    """POSTs a JSON body to a path under the endpoint; the SDK's errors for any failure."""
+    """POSTs a JSON body to a path under the endpoint (see the module's docstring)."""
 
-    async def post(self, path: str, body: bytes) -> HttpReply: ...
+    async def post(self, path: str, body: bytes) -> HttpResponse: ...
 
     async def aclose(self) -> None: ...
+
+
+def request_headers(api_key: str) -> dict[str, str]:
+    """The headers drpo sends with every call: the key from the environment as a bearer token
+    (what every OpenAI-compatible server reads), JSON both ways, and who is calling."""
+    return {
+        "Authorization": f"Bearer {api_key}",
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "User-Agent": f"drpo/{_drpo_version()}",
+    }
+
+
+@cache
+def _drpo_version() -> str:
+    try:
+        return version("drpo")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "dev"
 
 
 def make_poster(
@@ -85,55 +122,43 @@ def make_poster(
     pool: int,
     trust_env: bool,
 ) -> Poster:
-    """The poster ``kind`` names, over an SDK client (which sends, or gives headers and errors).
+    """The poster ``kind`` names.
 
-    ``pool`` connections are kept (at least 100), each alive for ``KEEPALIVE_EXPIRY_S``, so a
-    steady load reuses its connections and no call queues for one. ``trust_env`` is off for
-    loopback servers: an environment proxy must not capture calls to a local model server;
-    elsewhere ``HTTPS_PROXY``/``NO_PROXY`` (and ``SSL_CERT_FILE``) are honoured.
+    ``pool`` connections are kept (at least 100; the SDK keeps its own limits), each alive for
+    ``KEEPALIVE_EXPIRY_S``, so a steady load reuses its connections and no call queues for one.
+    ``trust_env`` is off for loopback servers: an environment proxy must not capture calls to a
+    local model server; elsewhere ``HTTPS_PROXY``/``NO_PROXY`` (and ``SSL_CERT_FILE``) are
+    honoured.
     """
-    pool = max(pool, 100)
-    timeout = httpx2.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S))
-    limits = httpx2.Limits(
-        max_connections=pool, max_keepalive_connections=pool, keepalive_expiry=KEEPALIVE_EXPIRY_S
-    )
-    if kind == "httpx2":
-        http: httpx2.AsyncClient | None = openai.DefaultAsyncHttpxClient(
-            limits=limits, timeout=timeout, trust_env=trust_env
+    if kind == "openai-sdk":
+        return SdkPoster(
+            api_key=api_key, base_url=base_url, timeout_s=timeout_s, trust_env=trust_env
         )
-    elif kind == "sdk-aiohttp":
-        http = _SdkAiohttpClient(limits=limits, timeout=timeout, trust_env=trust_env)
-    else:
-        http = None  # the SDK client never sends: it is asked for headers and errors only
-    client = AsyncOpenAI(
-        api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout, http_client=http
+    return AiohttpPoster(
+        api_key=api_key,
+        base_url=base_url,
+        timeout_s=timeout_s,
+        pool=max(pool, 100),
+        trust_env=trust_env,
     )
-    if http is None:
-        return AiohttpPoster(client, timeout_s, pool=pool, trust_env=trust_env)
-    return SdkPoster(client, http)
 
 
 # --------------------------------------------------------------------------------------------
 # Straight on aiohttp
 
 
-@dataclass(frozen=True, slots=True)
-class _AiohttpReply:
-    headers: Mapping[str, str]
-    content: bytes
-
-
 class AiohttpPoster:
-    """POSTs on one aiohttp session, with the SDK's headers and the SDK's error types.
+    """POSTs on one aiohttp session with drpo's headers.
 
     The session is opened at the first call, in the event loop that makes it (an aiohttp
     session belongs to one loop), and closed by ``aclose``.
     """
 
-    def __init__(self, client: AsyncOpenAI, timeout_s: float, *, pool: int, trust_env: bool):
-        self._client = client
-        self._base = str(client.base_url).rstrip("/")
-        self._headers = sdk_headers(client, timeout_s)
+    def __init__(
+        self, *, api_key: str, base_url: str, timeout_s: float, pool: int, trust_env: bool
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._headers = request_headers(api_key)
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=min(timeout_s, CONNECT_TIMEOUT_S), sock_read=timeout_s
         )
@@ -142,29 +167,25 @@ class AiohttpPoster:
         self._urls: dict[str, URL] = {}
         self._session: aiohttp.ClientSession | None = None
 
-    async def post(self, path: str, body: bytes) -> HttpReply:
-        url = self._url(path)
+    def __repr__(self) -> str:
+        return f"AiohttpPoster({self._base!r})"  # never the headers: they hold the key
+
+    async def post(self, path: str, body: bytes) -> HttpResponse:
         try:
             async with self._open().post(
-                url, data=body, headers=self._headers, allow_redirects=False
+                self._url(path), data=body, headers=self._headers, allow_redirects=False
             ) as response:
                 content = await response.read()
-                status, headers = response.status, response.headers
+                return HttpResponse(response.status, response.headers, content)
         except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors
-            raise APITimeoutError(request=_bare_request(url)) from exc
+            raise HttpTransportError("timeout", type(exc).__name__) from None
         except aiohttp.ClientError as exc:
-            request = _bare_request(url)
-            cause = as_httpx2_error(exc, request)
-            raise APIConnectionError(message=str(cause), request=request) from cause
-        if status >= 300:
-            raise _status_error(self._client, url, status, headers, content)
-        return _AiohttpReply(headers, content)
+            raise HttpTransportError(_aiohttp_cause(exc), type(exc).__name__) from None
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        await self._client.close()
 
     def _url(self, path: str) -> URL:
         url = self._urls.get(path)
@@ -174,92 +195,86 @@ class AiohttpPoster:
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self._pool,
-                keepalive_timeout=KEEPALIVE_EXPIRY_S,
-                ssl=httpx2.create_ssl_context(trust_env=self._trust_env),  # the SDK's trust
-            )
+            connector = aiohttp.TCPConnector(limit=self._pool, keepalive_timeout=KEEPALIVE_EXPIRY_S)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, trust_env=self._trust_env
             )
         return self._session
 
 
-def sdk_headers(client: AsyncOpenAI, timeout_s: float) -> dict[str, str]:
-    """The headers the SDK sends with each request of ``client`` (retries off)."""
-    merged: dict[str, Any] = {**client.auth_headers, **client.default_headers}
-    headers = {name: value for name, value in merged.items() if isinstance(value, str)}
-    headers["X-Stainless-Retry-Count"] = "0"
-    headers["X-Stainless-Read-Timeout"] = str(float(timeout_s))
-    return headers
-
-
-def _bare_request(url: URL) -> httpx2.Request:
-    """The request an SDK error refers to, without headers: they hold the API key."""
-    return httpx2.Request("POST", str(url))
-
-
-def _status_error(
-    client: AsyncOpenAI, url: URL, status: int, headers: Mapping[str, str], content: bytes
-) -> openai.APIStatusError:
-    """The error the SDK raises for this reply (its class by status, its body and message)."""
-    response = httpx2.Response(
-        status, headers=list(headers.items()), content=content, request=_bare_request(url)
-    )
-    # The SDK's own status-to-class mapping (private, so tests/test_openai_http.py checks it).
-    return client._make_status_error_from_response(response)
+def _aiohttp_cause(exc: aiohttp.ClientError) -> str:
+    """What an aiohttp error says happened, in :class:`HttpTransportError`'s words."""
+    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, unreachable, no such host, TLS
+        return "cannot connect"
+    if isinstance(exc, aiohttp.ClientResponseError):  # a status line or header that is not HTTP
+        return "unreadable reply"
+    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+        return "disconnected"  # hung up, reset, or the body cut short
+    return "connection failed"
 
 
 # --------------------------------------------------------------------------------------------
-# Through the SDK's request pipeline
+# The official SDK, end to end
 
 
 class SdkPoster:
-    """POSTs with the SDK's low-level ``post``, returning the raw ``httpx2.Response``."""
+    """The SDK's own client makes each call (see the module's docstring).
 
-    def __init__(self, client: AsyncOpenAI, http: httpx2.AsyncClient) -> None:
-        self._client = client
-        self._http = http
+    The SDK takes the request as keyword arguments, so the body is decoded again here (one
+    ``json.loads`` of a few KB, next to the SDK's pipeline it is noise). The SDK is imported
+    when this client is built, so a process that never selects it never loads it.
+    """
 
-    async def post(self, path: str, body: bytes) -> HttpReply:
-        return await self._client.post(path, cast_to=httpx2.Response, content=body)
+    def __init__(self, *, api_key: str, base_url: str, timeout_s: float, trust_env: bool) -> None:
+        import openai  # only here: the default client never loads the SDK (~0.3 s, 2,800 models)
+
+        self._openai = openai
+        self._http = openai.DefaultAioHttpClient(trust_env=trust_env)
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            timeout=timeout_s,
+            http_client=self._http,
+        )
+        raw_chat = self._client.chat.completions.with_raw_response
+        raw_text = self._client.completions.with_raw_response
+        self._routes: dict[str, Callable[..., Awaitable[Any]]] = {
+            "chat/completions": raw_chat.create,
+            "completions": raw_text.create,
+        }
+
+    def __repr__(self) -> str:
+        return f"SdkPoster({str(self._client.base_url)!r})"
+
+    async def post(self, path: str, body: bytes) -> HttpResponse:
+        openai = self._openai
+        create = self._routes.get(path.strip("/"))
+        if create is None:
+            raise ValueError(f"the SDK client posts chat and text completions only, not {path!r}")
+        try:
+            raw = await create(**json.loads(body))
+        except openai.APIStatusError as err:  # a reply, just not a 2xx one
+            return HttpResponse(err.status_code, err.response.headers, err.response.content)
+        except openai.APITimeoutError:
+            raise HttpTransportError("timeout", "APITimeoutError") from None
+        except openai.APIConnectionError:
+            raise HttpTransportError("connection failed", "APIConnectionError") from None
+        except aiohttp.ClientError as exc:  # one the SDK's aiohttp adapter does not map
+            raise HttpTransportError(_aiohttp_cause(exc), type(exc).__name__) from None
+        return HttpResponse(raw.status_code, raw.headers, raw.content)
 
     async def aclose(self) -> None:
         await self._client.close()
         await self._http.aclose()
 
 
-class _SdkAiohttpClient(openai.DefaultAioHttpClient):  # type: ignore[misc, valid-type]
-    """The SDK's aiohttp client, with every transport failure raised as httpx2's type.
-
-    The adapter the SDK vendors (``openai._vendor.httpx_aiohttp``, from httpx-aiohttp 0.2.0;
-    openai 3.57) maps aiohttp's errors by class, and two of its mappings mislead: a refused
-    connection and a server that hangs up both become ``httpx2.ConnectTimeout`` (the SDK's
-    ``APITimeoutError``: "no reply within 600 s" for a call that failed at once; noted upstream
-    in the review of openai/openai-python#3594), and a malformed reply
-    (``aiohttp.ClientResponseError``) is not mapped at all, so it escapes the SDK as a raw
-    aiohttp error that no caller classifies. Here they become ``ConnectError`` /
-    ``RemoteProtocolError`` (the SDK's ``APIConnectionError``), as with httpx2's own transport;
-    timeouts stay timeouts. Drop this class once the SDK maps them itself.
-    """
-
-    async def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
-        try:
-            return await super().send(request, **kwargs)
-        except httpx2.ConnectTimeout as exc:
-            cause = exc.__cause__
-            if cause is None or isinstance(cause, TimeoutError):  # a real connect timeout
-                raise
-            raise as_httpx2_error(cause, request) from cause
-        except aiohttp.ClientError as exc:  # one the adapter leaves unmapped
-            raise as_httpx2_error(exc, request) from exc
-
-
-def as_httpx2_error(exc: BaseException, request: httpx2.Request) -> httpx2.TransportError:
-    """The httpx2 error httpx2's own transport raises for what aiohttp reported as ``exc``."""
-    if isinstance(exc, TimeoutError):  # aiohttp's timeouts are TimeoutErrors
-        return httpx2.ReadTimeout(str(exc), request=request)
-    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, unreachable, no such host
-        return httpx2.ConnectError(str(exc), request=request)
-    # the server hung up, reset the connection, or sent a reply that cannot be read
-    return httpx2.RemoteProtocolError(str(exc), request=request)
+__all__ = [
+    "DEFAULT_HTTP_CLIENT",
+    "HttpClientKind",
+    "HttpResponse",
+    "HttpTransportError",
+    "Poster",
+    "make_poster",
+    "request_headers",
+]

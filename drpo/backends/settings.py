@@ -8,9 +8,16 @@ checked against its own kind's settings.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from drpo.backends.ratelimit import DEFAULT_MAX_IN_FLIGHT
+
+#: The HTTP clients an API endpoint's calls can go through (``drpo.backends.openai_http``):
+#: drpo's own POST on aiohttp (the default: the least CPU per call), or the official SDK's.
+HttpClientKind = Literal["aiohttp", "openai-sdk"]
+DEFAULT_HTTP_CLIENT: HttpClientKind = "aiohttp"
 
 
 class KindSettings(BaseModel):
@@ -37,6 +44,9 @@ class EndpointSettings(KindSettings):
     #: from its first replies (``transformers serve`` honours neither).
     honours_n: bool | None = None
     honours_logprobs: bool | None = None
+    #: Who makes the HTTP calls: "aiohttp" (drpo's own POST) or "openai-sdk" (the SDK's client,
+    #: end to end); drpo classifies the replies of both alike (``drpo.backends.openai_errors``).
+    http_client: HttpClientKind = DEFAULT_HTTP_CLIENT
 
 
 class LocalSettings(KindSettings):
