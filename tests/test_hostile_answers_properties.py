@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from drpo.agents.aspects import AspectCatalogue
-from drpo.agents.parsing import ParseError, _normal_forms, parse_judgement
+from drpo.agents.parsing import ParseError, normal_forms, parse_judgement
 
 CATALOGUE = AspectCatalogue.load_default()
 QUERY = "How do tides work?"
@@ -61,7 +61,7 @@ def honest_text(shape: str) -> str:
 
 
 def holds(answer: str, verdict: str) -> bool:
-    return any(v in a for v, a in zip(_normal_forms(verdict), _normal_forms(answer), strict=True))
+    return any(v in a for v, a in zip(normal_forms(verdict), normal_forms(answer), strict=True))
 
 
 def reward(reply: str, answer: str, lenient: bool) -> float | None:
@@ -82,6 +82,7 @@ def reward(reply: str, answer: str, lenient: bool) -> float | None:
     shape=st.sampled_from(["paper", "bare", "commas"]),
     lenient=st.booleans(),
 )
+@example(answer='0000000000}{"":', cut=(0, 15, 10, 11), where="both", shape="paper", lenient=False)
 def test_an_answer_never_raises_the_reward_nor_hides_an_honest_verdict(
     answer: str, cut: tuple[int, int, int, int], where: str, shape: str, lenient: bool
 ) -> None:

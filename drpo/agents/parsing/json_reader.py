@@ -1,0 +1,522 @@
+"""The lenient JSON reader: JSON values in what a model wrote, with the repairs a careful human
+reader would make, in time linear in the text's length.
+
+The original code stripped code fences and called ``json.loads``; any preamble, trailing comma or
+"4.5" score crashed the run or zeroed the reward (spec §2.3, §9.2). Models, small local ones above
+all, wrap JSON in prose and fences, use single quotes, leave trailing commas, and run out of tokens
+in the middle of an object. This module reads every JSON value in such a text, in order, strictly
+first (at C speed) and then with light repairs (trailing commas, Python-style quotes and
+literals, an object closed where the token limit cut it), and raises :class:`ParseError` with the
+reason and a snippet when nothing usable is there.
+
+Why not ``json-repair`` (json_repair 0.64 on PyPI, maintained, MIT): tried, and it does a
+different job. It turns any text into *some* value (prose becomes "", ``{1: 2}`` becomes
+``{"1": 2}``, ``{"Helpfulness": five}`` becomes ``{"Helpfulness": "five"}``), where this reader
+must say "nothing here" and must know that a key was not a string (a value that is not plain
+JSON is never a verdict); it reads one value per text and gives no positions, while the verdict
+rule needs each value's span in the reply to compare it with the answer; and its parser recurses
+in Python, so a deeply nested reply raises instead of being skipped (3,000 nested brackets: a
+ValueError). Using it would mean re-finding spans and re-checking keys around it, which is the
+part of this module that is not a plain ``json`` call anyway.
+
+Cost: strict reads are bounded by a window that grows only while a value runs past it; a value
+too deep for the decoder's recursion limit marks the brackets inside it that can only open values
+too deep to be verdicts, so they are not decoded again; the repairs scan in Python under a budget
+of characters, kept apart for text copied from what was judged (see :class:`QuotedTexts`) and for
+the rest, so an echoed answer can never spend the budget that the judge's own text needs.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from drpo.agents.aspects import normalize_name
+
+_SNIPPET = 200
+
+
+class ParseError(ValueError):
+    """A model output with nothing usable in it; the message says what was expected and shows
+    the start of the text."""
+
+    def __init__(self, reason: str, text: str | None = None) -> None:
+        self.reason = reason
+        self.text = text
+        if text is not None:
+            shown = text.strip()
+            if len(shown) > _SNIPPET:
+                shown = shown[:_SNIPPET] + "..."
+            reason = f"{reason} (output began: {shown!r})"
+        super().__init__(reason)
+
+
+# --------------------------------------------------------------------------------------------
+# The first JSON object of a text (selections, prompts)
+
+_FENCE = re.compile(r"```[ \t]*(?:json|JSON|javascript|js)?[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
+_LEADING_JSON_WORD = re.compile(r"^\s*(?:json|JSON)\s*(?=[\[{])")
+
+
+def extract_json(text: str, *, allow_list: bool = False, repair_truncated: bool = True) -> Any:
+    """The first JSON object (or list, with ``allow_list``) in ``text``.
+
+    Tried in order: the whole text, then the inside of each code fence, then every balanced
+    ``{...}`` span from left to right (so text before and after is ignored and the outermost object
+    wins), each with light repairs (trailing commas, Python-style single quotes and literals).
+    With ``repair_truncated`` an object cut off by the token limit is closed and read as far as it
+    goes; callers that must not accept a cut-off value (a system prompt) turn it off.
+    """
+    if not isinstance(text, str):
+        raise ParseError(f"expected model text, got {type(text).__name__}")
+    wanted: tuple[type, ...] = (dict, list) if allow_list else (dict,)
+    stripped = _LEADING_JSON_WORD.sub("", text.strip().lstrip("\ufeff"))
+    candidates = [stripped]
+    candidates += [_LEADING_JSON_WORD.sub("", m.group(1).strip()) for m in _FENCE.finditer(text)]
+    for candidate in candidates:
+        value = loads_repaired(candidate)
+        if isinstance(value, wanted):
+            return value
+    openers = "{[" if allow_list else "{"
+    repairs_left = 3 if repair_truncated else 0
+    for start, char in enumerate(stripped):
+        if char not in openers:
+            continue
+        end = balanced_end(stripped, start)
+        if end is not None:
+            value = loads_repaired(stripped[start : end + 1])
+        elif repairs_left and char == "{":
+            # An object the token limit cut off: read it before any complete inner object.
+            repairs_left -= 1
+            value = close_truncated(stripped[start:])
+            value = value if value else None
+        else:
+            continue
+        if isinstance(value, wanted):
+            return value
+    kind = "JSON object or list" if allow_list else "JSON object"
+    raise ParseError(f"no {kind} found", text)
+
+
+# --------------------------------------------------------------------------------------------
+# Repairs
+
+
+def loads_repaired(candidate: str) -> Any:
+    """``json.loads`` with control characters allowed, then with repairs; None when all fail."""
+    if not candidate or candidate[0] not in "{[":
+        return None
+    attempts = (candidate, _drop_trailing_commas(candidate))
+    for attempt in attempts:
+        try:
+            return json.loads(attempt, strict=False)
+        except (json.JSONDecodeError, RecursionError):
+            pass
+    try:  # single quotes, True/None, or true/null written Python-style
+        return ast.literal_eval(_pythonize_literals(attempts[1]))
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        return None
+
+
+def segments(text: str, begin: int = 0) -> Iterator[tuple[str, int]]:
+    """Split ``text[begin:]`` into (chunk, state) pieces, honouring both quote styles and escapes.
+
+    state is 0 outside strings, 1 for a closed string, 2 for a string still open at the end
+    (cut off), so callers can use it as a truth value for "inside a string".
+    """
+    start, i, quote = begin, begin, ""
+    while i < len(text):
+        char = text[i]
+        if quote:
+            if char == "\\":
+                i += 2
+                continue
+            if char == quote:
+                yield text[start : i + 1], 1
+                start, quote = i + 1, ""
+        elif char in "\"'":
+            if i > start:
+                yield text[start:i], 0
+            start, quote = i, char
+        i += 1
+    if start < len(text):
+        yield text[start:], 2 if quote else 0
+
+
+def _drop_trailing_commas(text: str) -> str:
+    out = [
+        chunk if in_string else re.sub(r",(\s*[}\]])", r"\1", chunk)
+        for chunk, in_string in segments(text)
+    ]
+    return "".join(out)
+
+
+def _pythonize_literals(text: str) -> str:
+    words = {"true": "True", "false": "False", "null": "None"}
+    return "".join(
+        chunk if in_string else re.sub(r"\b(true|false|null)\b", lambda m: words[m[1]], chunk)
+        for chunk, in_string in segments(text)
+    )
+
+
+#: What the bracket matcher stops at: brackets and the quotes that open strings.
+_STRUCTURE = re.compile(r"[\[\]{}\"']")
+#: The rest of a string opened by each quote (escapes honoured), closing quote included.
+_STRING_REST = {
+    '"': re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL),
+    "'": re.compile(r"[^'\\]*(?:\\.[^'\\]*)*'", re.DOTALL),
+}
+_CLOSER = {"{": "}", "[": "]"}
+
+
+def balanced_end(text: str, start: int) -> int | None:
+    """Index of the bracket closing the one at ``start``, skipping brackets inside strings (both
+    quote styles, as :func:`segments` splits them); None when it never closes or a bracket of the
+    other kind closes first. Jumps from bracket to quote by regular expression, so prose and
+    long strings cost C time, not a Python step per character."""
+    stack: list[str] = []
+    pos = start
+    while (match := _STRUCTURE.search(text, pos)) is not None:
+        char, at = match[0], match.start()
+        if char in "\"'":
+            rest = _STRING_REST[char].match(text, at + 1)
+            if rest is None:
+                return None  # a string still open at the end
+            pos = rest.end()
+            continue
+        if char in "{[":
+            stack.append(_CLOSER[char])
+        elif not stack or stack.pop() != char:
+            return None
+        elif not stack:
+            return at
+        pos = at + 1
+    return None
+
+
+def close_truncated(text: str) -> Any:
+    """Read an object cut off mid-way: close the open string and brackets, and if that is not
+    valid, cut back to the last complete member (up to a bounded number of tries)."""
+    cuts = [len(text)]
+    pos = 0
+    for chunk, in_string in segments(text):
+        if not in_string:
+            cuts += [pos + m.start() for m in re.finditer(",", chunk)]
+        pos += len(chunk)
+    for cut in sorted(set(cuts), reverse=True)[:64]:
+        value = loads_repaired(_with_closers(text[:cut]))
+        if value is not None:
+            return value
+    return None
+
+
+def _with_closers(prefix: str) -> str:
+    stack: list[str] = []
+    tail = ""
+    for chunk, state in segments(prefix):
+        if state:
+            tail = chunk[0] if state == 2 else ""  # close a string the token limit cut off
+            continue
+        for char in chunk:
+            if char in "{[":
+                stack.append("}" if char == "{" else "]")
+            elif char in "}]" and stack:
+                stack.pop()
+    body = (prefix + tail).rstrip().rstrip(",:")
+    return body + "".join(reversed(stack))
+
+
+# --------------------------------------------------------------------------------------------
+# Copied text
+
+
+def normal_forms(text: str) -> tuple[str, str, str]:
+    """The forms a copy is recognised in: as written, whitespace collapsed, and folded (NFKC,
+    casefold, whitespace dropped) so a re-indented, re-cased or compatibility-form copy (a judge
+    that copies a planted verdict with ``indent=2``) is still a copy."""
+    collapsed = " ".join(text.split())
+    folded = "".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return text, collapsed, folded
+
+
+#: The shortest stretch of a reply, as written, taken for a copy when the repair budget is
+#: charged: long enough that the judge's own text is not taken for the answer's by chance.
+COPY_RUN = 24
+
+
+class QuotedTexts:
+    """The texts a reply may quote (what the judge was given to judge), in each normal form.
+
+    ``held(span)`` tells whether a span of the reply is (a normal form of) a part of them;
+    :meth:`copied_run` how far the reply, from a position, copies them as written.
+    """
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        forms = [normal_forms(t) for t in texts if t]
+        self._forms = tuple("\x00".join(f[i] for f in forms) for i in range(3)) if forms else ()
+
+    def __bool__(self) -> bool:
+        return bool(self._forms)
+
+    def __call__(self, span: str) -> bool:
+        if not self._forms:
+            return False
+        pairs = zip(normal_forms(span), self._forms, strict=True)
+        return any(form and form in whole for form, whole in pairs)
+
+    def longest_prefix(self, span: str) -> int:
+        """The length of the longest opening of ``span`` that is held (binary search: every
+        opening of a held text is held)."""
+        low, high = 0, len(span)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self(span[:middle]):
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def copied_run(self, text: str, start: int) -> int:
+        """How many characters of ``text`` from ``start`` occur as written in a quoted text; 0
+        below :data:`COPY_RUN`. Galloping, then binary search: a few substring tests."""
+        if not self._forms:
+            return 0
+        whole = self._forms[0]
+        if text[start : start + COPY_RUN] not in whole or len(text) - start < COPY_RUN:
+            return 0
+        low, high = COPY_RUN, 2 * COPY_RUN
+        while start + low < len(text) and text[start : start + high] in whole:
+            low, high = high, 2 * high
+        high = min(high, len(text) - start)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if text[start : start + middle] in whole:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+
+# --------------------------------------------------------------------------------------------
+# Every JSON value of a text, in order
+
+_DECODER = json.JSONDecoder(strict=False)
+_OPENER = re.compile(r"[{\[]")
+#: What may follow an opening bracket (after spaces) for a strict read to be worth trying.
+_STRICT_AFTER = {"{": '"}', "[": '"-0123456789{[]tfn'}
+#: What may follow an opening bracket for the repairing reader to try it: a key or an empty
+#: object after "{", an object after "[". Braces in prose and code ("{ return x; }") are skipped.
+_JSONISH_AFTER = {"{": "\"'}", "[": "{"}
+#: Characters the repairing reader may scan per text (twice over: once for text copied from
+#: what was judged, once for the rest). Strict JSON is read at C speed; the repairs scan in
+#: Python, and without a bound a long reply full of braces (a judge echoing a 100k-character
+#: answer made of code) would take quadratic time.
+_REPAIR_SCAN_BUDGET = 400_000
+#: The first stretch of text a strict read looks at (it grows when a value runs past it): a
+#: failed read computes its error's line number from the start of what it was given, so reading
+#: in the whole remaining text at every bracket would be quadratic in a long reply.
+_DECODE_WINDOW = 4096
+#: Nesting (containers) from which a value is too deep to be a verdict (see the verdict rule).
+TOO_DEEP = 17
+#: JSON's tokens as far as bracket nesting goes: a string, a bracket, or anything else.
+_NESTING_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]|[^"\[\]{}]+', re.DOTALL)
+
+
+class ValueReader:
+    """Reads the complete JSON values of ``text`` one after another (:meth:`next_value`).
+
+    ``quoted`` tells text copied from what was judged: a balanced span it holds is skipped whole
+    without being repaired (nothing inside a copy is read either: any part of a copy is a copy),
+    and the repairs of copied text are paid from a budget of their own, so an answer's text can
+    never spend the budget that belongs to the judge's own reply.
+    """
+
+    def __init__(self, text: str, quoted: QuotedTexts | None = None) -> None:
+        self.text = text
+        self.quoted = quoted if quoted else None
+        self._budget = {False: _REPAIR_SCAN_BUDGET, True: _REPAIR_SCAN_BUDGET}
+        self._copy = (0, 0)  # the copied stretch last found: (start, end)
+        self._too_deep: set[int] = set()  # brackets whose values cannot be read shallow
+
+    def next_value(self, pos: int) -> tuple[int, int, Any] | None:
+        """The next complete JSON value at or after ``pos``: ``(start, end, value)``."""
+        text = self.text
+        while (match := _OPENER.search(text, pos)) is not None:
+            start = match.start()
+            pos = start + 1
+            after = text[start + 1 : start + 200].lstrip()[:1]
+            value: Any = None
+            end = -1
+            if after and after in _STRICT_AFTER[match[0]] and start not in self._too_deep:
+                try:
+                    value, end = _decode_at(text, start)
+                except json.JSONDecodeError:
+                    value = None
+                except RecursionError:  # repairs would recurse as deep: no verdict here
+                    self._too_deep.update(_deep_openers(text, start))
+                    continue
+            if value is None and (not after or after in _JSONISH_AFTER[match[0]]):
+                copied = self._in_copy(start)
+                if self._budget[copied] <= 0:
+                    continue
+                close = balanced_end(text, start)
+                if (
+                    close is not None
+                    and self.quoted is not None
+                    and self.quoted(text[start : close + 1])
+                ):
+                    pos = close + 1
+                    continue
+                self._budget[copied] -= (len(text) if close is None else close) - start
+                if close is not None:
+                    value, end = loads_repaired(text[start : close + 1]), close + 1
+            if isinstance(value, dict | list):
+                return start, end, value
+        return None
+
+    def cut_off_spans(self, tries: int = 3) -> Iterator[tuple[int, Any]]:
+        """Objects the token limit cut off, each closed and read as far as it goes, as
+        ``(start, value)``: from the first ``tries`` object openings of the judge's own text
+        that never close (openings in copied text have tries and a budget of their own)."""
+        text = self.text
+        budget = {False: _REPAIR_SCAN_BUDGET, True: _REPAIR_SCAN_BUDGET}
+        left = {False: tries, True: tries}
+        for match in re.finditer(r"\{", text):
+            start = match.start()
+            if not _looks_like_json(text, start):
+                continue
+            copied = self._in_copy(start)
+            if left[copied] <= 0 or budget[copied] <= 0:
+                if left[False] <= 0 or budget[False] <= 0:
+                    return
+                continue
+            close = balanced_end(text, start)
+            budget[copied] -= (len(text) if close is None else close) - start
+            if close is None:
+                left[copied] -= 1
+                value = close_truncated(text[start:])
+                if value:
+                    yield start, value
+
+    def _in_copy(self, start: int) -> bool:
+        """Whether ``start`` lies in a stretch of the reply copied as written from a quoted
+        text (for the budget only: what counts as a copy for a verdict is the rule's job)."""
+        if self.quoted is None:
+            return False
+        if self._copy[0] <= start < self._copy[1]:
+            return True
+        run = self.quoted.copied_run(self.text, start)
+        if run:
+            self._copy = (start, start + run)
+        return bool(run)
+
+
+def iter_json_values(text: str) -> Iterator[tuple[int, Any]]:
+    """Every complete top-level JSON object or list in ``text``, in reading order, as
+    ``(start, value)``.
+
+    Reading resumes after each value's end, so objects nested inside one are not yielded again.
+    Each value is read strictly first, then with the light repairs of :func:`extract_json`
+    (trailing commas, Python-style quotes and literals). Values cut off by the token limit are not
+    yielded; :func:`cut_off_values` reads those.
+    """
+    reader = ValueReader(text)
+    pos = 0
+    while (found := reader.next_value(pos)) is not None:
+        start, pos, value = found
+        yield start, value
+
+
+def cut_off_values(text: str, tries: int = 3) -> Iterator[Any]:
+    """Objects the token limit cut off, each closed and read as far as it goes (see
+    :func:`extract_json`): from the first ``tries`` object openings that never close."""
+    for _, value in ValueReader(text).cut_off_spans(tries):
+        yield value
+
+
+def _decode_at(text: str, start: int) -> tuple[Any, int]:
+    """``raw_decode`` at ``start``, over a window that grows while the value runs past it."""
+    window = _DECODE_WINDOW
+    while True:
+        chunk = text[start : start + window]
+        try:
+            value, end = _DECODER.raw_decode(chunk)
+            return value, start + end
+        except json.JSONDecodeError as error:
+            ran_out = error.msg.startswith("Unterminated") or error.pos >= len(chunk) - 16
+            if start + window >= len(text) or not ran_out:
+                raise
+            window *= 4
+
+
+def _deep_openers(text: str, start: int) -> list[int]:
+    """The brackets, among those a strict read from ``start`` meets as brackets, whose values
+    would nest :data:`TOO_DEEP` containers or more (or never close).
+
+    Called when the decoder's recursion limit stopped a read at ``start``. A strict read from any
+    of these brackets sees the same tokens from there on, so it either fails or yields a value too
+    deep to be a verdict: skipping it changes no reading, and saves a failed deep decode per
+    bracket (quadratic time in a reply of nested brackets).
+    """
+    open_at: list[int] = []  # positions of the open brackets
+    reach: list[int] = []  # for each, the deepest nesting met inside it so far
+    found: list[int] = []
+
+    def close_one() -> None:
+        position, deepest = open_at.pop(), reach.pop()
+        if deepest - len(open_at) >= TOO_DEEP:
+            found.append(position)
+        if reach:
+            reach[-1] = max(reach[-1], deepest)
+
+    pos = start
+    while (token := _NESTING_TOKEN.match(text, pos)) is not None:
+        pos = token.end()
+        char = token[0][0]
+        if char in "[{":
+            open_at.append(token.start())
+            reach.append(len(open_at))
+        elif char in "]}":
+            close_one()
+            if not open_at:
+                break
+    return found + open_at  # the ones never closed: a strict read of these fails
+
+
+def _looks_like_json(text: str, start: int) -> bool:
+    rest = text[start + 1 : start + 200].lstrip()
+    return not rest or rest[0] in _JSONISH_AFTER[text[start]]
+
+
+# --------------------------------------------------------------------------------------------
+# Fields of a value read
+
+
+def get_field(obj: Any, *names: str) -> Any:
+    """The value of the first key of ``obj`` matching one of ``names``, ignoring case, spaces,
+    hyphens and underscores ("Selected Aspects" finds ``selected_aspects``); None if absent."""
+    if not isinstance(obj, Mapping):
+        return None
+    keys = {normalize_name(str(k)): k for k in obj}
+    for name in names:
+        key = keys.get(normalize_name(name))
+        if key is not None:
+            return obj[key]
+    return None
+
+
+def as_text(value: Any) -> str:
+    """A model's free-text field as one string: lists become lines, None becomes ""."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, list | tuple):
+        return "\n".join(as_text(v) for v in value if as_text(v))
+    if isinstance(value, Mapping):
+        return "; ".join(f"{k}: {as_text(v)}" for k, v in value.items())
+    return str(value)
