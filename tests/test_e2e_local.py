@@ -12,6 +12,7 @@ from drpo.agents import critic
 from drpo.agents.aspects import AspectCatalogue
 from drpo.backends.base import Choice, Completion, CompletionRequest, TokenLogprob, TopLogprob
 from drpo.cli.app import app
+from drpo.cli.jobs import API_MODELS_COMMAND
 from drpo.domain.values import AspectSelection
 from drpo.jobs.artifact import AlignedPrompt
 
@@ -102,6 +103,9 @@ def test_optimize_then_generate_with_the_embedded_model(tmp_path, local_backend,
         ],
     )
     assert result.exit_code == 0, result.output
+    # the default job's two closing lines: what a 135M judge can show, and the API command
+    assert result.output.rstrip().splitlines()[-1].endswith(API_MODELS_COMMAND)
+    assert "not find a good prompt" in result.output.rstrip().splitlines()[-2]
     loaded = AlignedPrompt.load(artifact)
     assert loaded.base_model == "local:smollm2"
     assert loaded.system_prompt

@@ -166,7 +166,7 @@ def run_plans(
 
     outcomes = run_async(_optimize_main, plans, db, started, force, on_interrupt=interrupted)
     ok = True
-    for outcome in outcomes:
+    for config, outcome in zip(configs, outcomes, strict=True):
         if report_outcome(outcome):
             result = outcome.result
             console.print(
@@ -176,10 +176,45 @@ def run_plans(
             )
             console.print("[bold]final system prompt:[/]")
             console.print(result.best.system_prompt, highlight=False, markup=False)
+            for line in embedded_judge_note(config):
+                console.print(line, highlight=False, markup=False)
         else:
             ok = False
     if not ok:
         raise typer.Exit(1)
+
+
+#: The search the closing note points to: the default job's, with API models in every role.
+API_MODELS_COMMAND = (
+    "drpo optimize --preset robust --base-model openai:gpt-4o-mini "
+    "--critic-model openai:gpt-4o --editor-model openai:gpt-4o"
+)
+
+
+def embedded_judge_note(config: Any) -> list[str]:
+    """Two closing lines when the critic or editor was the embedded model (the default job).
+
+    Why: a first run on the embedded 135M model ends with a weak prompt, and a new user should
+    read that as the size of the judge, not as what the method can do (issue 16).
+    """
+    from drpo.backends.kinds import parse_model_spec
+    from drpo.backends.local_refs import EMBEDDED_MODELS
+
+    judges = (config.models.critic, config.models.editor)
+    embedded = [
+        EMBEDDED_MODELS[name][2].split(".")[0]  # the file's name: SmolLM2-135M-Instruct
+        for kind, name in (
+            (spec.kind, spec.model.strip().lower()) for spec in map(parse_model_spec, judges)
+        )
+        if kind == "local" and name in EMBEDDED_MODELS
+    ]
+    if not embedded:
+        return []
+    return [
+        f"note: the embedded {embedded[0]} can show the search's machinery, not find a good "
+        "prompt: the critic and editor need a strong model.",
+        f"the same search with API models (OPENAI_API_KEY set): {API_MODELS_COMMAND}",
+    ]
 
 
 async def _optimize_main(plans: list[Any], db: Path, started: list[str], force: bool) -> list:
