@@ -117,6 +117,31 @@ async def test_server_ignores_n_and_returns_one_choice(served: OpenAIBackend) ->
 
 
 @pytest.mark.anyio
+async def test_the_sdks_own_client_gets_the_same_greedy_answers(
+    served: OpenAIBackend, transformers_server: ServedModel
+) -> None:
+    """``http_client = "openai-sdk"``: the official SDK makes the calls, chat and raw prompt,
+    and drpo reads the same answers and usage from them as from its own POST."""
+    sdk = OpenAIBackend(
+        transformers_server.model,
+        base_url=transformers_server.base_url,
+        timeout_s=120.0,
+        max_attempts=2,
+        http="openai-sdk",
+    )
+    try:
+        for request in (
+            chat("Name a colour.", max_tokens=8, temperature=0.0),
+            CompletionRequest(prompt="The sky is", max_tokens=6, temperature=0.0),
+        ):
+            ours, theirs = await served.complete(request), await sdk.complete(request)
+            assert theirs.text == ours.text and theirs.text
+            assert theirs.usage == ours.usage
+    finally:
+        await sdk.aclose()
+
+
+@pytest.mark.anyio
 async def test_stop_strings_end_generation(served: OpenAIBackend) -> None:
     question = "Count from 1 to 10, separated by commas."
     free = await served.complete(chat(question, max_tokens=32))
