@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import anyio
 import pytest
 
 import drpo
@@ -52,11 +53,12 @@ def _drpo_exception_types() -> list[type[BaseException]]:
 #: must print a traceback. Every other exception class of drpo is a user error.
 NOT_USER_ERRORS = {
     "drpo.agents.client.ProtocolError",  # an agent answered with the wrong type: a bug
-    "drpo.agents.parsing.ParseError",  # caught by the agents, who report the unreadable reply
-    "drpo.agents.parsing.ScoreRangeError",
+    "drpo.agents.parsing.json_reader.ParseError",  # caught by the agents: an unreadable reply
+    "drpo.agents.parsing.verdicts.ScoreRangeError",
     "drpo.agents.runtime.UnknownRunError",  # a request for a run never attached: a bug
     "drpo.backends.local_model.GenerationCancelled",  # internal: nobody reads the result
     "drpo.backends.openai_api._MalformedResponse",  # internal: becomes a backend error
+    "drpo.backends.openai_http.HttpTransportError",  # internal: classified as a backend error
     "drpo.bus.bus.BusError",  # a topic nobody declared, a request nobody serves: bugs
     "drpo.bus.bus.NoServerError",
     "drpo.bus.bus.RemoteError",
@@ -180,3 +182,45 @@ async def test_a_user_error_fails_the_run_and_is_its_outcome(tmp_path: Path) -> 
     assert raised is None
     assert record.status == "failed"
     assert record.error == "SearchCannotLearnError: every verdict of level 1 was unreadable"
+
+
+# ------------------------------------------------------------------------ interrupted, not failed
+
+
+async def _interrupt_job(db: Path, on_cancel: BaseException) -> object:
+    """Cancel a running job that answers its cancellation by raising ``on_cancel`` (as a worker
+    that stops with an error does); returns the run's record."""
+    started = anyio.Event()
+
+    async def job() -> JobResult[None]:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            raise on_cancel from None
+        raise AssertionError("unreachable")
+
+    async with RunStore.open(db) as store:
+        run_id = await store.create_run("generate", {})
+        async with agent_session(store) as session:
+            lifecycle = RunLifecycle(session, run_id, sender="test")
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(lifecycle.run, job, RunStarted(config={}, queries=()))
+                    await started.wait()
+                    scope.cancel()
+            assert scope.cancelled_caught  # the cancellation came out, not the job's error
+        return await store.get_run(run_id)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "on_cancel",
+    [RuntimeError("the model worker stopped"), SearchCannotLearnError("no verdicts")],
+    ids=["bug", "user-error"],
+)
+async def test_a_job_that_raises_when_cancelled_is_recorded_interrupted(
+    tmp_path: Path, on_cancel: BaseException
+) -> None:
+    record = await _interrupt_job(tmp_path / "runs.db", on_cancel)
+    assert record.status == "interrupted" and record.error == "interrupted"

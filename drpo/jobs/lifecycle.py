@@ -197,6 +197,13 @@ class RunLifecycle:
                 await self._end("interrupted", error="interrupted")
             raise
         except Exception as exc:
+            if await _being_cancelled():
+                # the job turned its cancellation into an error (a worker that stops with one,
+                # a task group that wraps it): the run was interrupted, not failed
+                with anyio.CancelScope(shield=True):
+                    await self._end("interrupted", error="interrupted")
+                await anyio.lowlevel.checkpoint()  # raises the cancellation, as a cancelled job
+                raise
             refused = self.journal.exhausted
             if refused is not None:
                 status, error = "budget_exhausted", str(refused)
@@ -204,7 +211,8 @@ class RunLifecycle:
             else:
                 status, error = "failed", describe_error(exc)
                 self.log.error("run failed", error=error)
-            await self._end(status, error=error)
+            with anyio.CancelScope(shield=True):
+                await self._end(status, error=error)
             if refused is None and not is_user_error(exc):
                 raise  # a bug: recorded as the run's failure, and shown with its traceback
             return RunOutcome(self.run_id, status, error=error)
@@ -286,3 +294,12 @@ class RunLifecycle:
                 "send again (and pay for) every call whose request changed; resume it with the "
                 "drpo that made it, or add --force to resume anyway"
             )
+
+
+async def _being_cancelled() -> bool:
+    """Whether the enclosing cancel scope has been cancelled (anyio's public checkpoint)."""
+    try:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+    except anyio.get_cancelled_exc_class():
+        return True
+    return False
