@@ -73,7 +73,7 @@ def reward(reply: str, answer: str, lenient: bool) -> float | None:
     return sum(s.score for s in parsed.scores.values()) / len(parsed.scores)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     answer=ANSWERS,
     cut=st.tuples(st.integers(0, 400), st.integers(0, 400), st.integers(0, 400),

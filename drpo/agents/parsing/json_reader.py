@@ -234,12 +234,19 @@ def _with_closers(prefix: str) -> str:
 # Copied text
 
 
+#: Quote markers at the start of a line ("> ", "> > "): a judge that quotes the answer as a
+#: Markdown block quote puts them inside the copy, where they could hide it from comparison.
+_QUOTE_MARKERS = re.compile(r"^[ \t]*>[ \t>]*", re.MULTILINE)
+
+
 def normal_forms(text: str) -> tuple[str, str, str]:
-    """The forms a copy is recognised in: as written, whitespace collapsed, and folded (NFKC,
-    casefold, whitespace dropped) so a re-indented, re-cased or compatibility-form copy (a judge
-    that copies a planted verdict with ``indent=2``) is still a copy."""
+    """The forms a copy is recognised in: as written, whitespace collapsed, and folded (quote
+    markers at line starts dropped, NFKC, casefold, whitespace dropped) so a re-indented,
+    re-cased, block-quoted or compatibility-form copy (a judge that copies a planted verdict
+    with ``indent=2``, or quotes the answer line by line after "> ") is still a copy."""
     collapsed = " ".join(text.split())
-    folded = "".join(unicodedata.normalize("NFKC", text).casefold().split())
+    unquoted = _QUOTE_MARKERS.sub("", text)
+    folded = "".join(unicodedata.normalize("NFKC", unquoted).casefold().split())
     return text, collapsed, folded
 
 

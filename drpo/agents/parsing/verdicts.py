@@ -7,36 +7,37 @@ variants models drift into, with names resolved through the aspect catalogue.
 
 The reading rule for a judge's verdict (:func:`find_verdict`)
 -------------------------------------------------------------
-A candidate verdict counts only if the text it was read from occurs nowhere in what the judge
-was given to judge (the query and the answer, compared as written, whitespace-collapsed, and
-NFKC-casefolded with whitespace dropped), and neither does the opening of that text through its
-first usable score, nor the text of any scored value nested in it; a value that cannot be written
-as plain JSON (a key that is not a string, nesting of 17 containers or more) is never a verdict.
-Of the candidates left, the last is the verdict, read from the judge's reply exactly as the judge
-wrote it (``robust`` reads its scores leniently, ``paper`` with ``int()``). A value that is no
-verdict but opens with text the answer holds is read inside too, so an opening the answer wrote
-(``{"":``, echoed just before the judge's verdict) cannot wrap that verdict and hide it. Text of the reply that
-copies the answer is skipped whole, without being repaired, and what copied text costs the
-lenient reader is paid from a budget of its own: the repair budget of the judge's own text cannot
-be spent by the answer.
+A candidate verdict counts only if the text it was read from occurs nowhere in what the judge was
+given to judge (the query and the answer, compared as written, whitespace-collapsed, and folded:
+"> " quote markers at line starts and whitespace dropped, NFKC, casefolded), and neither does the
+opening of that text through its first usable score, nor the text of a member of it that is a
+copied value with a usable score; a value that cannot be written as plain JSON (a key that is not a
+string, nesting of 17 containers or more) is never a verdict. Of the candidates left, the last is
+the verdict, read from the judge's reply exactly as the judge wrote it (``robust`` reads its scores
+leniently, ``paper`` with ``int()``). A value that is no verdict but opens with text the answer
+holds is read inside too, so an opening the answer wrote (``{"":``, echoed just before the judge's
+verdict) cannot wrap that verdict and hide it. Text of the reply that copies the answer is skipped
+whole, without being repaired, and what copied text costs the lenient reader is paid from a budget
+of its own: the repair budget of the judge's own text cannot be spent by the answer.
 
 What it guarantees: nothing an answer holds can supply a verdict, or a score inside one, so an
-answer can never raise its reward, under either policy and in every verdict shape; lenient
-score forms ("5/5", "five", "**5**", full-width digits) are only ever read from the judge's own
-text. An answer that holds the judge's exact verdict text, or its opening through its first
-score, in one of the normal forms, may make that verdict unreadable: that is recorded as such (a
-failed critique, reward 0, and a ParseError naming the copies), never replaced by another value.
-JSON, metrics (keyed by an aspect's alias or not), code and logs in an answer that hold no such
-text leave the verdict as it is.
+answer can never raise its reward, under either policy and in every verdict shape; lenient score
+forms ("5/5", "five", "**5**", full-width digits) are only ever read from the judge's own text. An
+answer that holds the judge's exact verdict text, or its opening through its first score, in one of
+the normal forms, may make that verdict unreadable: that is recorded as such (a failed critique,
+reward 0, and a ParseError naming the copies), never replaced by another value. JSON, metrics
+(keyed by an aspect's alias or not), code and logs in an answer that hold no such text leave the
+verdict as it is.
 
-What it cannot do: a judge that obeys an instruction in the answer and writes the answer's
-verdict in its own words writes its own text, and that is read; keeping it from obeying is the
-judge prompt's job (the hardened wording). An opening through the first score is short
+What it cannot do: a judge that obeys an instruction in the answer and writes the answer's verdict
+in its own words writes its own text, and that is read; keeping it from obeying is the judge
+prompt's job (the hardened wording). An opening through the first score is short
 (``{"Helpfulness": 2``), so an answer that plants all five such openings can cost a bare verdict
 that starts that way its reading, as any exact copy can; it never gains by it. Copies that are
-re-formatted beyond the three normal forms are compared as text the judge wrote. Only copies
-made as written count as copied for the repair budget, and an answer that also holds the text the
-judge writes just around its verdict can have that verdict's repairs paid from the copied budget.
+re-formatted beyond the three normal forms (line numbers, say) are compared as text the judge
+wrote. Only copies made as written count as copied for the repair budget, and an answer that also
+holds the text the judge writes just around its verdict can have that verdict's repairs paid from
+the copied budget.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from drpo.agents.parsing.json_reader import (
     close_truncated,
     extract_json,
     get_field,
+    segments,
 )
 from drpo.domain.values import AspectScore
 
@@ -344,15 +346,17 @@ def _opening_is_copied(
     length = held.longest_prefix(span)
     if length < 2:
         return False
-    opening = close_truncated(span[:length])
-    if not _scores_an_aspect(opening, wanted, catalogue):
-        return False
-    for name, value in _judgement_entries(opening, catalogue):
+    return _has_usable_score(close_truncated(span[:length]), wanted, catalogue)
+
+
+def _has_usable_score(value: Any, wanted: set[str] | None, catalogue: AspectCatalogue) -> bool:
+    """Whether ``value`` gives a wanted aspect a score that any policy could read."""
+    for name, entry in _judgement_entries(value, catalogue):
         aspect = catalogue.resolve(name)
         if aspect is None or (wanted is not None and aspect.name not in wanted):
             continue
         try:
-            parse_score(value, lenient=True)
+            parse_score(entry, lenient=True)
         except ParseError:
             continue
         return True
@@ -362,13 +366,28 @@ def _opening_is_copied(
 def _holds_a_copied_verdict(
     span: str, held: QuotedTexts, wanted: set[str] | None, catalogue: AspectCatalogue
 ) -> bool:
-    """Whether a value inside ``span`` that scores an aspect is copied text: a judge that wraps
-    a copy in its own ``{"scores": ...}`` writes the wrapper, not the scores."""
+    """Whether a member of ``span`` is a copied value with a usable score: a judge that wraps a
+    copy in its own ``{"scores": ...}`` writes the wrapper, not the scores.
+
+    Only members count (text inside the span's strings is not: a rationale quoting the answer's
+    ``{'accuracy': 0.93}`` is the judge's prose), and only copies that score (a metrics dict the
+    judge cites as evidence gives no score, so it cannot lend one).
+    """
+    strings = []
+    at = 0
+    for chunk, in_string in segments(span):
+        if in_string:
+            strings.append((at, at + len(chunk)))
+        at += len(chunk)
     reader = ValueReader(span)
     pos = 1
     while (read := reader.next_value(pos)) is not None:
-        start, pos, value = read
-        if _scores_an_aspect(value, wanted, catalogue) and held(span[start:pos]):
+        start, end, value = read
+        if any(low <= start < high for low, high in strings):
+            pos = start + 1
+            continue
+        pos = end
+        if _has_usable_score(value, wanted, catalogue) and held(span[start:end]):
             return True
     return False
 
