@@ -5,6 +5,11 @@ The local model runs ``generate`` on a worker thread, batch by batch; before gen
 a cancel flag between tokens, a Ctrl-C waited for the whole batch (over a minute on 2 cores).
 The time from the signal to the exit is printed (run with ``-s``), not asserted: machines here
 are shared and their speed varies several-fold.
+
+Both ``drpo`` processes load the embedded model's plain safetensors copy (``plain_model_dir``:
+the same SmolLM2 weights, run by the same local engine), which loads in about a second, where
+the GGUF file takes half a minute to dequantize in every new process; loading the GGUF file
+itself is the session's ``local_backend``.
 """
 
 from __future__ import annotations
@@ -19,9 +24,15 @@ from sim_server_main import journal, only_run_id, run_drpo, run_status, start_dr
 pytestmark = pytest.mark.model
 
 
-def test_ctrl_c_mid_generation_exits_and_the_run_resumes(tmp_path: Path) -> None:
+def test_ctrl_c_mid_generation_exits_and_the_run_resumes(
+    tmp_path: Path, plain_model_dir: Path
+) -> None:
     db = tmp_path / "drpo.db"
-    proc = start_drpo("optimize", "--db", str(db), cwd=tmp_path, output=tmp_path / "run.log")
+    model = f"local:{plain_model_dir}"
+    models = ("--base-model", model, "--critic-model", model, "--editor-model", model)
+    proc = start_drpo(
+        "optimize", *models, "--db", str(db), cwd=tmp_path, output=tmp_path / "run.log"
+    )
     try:
         run_id = wait_for(lambda: only_run_id(db), timeout=120, what="the run to be created")
 

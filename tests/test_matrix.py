@@ -16,6 +16,14 @@ The real 135M model is what it is: it cannot write the JSON verdicts of the ``pa
 critic. Those cells must end the way the design says, with a one-line reason and the fix
 named (:data:`EXPECTED`): that is what this test checks, cell by cell. Sizes are tiny (a few
 levels, a few dozen tokens) so the whole matrix runs in minutes.
+
+Every cell of the two doubles runs (a second or two each). Of the real model's 24 cells, which
+cost up to a minute each on 2 cores, :data:`MODEL_CELLS` runs 14: every pair of two axes is
+there (each preset with each job, each model endpoint with each preset and with each job), so
+is every way a cell must end (each row of :data:`EXPECTED`, and each job finishing on the
+embedded model with the default preset). ``test_the_model_cells_cover_every_pair`` checks it.
+A finished optimize also goes on as a user would: its artifact is read, ``drpo runs show``
+counts every role's calls, and ``drpo generate --artifact`` answers with it.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from simulated_llm import respond
 from typer.testing import CliRunner
 
 from drpo.cli.app import app
+from drpo.jobs.artifact import AlignedPrompt
 
 PRESETS = ("small", "robust", "paper")
 JOBS = ("optimize", "icl", "eval", "generate")
@@ -57,6 +66,25 @@ EXPECTED: dict[tuple[str, str, str], tuple[str, str]] = {
         for job in ("optimize", "icl", "eval")
     },
 }
+
+#: The real model's cells that run (see the module docstring): every preset with the embedded
+#: model, so that each job is seen to finish on the default path (``small``) and each failure of
+#: the 135M critic ends as designed; the rest on ``transformers serve`` where it is cheapest,
+#: filling in every pair of axes (an eval and an ICL run that finish on a real server, the
+#: server's missing logprobs, the paper critic's unreadable selection).
+MODEL_CELLS: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        *(("small", "embedded", job) for job in JOBS),
+        ("robust", "embedded", "optimize"),
+        ("robust", "embedded", "icl"),
+        ("robust", "embedded", "eval"),
+        ("paper", "embedded", "generate"),
+        ("small", "transformers-serve", "optimize"),
+        ("robust", "transformers-serve", "generate"),
+        *(("paper", "transformers-serve", job) for job in JOBS),
+    }
+)
+MODEL_ENDPOINTS = ("transformers-serve", "embedded")
 
 #: Tiny sizes: a few levels and a few dozen tokens, whatever the preset (a 135M model writes
 #: no readable JSON verdict at any length, and a CPU writes a dozen tokens a second).
@@ -123,7 +151,8 @@ def _command(
     )
     config.write_text(f'preset = "{preset}"\n{models}{SIZES}{limits}', encoding="utf-8")
     if job == "optimize":
-        return ["optimize", "--config", str(config), "--db", db]
+        out = str(tmp_path / "aligned.json")
+        return ["optimize", "--config", str(config), "--out", out, "--db", db]
     if job == "icl":
         out = str(tmp_path / "icl.json")
         return ["icl", "--config", str(config), "--limit", "1", "--out", out, "--db", db]
@@ -153,6 +182,8 @@ def _cells() -> list[object]:
             marks.append(pytest.mark.model)
         for preset in PRESETS:
             for job in JOBS:
+                if endpoint in MODEL_ENDPOINTS and (preset, endpoint, job) not in MODEL_CELLS:
+                    continue
                 cells.append(
                     pytest.param(
                         preset, endpoint, job, marks=marks, id=f"{preset}-{endpoint}-{job}"
@@ -183,6 +214,38 @@ def test_cell(
         assert f"drpo resume {run_id}" in result.output
     if job == "optimize" and status == "finished":
         shown = CliRunner().invoke(app, ["runs", "show", run_id, "--db", str(db), "--json"])
-        settings = json.loads(shown.stdout)["settings"]
-        framing = settings["proposer"]["framing"]
+        summary = json.loads(shown.stdout)
+        framing = summary["settings"]["proposer"]["framing"]
         assert framing == ("chat" if endpoint == "openai-chat" else "raw"), framing
+        assert summary["status"] == "finished"
+        assert set(summary["by_role"]) >= {"proposer", "critic", "editor"}
+        _generate_from_the_artifact(tmp_path, base, db)
+
+
+def _generate_from_the_artifact(tmp_path: Path, base: str, db: Path) -> None:
+    """The search's artifact holds its prompt and base model, and ``drpo generate`` answers
+    with it (the model, the prompt and the examples all come from the artifact), in the layout
+    it was searched with (the paper's ``inference`` framing sends chat, which a base model on
+    completions refuses, as it should)."""
+    artifact = AlignedPrompt.load(tmp_path / "aligned.json")
+    assert artifact.base_model == base and artifact.system_prompt
+    assert len(artifact.trace) >= 2  # depth 3: levels 1 and 2 after the root
+    answer = CliRunner().invoke(
+        app,
+        ["generate", "How do I make tea?", "--artifact", str(tmp_path / "aligned.json"),
+         "--framing", "searched", "--max-tokens", "24", "--db", str(db)],
+    )  # fmt: skip
+    assert answer.exit_code == 0, answer.output
+    assert answer.output.strip()
+
+
+def test_the_model_cells_cover_every_pair() -> None:
+    """The sample of the real model's cells still holds every pair of axes, and every cell whose
+    ending :data:`EXPECTED` names by kind (each reason, at least once)."""
+    cells = MODEL_CELLS
+    assert {(p, j) for p, _, j in cells} == {(p, j) for p in PRESETS for j in JOBS}
+    assert {(p, e) for p, e, _ in cells} == {(p, e) for p in PRESETS for e in MODEL_ENDPOINTS}
+    assert {(e, j) for _, e, j in cells} == {(e, j) for e in MODEL_ENDPOINTS for j in JOBS}
+    assert {(p, "embedded", j) for p in ("small",) for j in JOBS} <= cells
+    reasons = {reason for _, reason in EXPECTED.values()}
+    assert {EXPECTED[cell][1] for cell in cells if cell in EXPECTED} == reasons
