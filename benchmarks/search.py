@@ -75,7 +75,7 @@ from drpo.backends.ratelimit import RateLimits  # noqa: E402
 from drpo.backends.registry import BackendRegistry  # noqa: E402
 from drpo.backends.settings import EndpointSettings  # noqa: E402
 from drpo.bus import loop  # noqa: E402
-from drpo.jobs.config import OptimizeConfig, build_config  # noqa: E402
+from drpo.jobs.config import RunSettings, build_config  # noqa: E402
 from drpo.jobs.optimize import RunOutcome, RunPlan, run_searches  # noqa: E402
 from drpo.runs.store import RunStore  # noqa: E402
 
@@ -274,7 +274,7 @@ def search_config(
     extension: int,
     seed: int = 0,
     endpoint: EndpointSettings | None = None,
-) -> OptimizeConfig:
+) -> RunSettings:
     model = f"openai:{MODEL_NAME}@{base_url}"
     overrides: dict[str, Any] = {
         "preset": "paper",
@@ -343,7 +343,7 @@ async def _critical_rounds(store: RunStore, run_id: str) -> tuple[int, int, int]
     return rounds, len(by_level), all_skipped
 
 
-async def measure(configs: list[OptimizeConfig], registry: BackendRegistry | None) -> RunStats:
+async def measure(configs: list[RunSettings], registry: BackendRegistry | None) -> RunStats:
     import psutil
 
     with tempfile.TemporaryDirectory(prefix="drpo-bench-") as folder:
@@ -394,7 +394,7 @@ async def measure(configs: list[OptimizeConfig], registry: BackendRegistry | Non
 
 def run_scenario(
     latency: float,
-    make: Callable[[str], list[OptimizeConfig]],
+    make: Callable[[str], list[RunSettings]],
     *,
     sequential: bool = False,
     rpm_limit: int | None = None,
@@ -478,10 +478,10 @@ def main() -> None:
     }
     started_all = time.perf_counter()
 
-    def paper(url: str, **kw: Any) -> list[OptimizeConfig]:
+    def paper(url: str, **kw: Any) -> list[RunSettings]:
         return [search_config(url, beam=2, actions=3, depth=depth, extension=ext, **kw)]
 
-    def wide(url: str) -> list[OptimizeConfig]:
+    def wide(url: str) -> list[RunSettings]:
         return [search_config(url, beam=4, actions=8, depth=wide_depth, extension=ext)]
 
     def say(text: str) -> None:
@@ -587,7 +587,7 @@ def main() -> None:
         say(f"4: {n} searches at once, no rate limit, at most {args.max_in_flight} in flight")
         unlimited = EndpointSettings(max_in_flight=args.max_in_flight)
 
-        def many(url: str) -> list[OptimizeConfig]:
+        def many(url: str) -> list[RunSettings]:
             return [
                 search_config(
                     url, beam=2, actions=3, depth=depth, extension=ext, seed=s, endpoint=unlimited
@@ -601,7 +601,7 @@ def main() -> None:
         # least the N can take together. Measured here, after the N, on a fresh server.
         slowest_seed = max(range(n), key=lambda s: multi.rounds[s])
 
-        def slowest(url: str) -> list[OptimizeConfig]:
+        def slowest(url: str) -> list[RunSettings]:
             return [many(url)[slowest_seed]]
 
         alone, _ = run_scenario(lat, slowest)
@@ -697,7 +697,7 @@ def main() -> None:
         say(f"5: {n} searches at once under {args.rpm} RPM, depth {rpm_depth} (+{ext})")
         limited = EndpointSettings(rpm=args.rpm, max_in_flight=args.max_in_flight)
 
-        def paced(url: str) -> list[OptimizeConfig]:
+        def paced(url: str) -> list[RunSettings]:
             return [
                 search_config(
                     url, beam=2, actions=3, depth=rpm_depth, extension=ext, seed=s, endpoint=limited

@@ -31,6 +31,7 @@ _EXPORTS = {
     "settings": "drpo.api",
     "AlignedPrompt": "drpo.jobs.artifact",
     "OptimizeConfig": "drpo.jobs.config",
+    "RunSettings": "drpo.jobs.config",
     "RunOutcome": "drpo.jobs.lifecycle",
     "SearchResult": "drpo.agents.search",
     "ICLExample": "drpo.domain.values",
@@ -42,6 +43,7 @@ __all__ = [
     "ICLExample",
     "OptimizeConfig",
     "RunOutcome",
+    "RunSettings",
     "RunStore",
     "SearchResult",
     "__version__",
@@ -71,7 +73,7 @@ if TYPE_CHECKING:
     )
     from drpo.domain.values import ICLExample
     from drpo.jobs.artifact import AlignedPrompt
-    from drpo.jobs.config import OptimizeConfig
+    from drpo.jobs.config import OptimizeConfig, RunSettings
     from drpo.jobs.lifecycle import RunOutcome
     from drpo.runs.store import RunStore
 

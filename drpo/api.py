@@ -33,7 +33,7 @@ from drpo.data.loaders import default_icl_examples
 from drpo.domain.values import ICLExample
 from drpo.jobs.config import (
     BudgetSettings,
-    OptimizeConfig,
+    RunSettings,
     build_config,
     load_toml,
 )
@@ -54,7 +54,7 @@ def settings(
     critic_model: str | None = None,
     editor_model: str | None = None,
     **sections: Any,
-) -> OptimizeConfig:
+) -> RunSettings:
     """A job's settings: the preset, then the TOML file ``config``, then ``sections`` given as
     keyword dicts (``search={"depth": 10}``) and the three model shortcuts."""
     layer: dict[str, Any] = {key: value for key, value in sections.items() if value is not None}
@@ -134,7 +134,7 @@ async def aresume(
     async with RunStore.open(_db(db)) as store:
         record = await store.get_run(run_id)
         if record.kind == "optimize":
-            config = OptimizeConfig.model_validate(record.config["settings"])
+            config = RunSettings.model_validate(record.config["settings"])
             merged = config.budget.overridden_by(budget)
             plan = RunPlan(config=config.model_copy(update={"budget": merged}), run_id=run_id)
             [outcome] = await run_searches([plan], store=store, force=force)

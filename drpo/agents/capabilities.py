@@ -19,14 +19,17 @@ learned from its first replies. :func:`complete` is the call every agent makes t
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
 
-from drpo.backends.base import Completion, CompletionRequest, PermanentBackendError, Usage
-
-Call = Callable[[CompletionRequest], Awaitable[Completion]]
+from drpo.backends.base import (
+    Call,
+    Completion,
+    CompletionRequest,
+    PermanentBackendError,
+    Usage,
+)
 
 
 class LogprobsUnsupportedError(PermanentBackendError):

@@ -42,8 +42,7 @@ from drpo.agents.prompts import (
     selection_prompt,
     selection_reminder,
 )
-from drpo.agents.proposer import Call
-from drpo.backends.base import ChatMessage, Choice, CompletionRequest
+from drpo.backends.base import Call, ChatMessage, Choice, CompletionRequest
 from drpo.domain.requests import CriticMode
 from drpo.domain.values import AspectScore, AspectSelection, Critique
 from drpo.errors import UserError

@@ -33,8 +33,8 @@ from drpo.agents.prompts import (
     text_answer_editor_prompt,
     text_optimizer_prompt,
 )
-from drpo.agents.proposer import Call, clean_answer, wrap_answer
-from drpo.backends.base import ChatMessage, CompletionRequest
+from drpo.agents.proposer import clean_answer, wrap_answer
+from drpo.backends.base import Call, ChatMessage, CompletionRequest
 from drpo.domain.requests import EditAnswer, EditPrompt
 
 #: The optimizer's settings besides temperature and n (spec §1.1).

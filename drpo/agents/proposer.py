@@ -29,7 +29,7 @@ A server that refuses the endpoint a framing needs (OpenAI's chat models have no
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 from drpo.agents.prompts import (
     ANSWER_HEADER,
@@ -41,12 +41,14 @@ from drpo.agents.prompts import (
     START,
     STOP_STRINGS,
 )
-from drpo.backends.base import ChatMessage, Completion, CompletionRequest, PermanentBackendError
+from drpo.backends.base import (
+    Call,
+    ChatMessage,
+    CompletionRequest,
+    PermanentBackendError,
+)
 from drpo.domain.requests import Framing, ICLHeaders, ProposeAnswer
 from drpo.domain.values import ICLExample
-
-#: A model call already bound to a model, role, run and journal (the bus wrapper makes it).
-Call = Callable[[CompletionRequest], Awaitable[Completion]]
 
 FRAMINGS: tuple[Framing, ...] = ("raw", "chat", "inference")
 ICL_HEADER_STYLES: tuple[ICLHeaders, ...] = ("paper", "uniform")

@@ -12,7 +12,6 @@ share backends, rate limits and batches.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ from drpo.agents import capabilities, client, critic, editor, proposer
 from drpo.agents.aspect_cache import AspectCache, AspectKey
 from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.critic import CriticPolicy
-from drpo.backends.base import Completion, CompletionRequest
+from drpo.backends.base import Call, Completion, CompletionRequest
 from drpo.backends.priority import background
 from drpo.backends.registry import BackendRegistry
 from drpo.bus import Bus, Envelope
@@ -42,8 +41,6 @@ from drpo.domain.requests import (
 from drpo.domain.values import AspectSelection
 from drpo.runs.journal import JournaledCaller
 from drpo.runs.store import RunStore
-
-CallFn = Callable[[CompletionRequest], Awaitable[Completion]]
 
 
 @dataclass
@@ -84,7 +81,7 @@ class AgentRuntime:
         except KeyError:
             raise UnknownRunError(f"no run {envelope.run_id!r} is attached") from None
 
-    def _bind(self, context: RunContext, model: str, role: str, place: str | None) -> CallFn:
+    def _bind(self, context: RunContext, model: str, role: str, place: str | None) -> Call:
         """A ``call`` for the agent logic: journaled, for this run, model, role and place, and
         adapted to what the model's endpoint honours (``n``, logprobs)."""
         backend = self.registry.get(model)

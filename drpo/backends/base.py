@@ -6,11 +6,16 @@ journal's content key, stored as JSON, and replayed byte for byte on resume.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from drpo.errors import UserError
+
+#: Characters per token, the one rule by which drpo estimates a text's tokens before any model
+#: has counted them: a request's tokens for the rate limits, a run's cost before it starts.
+CHARS_PER_TOKEN = 4
 
 
 class _Frozen(BaseModel):
@@ -121,3 +126,8 @@ class Backend(Protocol):
     async def complete(self, request: CompletionRequest) -> Completion: ...
 
     async def aclose(self) -> None: ...
+
+
+#: One model call, ``request -> completion``: a backend's ``complete``, or (in the agents) a
+#: call already bound to a model, role, run and journal. Every agent's logic asks through one.
+Call = Callable[[CompletionRequest], Awaitable[Completion]]

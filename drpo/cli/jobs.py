@@ -282,7 +282,7 @@ def resume(
     db: DbOption = None,
 ) -> None:
     """Continue a run of any kind: recorded calls are answered from the journal, for free."""
-    from drpo.jobs.config import BudgetSettings, OptimizeConfig
+    from drpo.jobs.config import BudgetSettings, RunSettings
     from drpo.tracing.settings import TraceSettings
 
     traced = trace_settings(trace, trace_endpoint, trace_content)
@@ -291,7 +291,7 @@ def resume(
     if record.status == "finished":
         raise fail(f"run {record.run_id} already finished")
     if record.kind == "optimize":
-        config = OptimizeConfig.model_validate(record.config["settings"])
+        config = RunSettings.model_validate(record.config["settings"])
         override = BudgetSettings(max_cost_usd=max_cost, max_calls=max_calls)
         config = config.model_copy(
             update={

@@ -12,6 +12,11 @@ from pydantic import Field
 
 from drpo.domain.values import Critique, Value
 
+#: How a run ended: it does no more work (until it is resumed).
+EndStatus = Literal["finished", "interrupted", "failed", "budget_exhausted"]
+#: Every status a run can be in (the store's ``runs.status``), in the order of a run's life.
+RunStatus = Literal["created", "running", "finished", "interrupted", "failed", "budget_exhausted"]
+
 
 class RunStarted(Value):
     kind: Literal["run_started"] = "run_started"
@@ -89,7 +94,7 @@ class LevelCompleted(Value):
 
 class RunFinished(Value):
     kind: Literal["run_finished"] = "run_finished"
-    status: Literal["finished", "interrupted", "failed", "budget_exhausted"]
+    status: EndStatus
     best_node_id: str | None = None
     best_prompt: str | None = None
     best_score: float | None = None

@@ -142,7 +142,12 @@ class BudgetSettings(_Settings):
         return self.model_copy(update=override.model_dump(exclude_none=True))
 
 
-class OptimizeConfig(_Settings):
+class RunSettings(_Settings):
+    """Every setting of a run, of any job (optimize, icl, eval, generate): the preset, then
+    the TOML file, then flags or keyword sections (:func:`build_config`); a run records them
+    all. (Named ``OptimizeConfig`` before it held the other jobs' settings too; that name
+    stays, for callers who use it.)"""
+
     preset: Literal["small", "robust", "paper"] = "small"
     name: str | None = None
     models: ModelsSettings = ModelsSettings()
@@ -172,7 +177,7 @@ class OptimizeConfig(_Settings):
             return "chat" if is_chat_only(self.models.base) else "raw"
         return framing
 
-    def settled(self) -> OptimizeConfig:
+    def settled(self) -> RunSettings:
         """This config made concrete for its models, as a run records it:
 
         * ``proposer.framing = "auto"``: the paper's chat layout for chat-only API models
@@ -189,6 +194,10 @@ class OptimizeConfig(_Settings):
         if self.editor.format == "text" and is_chat_only(self.models.editor):
             update["editor"] = self.editor.model_copy(update={"format": "json"})
         return self.model_copy(update=update) if update else self
+
+
+#: The name :class:`RunSettings` had when only the search used it; kept for callers.
+OptimizeConfig = RunSettings
 
 
 #: The paper's code to the letter (spec §1-§4, §3.4): beam 2, 3 actions, depth 20 (+10),
@@ -271,7 +280,7 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 
 def build_config(
     file_settings: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
-) -> OptimizeConfig:
+) -> RunSettings:
     """Preset, then the TOML file, then flags: later layers win."""
     file_settings = file_settings or {}
     overrides = overrides or {}
@@ -281,7 +290,7 @@ def build_config(
     layered = _deep_merge(_deep_merge(PRESETS[preset], file_settings), overrides)
     layered["preset"] = preset
     try:
-        return OptimizeConfig.model_validate(layered)
+        return RunSettings.model_validate(layered)
     except ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc)) from None
     except ValueError as exc:  # a model spec that does not parse

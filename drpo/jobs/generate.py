@@ -26,7 +26,7 @@ from drpo.domain.events import RunStarted
 from drpo.domain.requests import Framing, ProposeAnswer
 from drpo.domain.values import ICLExample
 from drpo.jobs.artifact import AlignedPrompt, ArtifactError
-from drpo.jobs.config import BudgetSettings, GenerateSettings, OptimizeConfig
+from drpo.jobs.config import BudgetSettings, GenerateSettings, RunSettings
 from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
 from drpo.jobs.session import Session
 from drpo.runs.store import RunStore
@@ -91,12 +91,12 @@ def _endpoints_json(endpoints: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _searched_config(artifact: AlignedPrompt) -> OptimizeConfig:
+def _searched_config(artifact: AlignedPrompt) -> RunSettings:
     """The settings the artifact's prompt was searched with (defaults where it recorded none,
     as artifacts written before a setting existed did not)."""
-    known = {k: v for k, v in artifact.settings.items() if k in OptimizeConfig.model_fields}
+    known = {k: v for k, v in artifact.settings.items() if k in RunSettings.model_fields}
     try:
-        return OptimizeConfig.model_validate(known)
+        return RunSettings.model_validate(known)
     except ValidationError as exc:
         raise ArtifactError(f"the artifact's settings cannot be read: {exc}") from None
 

@@ -29,7 +29,7 @@ from drpo.data.files import write_atomically
 from drpo.domain.events import Note, RunStarted
 from drpo.domain.requests import EditAnswer, Judge, SelectAspects
 from drpo.domain.values import Critique, ICLExample
-from drpo.jobs.config import BudgetSettings, OptimizeConfig
+from drpo.jobs.config import BudgetSettings, RunSettings
 from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
 from drpo.jobs.session import Session
 from drpo.runs.store import RunStore
@@ -59,7 +59,7 @@ def total_score(critique: Critique) -> float:
 async def create_icl_run(
     store: RunStore,
     examples: Sequence[ICLExample],
-    config: OptimizeConfig,
+    config: RunSettings,
     out: Path,
     *,
     limit: int | None = None,
@@ -89,7 +89,7 @@ async def run_icl(
     run_id = record.run_id
     if record.kind != RUN_KIND:
         raise ValueError(f"run {run_id} is a {record.kind} run, not an ICL run")
-    config = OptimizeConfig.model_validate(record.config["settings"]).settled()
+    config = RunSettings.model_validate(record.config["settings"]).settled()
     config = config.model_copy(update={"budget": config.budget.overridden_by(budget)})
     examples = [ICLExample.model_validate(item) for item in record.config["icl_examples"]]
     out = Path(record.config["out"])
@@ -138,7 +138,7 @@ async def run_icl(
 
 async def _optimize_one(
     agents: AgentClient,
-    config: OptimizeConfig,
+    config: RunSettings,
     index: int,
     example: ICLExample,
     improved: Callable[[int, str], Awaitable[None]],

@@ -36,7 +36,7 @@ from drpo.data.loaders import (
 from drpo.domain.events import RunStarted
 from drpo.domain.values import ICLExample
 from drpo.jobs.artifact import AlignedPrompt, LevelTrace
-from drpo.jobs.config import BudgetSettings, OptimizeConfig
+from drpo.jobs.config import BudgetSettings, RunSettings
 from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
 from drpo.jobs.session import Session, agent_session
 from drpo.runs.paths import run_artifacts_dir
@@ -55,7 +55,7 @@ class RunPlan:
     artifacts in one folder); None: ``artifacts/<run>/aligned_prompt.json`` beside the database.
     """
 
-    config: OptimizeConfig
+    config: RunSettings
     artifact_path: Path | None = None
     run_id: str | None = None
 
@@ -80,7 +80,7 @@ def draw_query_order(queries: Sequence[str], count: int, seed: int) -> list[str]
     return rng.sample(list(queries), min(count, len(queries)))
 
 
-def prepare_inputs(config: OptimizeConfig) -> tuple[list[str], list[ICLExample]]:
+def prepare_inputs(config: RunSettings) -> tuple[list[str], list[ICLExample]]:
     """Load training queries and ICL examples; bad files raise a clear DataFormatError."""
     queries = load_queries(config.data.train) if config.data.train else default_train_queries()
     examples = load_icl_examples(config.data.icl) if config.data.icl else default_icl_examples()
@@ -88,7 +88,7 @@ def prepare_inputs(config: OptimizeConfig) -> tuple[list[str], list[ICLExample]]
     return order, list(examples)
 
 
-def run_record(config: OptimizeConfig, queries: list[str], examples: list[ICLExample]) -> dict:
+def run_record(config: RunSettings, queries: list[str], examples: list[ICLExample]) -> dict:
     """Everything needed to redo the run exactly: settings, query order and ICL pool."""
     return {
         "settings": config.model_dump(mode="json"),
@@ -98,7 +98,7 @@ def run_record(config: OptimizeConfig, queries: list[str], examples: list[ICLExa
 
 
 async def create_search_run(
-    store: RunStore, config: OptimizeConfig, *, artifact_path: Path | None = None
+    store: RunStore, config: RunSettings, *, artifact_path: Path | None = None
 ) -> str:
     """Record a new search (status ``created``) with everything needed to run it again exactly:
     its settings (the layout settled for its base model), query order, ICL pool, where its
@@ -120,7 +120,7 @@ async def run_searches(
     store: RunStore,
     registry: BackendRegistry | None = None,
     on_level: Callable[[LevelProgress], None] | None = None,
-    on_created: Callable[[str, OptimizeConfig], None] | None = None,
+    on_created: Callable[[str, RunSettings], None] | None = None,
     force: bool = False,
 ) -> list[RunOutcome[SearchResult]]:
     """Run every plan concurrently on one bus; returns one outcome per plan, in order.
@@ -171,7 +171,7 @@ async def run_search(
     run_id = record.run_id
     if record.kind != RUN_KIND:
         raise ValueError(f"run {run_id} is a {record.kind} run, not a search")
-    config = OptimizeConfig.model_validate(record.config["settings"])
+    config = RunSettings.model_validate(record.config["settings"])
     config = config.model_copy(update={"budget": config.budget.overridden_by(budget)})
     queries = list(record.config["queries"])
     examples = [ICLExample.model_validate(item) for item in record.config["icl_examples"]]
@@ -233,7 +233,7 @@ async def run_search(
     )
 
 
-def search_plan(config: OptimizeConfig) -> SearchPlan:
+def search_plan(config: RunSettings) -> SearchPlan:
     """What the search needs of a run's settings, made concrete for its models."""
     config = config.settled()
     proposer, critic, editor = config.proposer, config.critic, config.editor
@@ -264,7 +264,7 @@ def search_plan(config: OptimizeConfig) -> SearchPlan:
 
 
 def build_artifact(
-    run_id: str, config: OptimizeConfig, result: SearchResult, examples: list[ICLExample]
+    run_id: str, config: RunSettings, result: SearchResult, examples: list[ICLExample]
 ) -> AlignedPrompt:
     return AlignedPrompt(
         system_prompt=result.best.system_prompt,

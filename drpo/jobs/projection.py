@@ -6,8 +6,9 @@ of which needs a skip at the level before, so the bound at the extended depth is
 
 The cost is the projected calls of each role times an estimate of that role's tokens per call,
 priced like the backends price real calls (``[endpoints."SPEC"]`` prices, else the built-in
-table for known API models; local models are free). Tokens are counted as characters / 4, the
-rule the API backend uses for its own token estimates, over the role's real prompt template:
+table for known API models; local models are free). Tokens are counted as characters /
+:data:`~drpo.backends.base.CHARS_PER_TOKEN`, the rule the API backend's own token estimates use,
+over the role's real prompt template:
 
 * texts the run knows (templates, aspect rubrics, the initial prompt, training queries and ICL
   examples) at their mean length;
@@ -24,10 +25,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from drpo.jobs.config import OptimizeConfig
+from drpo.backends.base import CHARS_PER_TOKEN
+from drpo.backends.pricing import PER_MILLION, ModelPrice
+from drpo.jobs.config import RunSettings
 
-#: Characters per token: the rule of thumb of ``drpo.backends.openai_api.estimate_tokens``.
-CHARS_PER_TOKEN = 4
 #: Aspects judged per verdict when counting logprobs-mode calls: the middle of the critic's 2-5.
 ASPECTS_PER_VERDICT = 4
 #: Stand-in length of a training query when the query file cannot be read.
@@ -47,14 +48,14 @@ class CallProjection:
         return self.proposer + self.critic_select + self.critic_judge + self.editor
 
 
-def _catalogue_size(config: OptimizeConfig) -> int:
+def _catalogue_size(config: RunSettings) -> int:
     from drpo.agents.aspects import AspectCatalogue
 
     catalogue = AspectCatalogue.load_default().with_custom(list(config.critic.custom_aspects))
     return len(catalogue)
 
 
-def project_calls(config: OptimizeConfig, depth: int | None = None) -> CallProjection:
+def project_calls(config: RunSettings, depth: int | None = None) -> CallProjection:
     """Calls per role for a search of ``depth`` levels (spec §8: total = 2G + O + M).
 
     In ``logprobs`` judge mode each aspect is one short call: a selection asks about every
@@ -89,17 +90,6 @@ class TokensPerCall:
 
 
 @dataclass(frozen=True)
-class Price:
-    """USD per million tokens."""
-
-    input_per_m: float
-    output_per_m: float
-
-    def cost(self, tokens: TokensPerCall, calls: int) -> float:
-        return calls * (tokens.input * self.input_per_m + tokens.output * self.output_per_m) / 1e6
-
-
-@dataclass(frozen=True)
 class CostProjection:
     """Projected USD per role (None for a role whose model has no known price)."""
 
@@ -116,6 +106,13 @@ class CostProjection:
         return sum(value for value in self.cost.values() if value is not None)
 
 
+def _cost(price: ModelPrice, tokens: TokensPerCall, calls: int) -> float:
+    """USD of ``calls`` calls of ``tokens`` each, every input token fresh (a ceiling: the
+    provider may bill some as cached)."""
+    per_call = tokens.input * price.input_per_m + tokens.output * price.output_per_m
+    return calls * per_call / PER_MILLION
+
+
 def _tokens(chars: int) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN)
 
@@ -129,7 +126,7 @@ def _filler(tokens: int) -> str:
     return "x" * (tokens * CHARS_PER_TOKEN)
 
 
-def _data_lengths(config: OptimizeConfig) -> tuple[int, list[tuple[int, int]]]:
+def _data_lengths(config: RunSettings) -> tuple[int, list[tuple[int, int]]]:
     """Mean training-query length, and (query, answer) lengths of the ICL pool."""
     from drpo.data.loaders import (
         DataFormatError,
@@ -152,7 +149,7 @@ def _data_lengths(config: OptimizeConfig) -> tuple[int, list[tuple[int, int]]]:
     return query_chars, examples
 
 
-def estimate_tokens_per_call(config: OptimizeConfig) -> dict[str, TokensPerCall]:
+def estimate_tokens_per_call(config: RunSettings) -> dict[str, TokensPerCall]:
     """Tokens of one call of each kind (``proposer``, ``critic_select``, ``critic_judge``,
     ``editor``), from the real prompt templates; see the module docstring for the rules."""
     from drpo.agents.aspects import AspectCatalogue
@@ -210,16 +207,15 @@ def estimate_tokens_per_call(config: OptimizeConfig) -> dict[str, TokensPerCall]
     return tokens
 
 
-def price_of(config: OptimizeConfig, spec_text: str) -> Price | None:
+def price_of(config: RunSettings, spec_text: str) -> ModelPrice | None:
     """What the backend for ``spec_text`` charges (its kind's price lookup, with the run's
     ``[endpoints]`` settings); None when nothing is known."""
     from drpo.backends.kinds import parse_model_spec, price_of
 
-    price = price_of(spec_text, config.endpoints.get(str(parse_model_spec(spec_text))))
-    return Price(price.input_per_m, price.output_per_m) if price is not None else None
+    return price_of(spec_text, config.endpoints.get(str(parse_model_spec(spec_text))))
 
 
-def project_cost(config: OptimizeConfig, depth: int | None = None) -> CostProjection:
+def project_cost(config: RunSettings, depth: int | None = None) -> CostProjection:
     """Projected cost per role: projected calls x estimated tokens per call x price."""
     calls = project_calls(config, depth)
     per_call = estimate_tokens_per_call(config)
@@ -242,14 +238,14 @@ def project_cost(config: OptimizeConfig, depth: int | None = None) -> CostProjec
     priced = False
     for kind, model in models.items():
         price = price_of(config, model)
-        cost[kind] = None if price is None else price.cost(per_call[kind], counts[kind])
+        cost[kind] = None if price is None else _cost(price, per_call[kind], counts[kind])
         if price is None and model not in unpriced:
             unpriced.append(model)
         priced = priced or (price is not None and parse_model_spec(model).kind != "local")
     return CostProjection(calls.depth, per_call, counts, cost, tuple(unpriced), priced)
 
 
-def describe_projection(config: OptimizeConfig) -> str:
+def describe_projection(config: RunSettings) -> str:
     low = project_calls(config)
     high = project_calls(config, config.search.depth + config.search.depth_extension)
     text = (

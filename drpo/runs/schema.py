@@ -14,7 +14,9 @@ import sqlite3
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
+from drpo.domain.events import EndStatus, RunStatus
 from drpo.errors import UserError
 
 #: Bump when the schema changes; add a migration from the previous version when you do.
@@ -23,9 +25,9 @@ SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4452504F
 SQLITE_HEADER = b"SQLite format 3\x00"
 
-RUN_STATUSES = ("created", "running", "finished", "interrupted", "failed", "budget_exhausted")
+RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)
 #: Statuses after which a run does no more work (until it is resumed).
-TERMINAL_STATUSES = frozenset({"finished", "interrupted", "failed", "budget_exhausted"})
+TERMINAL_STATUSES: frozenset[str] = frozenset(get_args(EndStatus))
 
 
 class StoreError(UserError):

@@ -37,6 +37,7 @@ import anyio.to_thread
 from pydantic import Field
 
 from drpo.bus.envelope import Envelope, Failure
+from drpo.domain.events import RunStatus
 from drpo.domain.messages import MESSAGE_TYPES
 from drpo.domain.values import AspectSelection
 from drpo.runs.paths import default_db_path
@@ -68,7 +69,6 @@ from drpo.runs.schema import (
 )
 from drpo.runs.writer import BatchWriter, WriteOp
 
-RunStatus = Literal["created", "running", "finished", "interrupted", "failed", "budget_exhausted"]
 BUSY_TIMEOUT_MS = 10_000
 
 
