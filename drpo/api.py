@@ -37,10 +37,13 @@ from drpo.jobs.config import (
     build_config,
     load_toml,
 )
+from drpo.jobs.evaluation.plan import plan_evaluation
+from drpo.jobs.evaluation.runner import EvalOutcome, create_eval_run, run_evaluation
 from drpo.jobs.generate import create_generate_run, generation_plan, run_generate
 from drpo.jobs.icl import ExampleTrace, create_icl_run, run_icl
 from drpo.jobs.lifecycle import RunOutcome
 from drpo.jobs.optimize import RunPlan, run_searches
+from drpo.jobs.registry import job_for
 from drpo.jobs.session import agent_session
 from drpo.runs.paths import default_db_path
 from drpo.runs.store import RunStore
@@ -119,6 +122,32 @@ async def agenerate(
     return outcome.result
 
 
+async def aevaluate(
+    prompts: Sequence[str] = (),
+    *,
+    queries: str | Path,
+    texts: Sequence[str] = (),
+    labels: Sequence[str] = (),
+    name: str | None = None,
+    db: str | Path | None = None,
+    **options: Any,
+) -> RunOutcome[EvalOutcome]:
+    """Evaluate prompts on a query set, paired against the first (as ``drpo eval``).
+
+    ``prompts``: artifact files from :func:`optimize`, text files holding a system prompt,
+    ``"none"`` or ``"default"``; ``texts``: those or system prompts written out; ``options``:
+    the command's options by name (``judge``, ``judge_mode``, ``preset``, ``config``, ``sample``,
+    ``limit``, ``seed``, ``k``, ``max_tokens``, ...). The outcome's ``summary`` is the report,
+    its ``result`` every answer and score.
+    """
+    plan = plan_evaluation(prompts, texts, labels, queries=queries, **options)
+    async with RunStore.open(_db(db)) as store, agent_session(store) as session:
+        run_id = await create_eval_run(
+            store, plan.prompts, plan.queries, plan.settings, name=name, endpoints=plan.endpoints
+        )
+        return await run_evaluation(session, run_id)
+
+
 async def aresume(
     run_id: str,
     *,
@@ -127,29 +156,14 @@ async def aresume(
     max_cost_usd: float | None = None,
     force: bool = False,
 ) -> RunOutcome[Any]:
-    """Continue a run of any kind from its journal (recorded calls are free)."""
-    from drpo.jobs.evaluation.runner import run_eval
-
+    """Continue a run of any kind from its journal (recorded calls are free); the job that
+    runs it is the one :mod:`drpo.jobs.registry` names for its kind."""
     budget = BudgetSettings(max_calls=max_calls, max_cost_usd=max_cost_usd)
     async with RunStore.open(_db(db)) as store:
         record = await store.get_run(run_id)
-        if record.kind == "optimize":
-            config = RunSettings.model_validate(record.config["settings"])
-            merged = config.budget.overridden_by(budget)
-            plan = RunPlan(config=config.model_copy(update={"budget": merged}), run_id=run_id)
-            [outcome] = await run_searches([plan], store=store, force=force)
-            return outcome
+        job = job_for(record.kind)
         async with agent_session(store) as session:
-            if record.kind == "icl":
-                return await run_icl(session, record.run_id, budget=budget, force=force)
-            if record.kind == "generate":
-                return await run_generate(session, record.run_id, budget=budget, force=force)
-            if record.kind == "eval":
-                evaluated = await run_eval(session, record.run_id, budget=budget, force=force)
-                return RunOutcome(
-                    evaluated.run_id, evaluated.status, evaluated.error, evaluated.result, evaluated
-                )
-    raise ValueError(f"run {run_id} is of kind {record.kind!r}, which cannot be resumed")
+            return await job.run(session, record.run_id, budget=budget, force=force)
 
 
 def optimize(**options: Any) -> RunOutcome[SearchResult]:
@@ -165,6 +179,11 @@ def icl(examples: Sequence[ICLExample] | None = None, **options: Any) -> RunOutc
 def generate(queries: Sequence[str], **options: Any) -> list[str]:
     """:func:`agenerate`, for synchronous callers."""
     return loop.run(lambda: agenerate(queries, **options))
+
+
+def evaluate(prompts: Sequence[str] = (), **options: Any) -> RunOutcome[EvalOutcome]:
+    """:func:`aevaluate`, for synchronous callers."""
+    return anyio.run(lambda: aevaluate(prompts, **options))
 
 
 def resume(run_id: str, **options: Any) -> RunOutcome[Any]:

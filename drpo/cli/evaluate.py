@@ -256,104 +256,18 @@ def _evaluate(
 # ------------------------------------------------------------------------------------ planning
 
 
-def _plan(
-    positional: list[str], texts: list[str], labels: list[str], **options: Any
-) -> tuple[list[Any], list[Any], Any, dict[str, Any]]:
-    """Resolve prompts, load and select queries, build settings; every error is a clean exit."""
-    from pydantic import ValidationError
-
-    from drpo.backends.kinds import DEFAULT_MODEL, ModelSpecError, parse_model_spec
-    from drpo.data.loaders import DataFormatError
-    from drpo.jobs.config import ConfigError, build_config, load_toml
-    from drpo.jobs.evaluation.protocol import (
-        PromptSpecError,
-        attach_tags,
-        load_eval_queries,
-        load_tags,
-        resolve_prompt,
-        sample_queries,
-        unique_labels,
-    )
-    from drpo.jobs.evaluation.runner import EvalSettings
+def _plan(positional: list[str], texts: list[str], labels: list[str], **options: Any) -> Any:
+    """The evaluation the options describe (:func:`~drpo.jobs.evaluation.plan.plan_evaluation`);
+    a mistake in them is a clean exit."""
+    from drpo.jobs.evaluation.plan import plan_evaluation
 
     try:
-        chosen = [resolve_prompt(p, text_allowed=False, index=i) for i, p in enumerate(positional)]
-        chosen += [
-            resolve_prompt(t, text_allowed=True, index=len(chosen) + i) for i, t in enumerate(texts)
-        ]
-    except PromptSpecError as exc:
+        plan = plan_evaluation(positional, texts, labels, **options)
+    except UserError as exc:
         raise fail(str(exc)) from None
-    if not chosen:
-        chosen = [resolve_prompt("default", text_allowed=False)]
-    if len(labels) > len(chosen):
-        raise fail(f"{len(labels)} --label values for {len(chosen)} prompts")
-    chosen = unique_labels(chosen, labels)
-
-    try:
-        query_set = load_eval_queries(options["queries"])
-        tagged = None
-        if options["tags"] is not None:
-            query_set, tagged = attach_tags(query_set, load_tags(options["tags"]))
-    except DataFormatError as exc:
-        raise fail(str(exc)) from None
-    seed = options["seed"] if options["seed"] is not None else 0
-    if options["sample"] is not None:
-        if options["sample"] < 1:
-            raise fail("--sample must be at least 1")
-        query_set = sample_queries(query_set, options["sample"], seed)
-    if options["limit"] is not None:
-        if options["limit"] < 1:
-            raise fail("--limit must be at least 1")
-        query_set = query_set[: options["limit"]]
-    if options["tags"] is not None and tagged == 0:
+    if options["tags"] is not None and plan.tagged == 0:
         err_console.print(f"[yellow]warning:[/] no query matched a record of {options['tags']}")
-
-    judge = options["judge"] or DEFAULT_MODEL
-    judge_mode = options["judge_mode"]
-    try:
-        file_settings = load_toml(options["config"]) if options["config"] else {}
-        preset = {"preset": options["preset"]} if options["preset"] else {}
-        chosen_config = build_config(file_settings, preset)
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
-    critic = chosen_config.critic
-    try:
-        if judge_mode is None and (options["preset"] or file_settings):
-            judge_mode = critic.mode
-        if judge_mode is None:
-            judge_mode = "logprobs" if parse_model_spec(judge).kind == "local" else "json"
-        fields = {
-            "judge": judge,
-            "judge_mode": judge_mode,
-            "judge_policy": critic.policy,
-            "judge_max_tokens": options["judge_max_tokens"] or critic.max_tokens,
-            # plain prompts answer with the artifacts' model, so a comparison is like for like
-            "model": next((p.model for p in chosen if p.model), DEFAULT_MODEL),
-            "model_override": options["model"],
-            "framing": options["framing"],
-            "k": options["k"],
-            "max_tokens": options["max_tokens"],
-            "temperature": options["temperature"],
-            "resamples": options["resamples"],
-            "seed": seed,
-            "top": options["top"],
-            "concurrency": options["concurrency"],
-            "max_calls": options["max_calls"],
-            "max_cost_usd": options["max_cost"],
-            "queries_path": str(options["queries"]),
-            "tags_path": str(options["tags"]) if options["tags"] else None,
-            "sample": options["sample"],
-            "limit": options["limit"],
-        }
-        settings = EvalSettings(**{key: v for key, v in fields.items() if v is not None})
-    except ModelSpecError as exc:
-        raise fail(str(exc)) from None
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
-        raise fail(f"invalid options: {problems}") from None
-    return chosen, query_set, settings, {"tagged": tagged, "endpoints": chosen_config.endpoints}
+    return plan
 
 
 async def _eval_main(
@@ -384,11 +298,11 @@ async def _eval_main(
             total = len(record.config["prompts"]) * len(record.config["queries"])
             verb = "resuming" if record.status != "finished" else "recomputing (from the journal)"
         else:
-            prompts, queries, settings, extra = plan
             run_id = await create_eval_run(
-                store, prompts, queries, settings, name=name, endpoints=extra["endpoints"]
-            )
-            total = len(prompts) * len(queries)
+                store, plan.prompts, plan.queries, plan.settings, name=name,
+                endpoints=plan.endpoints,
+            )  # fmt: skip
+            total = len(plan.prompts) * len(plan.queries)
             verb = "evaluating"
         err_console.print(
             f"eval run {run_id}: {verb} {total} answers (resume with `drpo resume {run_id[:12]}`)",

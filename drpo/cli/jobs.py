@@ -11,6 +11,7 @@ level instead of a progress bar.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -282,36 +283,59 @@ def resume(
     db: DbOption = None,
 ) -> None:
     """Continue a run of any kind: recorded calls are answered from the journal, for free."""
-    from drpo.jobs.config import BudgetSettings, RunSettings
-    from drpo.tracing.settings import TraceSettings
+    from drpo.jobs.config import BudgetSettings
+    from drpo.jobs.registry import UnknownJobError, job_for
 
     traced = trace_settings(trace, trace_endpoint, trace_content)
     db_path = resolve_db(db)
     record = run_async(_load_run, db_path, run)
     if record.status == "finished":
         raise fail(f"run {record.run_id} already finished")
-    if record.kind == "optimize":
-        config = RunSettings.model_validate(record.config["settings"])
-        override = BudgetSettings(max_cost_usd=max_cost, max_calls=max_calls)
-        config = config.model_copy(
-            update={
-                "budget": config.budget.overridden_by(override),
-                "trace": traced or TraceSettings(),
-            }
-        )
-        run_plans([config], db=db_path, artifact=out, resume_ids=[record.run_id], force=force)
-        return
-    budget = BudgetSettings(max_cost_usd=max_cost, max_calls=max_calls)
-    if record.kind == "icl":
-        _run_icl(db_path, record.run_id, budget=budget, force=force, trace=traced)
-    elif record.kind == "eval":
-        from drpo.cli.evaluate import resume_evaluation
 
-        resume_evaluation(db_path, record.run_id, budget=budget, force=force, trace=traced)
-    elif record.kind == "generate":
-        _run_generate(db_path, record.run_id, output=None, force=force, budget=budget, trace=traced)
-    else:
-        raise fail(f"run {record.run_id} is of kind {record.kind!r}, which cannot be resumed")
+    try:
+        kind = job_for(record.kind).kind
+    except UnknownJobError as exc:
+        raise fail(f"run {record.run_id}: {exc}") from None
+    budget = BudgetSettings(max_cost_usd=max_cost, max_calls=max_calls)
+    RESUMERS[kind](db_path, record, budget=budget, force=force, trace=traced, out=out)
+
+
+def _resume_search(
+    db: Path, record: Any, *, budget: Any, force: bool, trace: Any, out: Path | None
+) -> None:
+    from drpo.jobs.config import RunSettings
+    from drpo.tracing.settings import TraceSettings
+
+    config = RunSettings.model_validate(record.config["settings"])
+    update = {"budget": config.budget.overridden_by(budget), "trace": trace or TraceSettings()}
+    config = config.model_copy(update=update)  # the projection printed shows the new limits
+    run_plans([config], db=db, artifact=out, resume_ids=[record.run_id], force=force)
+
+
+def _resume_icl(db: Path, record: Any, *, budget: Any, force: bool, trace: Any, **_: Any) -> None:
+    _run_icl(db, record.run_id, budget=budget, force=force, trace=trace)
+
+
+def _resume_eval(db: Path, record: Any, *, budget: Any, force: bool, trace: Any, **_: Any) -> None:
+    from drpo.cli.evaluate import resume_evaluation
+
+    resume_evaluation(db, record.run_id, budget=budget, force=force, trace=trace)
+
+
+def _resume_generate(
+    db: Path, record: Any, *, budget: Any, force: bool, trace: Any, **_: Any
+) -> None:
+    _run_generate(db, record.run_id, output=None, force=force, budget=budget, trace=trace)
+
+
+#: How ``drpo resume`` continues and reports a run, by job (the kinds of
+#: :data:`drpo.jobs.registry.JOB_MODULES`; a test holds the two to the same kinds).
+RESUMERS: dict[str, Callable[..., None]] = {
+    "optimize": _resume_search,
+    "icl": _resume_icl,
+    "eval": _resume_eval,
+    "generate": _resume_generate,
+}
 
 
 async def _load_run(db: Path, run: str) -> Any:

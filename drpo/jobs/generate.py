@@ -28,6 +28,7 @@ from drpo.domain.values import ICLExample
 from drpo.jobs.artifact import AlignedPrompt, ArtifactError
 from drpo.jobs.config import BudgetSettings, GenerateSettings, RunSettings
 from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
+from drpo.jobs.registry import Job
 from drpo.jobs.session import Session
 from drpo.runs.store import RunStore
 
@@ -164,3 +165,13 @@ async def run_generate(
     )
     started = RunStarted(config={"generate": plan["settings"]}, queries=tuple(queries))
     return await lifecycle.run(job, started)
+
+
+#: This job's entry in :data:`drpo.jobs.registry.JOB_MODULES`' table.
+JOB = Job(
+    kind=RUN_KIND,
+    description="answer queries with an aligned prompt",
+    create=create_generate_run,
+    run=run_generate,
+    result="list[str]: the answers, in query order",
+)

@@ -31,6 +31,7 @@ from drpo.domain.requests import EditAnswer, Judge, SelectAspects
 from drpo.domain.values import Critique, ICLExample
 from drpo.jobs.config import BudgetSettings, RunSettings
 from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
+from drpo.jobs.registry import Job
 from drpo.jobs.session import Session
 from drpo.runs.store import RunStore
 
@@ -220,3 +221,13 @@ def write_examples(path: Path, examples: Sequence[ICLExample]) -> None:
     reader or a crash never sees half a file."""
     payload = json.dumps([e.model_dump() for e in examples], indent=2, ensure_ascii=False)
     write_atomically(path, payload)
+
+
+#: This job's entry in :data:`drpo.jobs.registry.JOB_MODULES`' table.
+JOB = Job(
+    kind=RUN_KIND,
+    description="optimize the answers of the ICL examples (the paper's offline stage)",
+    create=create_icl_run,
+    run=run_icl,
+    result="list[ExampleTrace]: each example's rounds, from its first to its best answer",
+)

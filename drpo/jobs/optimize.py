@@ -38,6 +38,7 @@ from drpo.domain.values import ICLExample
 from drpo.jobs.artifact import AlignedPrompt, LevelTrace
 from drpo.jobs.config import BudgetSettings, RunSettings
 from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_versions
+from drpo.jobs.registry import Job
 from drpo.jobs.session import Session, agent_session
 from drpo.runs.paths import run_artifacts_dir
 from drpo.runs.store import RunStore, new_run_id
@@ -282,3 +283,13 @@ def build_artifact(
             for node, s in result.held_out
         ),
     )
+
+
+#: This job's entry in :data:`drpo.jobs.registry.JOB_MODULES`' table.
+JOB = Job(
+    kind=RUN_KIND,
+    description="search for the system prompt that aligns the base model",
+    create=create_search_run,
+    run=run_search,
+    result="SearchResult: the best node, its score and the levels searched",
+)

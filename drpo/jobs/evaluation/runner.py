@@ -38,7 +38,8 @@ from drpo.domain.values import ICLExample
 from drpo.jobs.config import BudgetSettings
 from drpo.jobs.evaluation.protocol import EvalPrompt, EvalQuery, selection_for
 from drpo.jobs.evaluation.stats import summarize
-from drpo.jobs.lifecycle import JobResult, RunLifecycle, describe_error, run_versions
+from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, describe_error, run_versions
+from drpo.jobs.registry import Job
 from drpo.jobs.session import Session
 from drpo.runs.store import RunStore
 
@@ -389,3 +390,28 @@ async def _evaluate_all(
         for q in range(len(queries)):  # query-major: every prompt's answer to a query together
             for p in range(len(prompts)):
                 tg.start_soon(one, p, q)
+
+
+async def run_evaluation(
+    session: Session,
+    run_id: str,
+    *,
+    budget: BudgetSettings | None = None,
+    force: bool = False,
+) -> RunOutcome[EvalOutcome]:
+    """:func:`run_eval` as every job runs: its outcome a :class:`RunOutcome` whose ``summary``
+    is the stored result and whose ``result`` is the :class:`EvalOutcome` (every answer)."""
+    evaluated = await run_eval(session, run_id, budget=budget, force=force)
+    return RunOutcome(
+        evaluated.run_id, evaluated.status, evaluated.error, evaluated.result, evaluated
+    )
+
+
+#: This job's entry in :data:`drpo.jobs.registry.JOB_MODULES`' table.
+JOB = Job(
+    kind=RUN_KIND,
+    description="evaluate prompts on a query set, paired against the first",
+    create=create_eval_run,
+    run=run_evaluation,
+    result="EvalOutcome: the report (also the summary) and every answer and score",
+)
