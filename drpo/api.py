@@ -183,7 +183,7 @@ def generate(queries: Sequence[str], **options: Any) -> list[str]:
 
 def evaluate(prompts: Sequence[str] = (), **options: Any) -> RunOutcome[EvalOutcome]:
     """:func:`aevaluate`, for synchronous callers."""
-    return anyio.run(lambda: aevaluate(prompts, **options))
+    return loop.run(lambda: aevaluate(prompts, **options))
 
 
 def resume(run_id: str, **options: Any) -> RunOutcome[Any]:
