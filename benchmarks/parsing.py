@@ -16,11 +16,8 @@ so the growth with the reply's length shows: the reading is meant to stay linear
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drpo.agents import parsing
 from drpo.agents.aspects import AspectCatalogue
+from tests.test_attack_corpus import load_parsing_at  # the corpus's own way to load an old reader
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOGUE = AspectCatalogue.load_default()
@@ -71,22 +69,6 @@ def reply_for(answer: str, where: str) -> str:
     if where == "cut":
         return f"The answer reads:\n{answer}\n\nMy verdict:\n{CUT_OFF}"
     return f"The answer reads:\n{answer}\n\nMy verdict:\n{VERDICT}"
-
-
-def load_parsing_at(revision: str) -> Any:
-    """``drpo/agents/parsing.py`` as it was at ``revision``, imported as a separate module."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:drpo/agents/parsing.py"],
-        cwd=ROOT, check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    path = Path(tempfile.mkdtemp()) / f"parsing_{revision}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"parsing_{revision}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_time(reader: Any, reply: str, answer: str) -> tuple[float, str]:
