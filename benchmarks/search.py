@@ -77,6 +77,7 @@ from drpo.backends.settings import EndpointSettings  # noqa: E402
 from drpo.bus import loop  # noqa: E402
 from drpo.jobs.config import RunSettings, build_config  # noqa: E402
 from drpo.jobs.optimize import RunOutcome, RunPlan, run_searches  # noqa: E402
+from drpo.jobs.workers import WorkerReport, run_in_workers, worker_count  # noqa: E402
 from drpo.runs.store import RunStore  # noqa: E402
 
 MODEL_NAME = "sim"
@@ -308,6 +309,10 @@ class RunStats:
     peak_rss_mb: float
     rss_before_mb: float
     cpu_s: float
+    #: With workers: the parent's CPU (it creates the runs and waits) and the workers' own.
+    parent_cpu_s: float = 0.0
+    workers_cpu_s: float = 0.0
+    workers: int = 1
     gc: GcStats = field(default_factory=GcStats)
 
 
@@ -343,7 +348,11 @@ async def _critical_rounds(store: RunStore, run_id: str) -> tuple[int, int, int]
     return rounds, len(by_level), all_skipped
 
 
-async def measure(configs: list[RunSettings], registry: BackendRegistry | None) -> RunStats:
+async def measure(
+    configs: list[RunSettings], registry: BackendRegistry | None, workers: int = 1
+) -> RunStats:
+    """Run ``configs`` as one sweep; ``workers`` > 1 runs it in that many worker processes
+    (``drpo.jobs.workers``), whose CPU and event-loop lag are added to the figures."""
     import psutil
 
     with tempfile.TemporaryDirectory(prefix="drpo-bench-") as folder:
@@ -354,10 +363,22 @@ async def measure(configs: list[RunSettings], registry: BackendRegistry | None) 
             stop = anyio.Event()
             outcomes: list[RunOutcome] = []
 
+            reports: list[WorkerReport] = []
+
             async def searches() -> None:
                 nonlocal outcomes
                 plans = [RunPlan(config=config) for config in configs]
-                outcomes = await run_searches(plans, store=store, registry=registry)
+                if worker_count(plans, workers) > 1:
+                    outcomes = await run_in_workers(
+                        plans,
+                        store=store,
+                        workers=workers,
+                        endpoints=configs[0].endpoints,
+                        measure_lag=True,
+                        reports=reports,
+                    )
+                else:
+                    outcomes = await run_searches(plans, store=store, registry=registry)
                 stop.set()
 
             started, cpu = time.perf_counter(), time.process_time()
@@ -366,6 +387,11 @@ async def measure(configs: list[RunSettings], registry: BackendRegistry | None) 
                 tg.start_soon(searches)
             wall = time.perf_counter() - started
             cpu = time.process_time() - cpu
+            parent_cpu = cpu
+            workers_cpu = sum(report.cpu_s for report in reports)
+            cpu += workers_cpu  # every process of the client (workers from their start)
+            if reports:  # the loops that run the searches: the workers' (the parent's idles)
+                lags = [lag for report in reports for lag in report.lags_s]
             calls, rounds, levels, skipped, errors = [], [], [], [], 0
             for outcome in outcomes:
                 records = await store.list_calls(outcome.run_id)
@@ -389,6 +415,9 @@ async def measure(configs: list[RunSettings], registry: BackendRegistry | None) 
         peak_rss_mb=max(rss),
         rss_before_mb=rss_before,
         cpu_s=cpu,
+        parent_cpu_s=parent_cpu,
+        workers_cpu_s=workers_cpu,
+        workers=len(reports) or 1,
     )
 
 
@@ -399,6 +428,7 @@ def run_scenario(
     sequential: bool = False,
     rpm_limit: int | None = None,
     profile: Path | None = None,
+    workers: int = 1,
 ) -> tuple[RunStats, ServerCounts]:
     """Run searches against a fresh server process; ``profile`` writes a cProfile of them."""
     with fake_server(latency, rpm_limit) as (base_url, counts):
@@ -412,7 +442,7 @@ def run_scenario(
                     with paper_order():
                         stats = loop.run(measure, configs, SerialRegistry())
                 else:
-                    stats = loop.run(measure, configs, None)
+                    stats = loop.run(measure, configs, None, workers)
             stats.gc = collector
         finally:
             if profiler is not None:
@@ -437,12 +467,11 @@ class Row:
 
 
 def _quiet_logs() -> None:
-    """Only warnings from drpo's structlog loggers: 100 searches log a start and an end each."""
-    import logging
+    """Only warnings from drpo's structlog loggers: 100 searches log a start and an end each
+    (set up with drpo's own call, so that worker processes repeat it)."""
+    from drpo.runs.logs import configure_logging
 
-    import structlog
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    configure_logging(level="warning")
 
 
 def main() -> None:
@@ -458,6 +487,13 @@ def main() -> None:
         default=RateLimits().max_in_flight,
         help="the in-flight guard per endpoint in scenarios 4 and 5 (the limiter's default, "
         f"{RateLimits().max_in_flight}; under an RPM limit the cap is derived below it)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes for the sweeps of scenarios 4 and 5 (drpo optimize --workers; "
+        "1: one process, as before)",
     )
     parser.add_argument("--only", default="12345", help="scenarios to run, e.g. 14")
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here too")
@@ -584,7 +620,10 @@ def main() -> None:
         ]
     n = args.searches
     if "4" in args.only and one is not None:
-        say(f"4: {n} searches at once, no rate limit, at most {args.max_in_flight} in flight")
+        say(
+            f"4: {n} searches at once, no rate limit, at most {args.max_in_flight} in flight, "
+            f"{args.workers} worker process(es)"
+        )
         unlimited = EndpointSettings(max_in_flight=args.max_in_flight)
 
         def many(url: str) -> list[RunSettings]:
@@ -595,7 +634,7 @@ def main() -> None:
                 for s in range(n)
             ]
 
-        multi, counts = run_scenario(lat, many, profile=args.profile)
+        multi, counts = run_scenario(lat, many, profile=args.profile, workers=args.workers)
         floors = [r * lat for r in multi.rounds]
         # The searches differ by seed, and so by length: the slowest of them, run alone, is the
         # least the N can take together. Measured here, after the N, on a fresh server.
@@ -623,6 +662,9 @@ def main() -> None:
             "server_max_in_progress": counts.max_in_progress,
             "server_cpu_s": counts.cpu_s,
             "cpu_s": multi.cpu_s,
+            "workers": multi.workers,
+            "parent_cpu_s": multi.parent_cpu_s,
+            "workers_cpu_s": multi.workers_cpu_s,
             "cpu_ms_per_call": multi.cpu_s / sum(multi.calls) * 1000,
             "gc_s": multi.gc.total_s,
             "gc_collections": multi.gc.collections,
@@ -663,7 +705,13 @@ def main() -> None:
                 "client CPU per call",
                 f"{multi.cpu_s / sum(multi.calls) * 1000:.2f} ms",
                 "",
-                f"{multi.cpu_s:.1f} s CPU in {multi.wall_s:.1f} s",
+                f"{multi.cpu_s:.1f} s CPU in {multi.wall_s:.1f} s"
+                + (
+                    f" ({multi.workers} workers {multi.workers_cpu_s:.1f} s, from their start; "
+                    f"parent {multi.parent_cpu_s:.1f} s)"
+                    if multi.workers > 1
+                    else ""
+                ),
             ),
             Row(
                 f"4 {n} at once",
@@ -675,10 +723,12 @@ def main() -> None:
             Row(
                 f"4 {n} at once",
                 "GC pauses (drpo's policy)",
-                f"{multi.gc.total_s:.2f} s",
+                f"{multi.gc.total_s:.2f} s" if multi.workers == 1 else "-",
                 "",
                 f"collections per generation {multi.gc.collections}, longest "
-                f"{multi.gc.longest_s * 1000:.0f} ms",
+                f"{multi.gc.longest_s * 1000:.0f} ms"
+                if multi.workers == 1
+                else "not counted in worker processes",
             ),
             Row(
                 f"4 {n} at once",
@@ -705,7 +755,7 @@ def main() -> None:
                 for s in range(n)
             ]
 
-        capped, counts = run_scenario(lat, paced, rpm_limit=args.rpm)
+        capped, counts = run_scenario(lat, paced, rpm_limit=args.rpm, workers=args.workers)
         times = sorted(counts.arrivals)
         span = times[-1] - times[0] if len(times) > 1 else float("nan")
         achieved = (len(times) - 1) / span * 60 if span > 0 else float("nan")

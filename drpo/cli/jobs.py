@@ -99,6 +99,14 @@ def optimize(
     max_calls: MaxCallsOption = None,
     name: Annotated[str | None, typer.Option(help="A name for the run.")] = None,
     out: Annotated[Path | None, typer.Option(help="Artifact path (a folder for a sweep).")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Run a sweep's searches in this many processes (API models; each gets its "
+            "share of every endpoint's limits). Default 1, or `workers` in the TOML file.",
+        ),
+    ] = None,
     trace: TraceOption = False,
     trace_endpoint: TraceEndpointOption = None,
     trace_content: TraceContentOption = False,
@@ -129,7 +137,10 @@ def optimize(
             layer["models"]["base"] = model
             layer["search"]["seed"] = one_seed
             built = build_settings(preset, config, layer)
-            configs.append(built.model_copy(update={"name": name}) if name else built)
+            update: dict[str, Any] = {"name": name} if name else {}
+            if workers is not None:
+                update["workers"] = workers
+            configs.append(built.model_copy(update=update) if update else built)
     sweep = len(configs) > 1
     if out is not None and sweep:
         artifact: Path | None = out / "{run_id}.json"
@@ -221,7 +232,8 @@ def embedded_judge_note(config: Any) -> list[str]:
 async def _optimize_main(plans: list[Any], db: Path, started: list[str], force: bool) -> list:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from drpo.jobs.optimize import LevelProgress, run_searches
+    from drpo.jobs.optimize import LevelProgress
+    from drpo.jobs.workers import run_sweep
     from drpo.runs.store import RunStore
 
     live = err_console.is_terminal
@@ -255,7 +267,7 @@ async def _optimize_main(plans: list[Any], db: Path, started: list[str], force: 
 
     async with RunStore.open(db) as store:
         with progress:
-            return await run_searches(
+            return await run_sweep(
                 plans, store=store, on_level=on_level, on_created=on_created, force=force
             )
 

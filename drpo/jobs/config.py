@@ -164,6 +164,10 @@ class RunSettings(_Settings):
     #: Where this process sends its runs' spans (``[trace]``, ``--trace``). Not part of what a
     #: run is: left out of the settings recorded with it (a resume asks again with --trace).
     trace: TraceSettings = Field(default_factory=TraceSettings, exclude=True)
+    #: Worker processes a sweep's searches run in (``workers = N``, ``--workers``; 1: all in
+    #: this process, on one event loop). How this process runs a sweep, not part of what a run
+    #: is: left out of the recorded settings, like ``trace``. See ``drpo.jobs.workers``.
+    workers: int = Field(default=1, ge=1, exclude=True)
 
     @field_validator("endpoints", mode="before")
     @classmethod

@@ -1,6 +1,8 @@
 """Run one or many DRPO searches in one process: one bus, one set of agents, one store.
 
-:func:`run_searches` is what ``drpo optimize`` and ``drpo resume`` call. Every search is a run in
+:func:`run_searches` is what ``drpo optimize`` and ``drpo resume`` call (through
+:func:`drpo.jobs.workers.run_sweep`, which spreads a sweep over worker processes with
+``workers`` > 1, each running this function on its share of the searches). Every search is a run in
 the store; they share the backends (so rate limits and batches are shared) and run at the same
 time. A run that stops for any reason records why (interrupted, budget exhausted, failed) and
 keeps everything recorded so far, so ``drpo resume RUN`` can finish it without paying twice.

@@ -89,3 +89,15 @@ def configure_logging(
         cache_logger_on_first_use=False,
     )
     _configured = True
+    _settings.update(log_folder=log_folder, level=level)
+
+
+#: The arguments of the configuration in force (empty: not configured by drpo), for a worker
+#: process to configure its logging the same way (``drpo.jobs.workers``).
+_settings: dict[str, Any] = {}
+
+
+def logging_settings() -> dict[str, Any] | None:
+    """How :func:`configure_logging` was called in this process (None: it was not), to be
+    repeated in a worker process: its runs' log lines then go where this process's go."""
+    return dict(_settings) if _configured and _settings else None
