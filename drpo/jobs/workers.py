@@ -12,9 +12,9 @@ What the workers share, and how:
   (``busy_timeout``), the runs stay one-owner each (the lease names the worker's pid), and a
   reader (``drpo runs ...``) sees every worker's runs. The runs are created here, in the parent,
   before any worker starts, so their ids, order and records are those ``workers=1`` makes. (A
-  single writer fed by every worker would move every journal lookup and write across a pipe;
-  measured in ``benchmarks/search.py --workers``, the per-worker writers' lock waits do not show,
-  see README.)
+  single writer fed by every worker would move every journal write, and the wait for its
+  commit, across a pipe to another process; what two writers on one file cost instead is
+  measured by ``benchmarks/bus.py --processes 2``, see README.)
 * **The endpoints' limits**: a static split. Each worker gets its searches' share of every API
   endpoint's ``rpm``, ``tpm`` and ``max_in_flight`` (a worker running 25 of 50 searches gets half
   of each), so together they never exceed the limit; what a worker whose searches ended early
@@ -53,6 +53,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
+from anyio import TASK_STATUS_IGNORED
+from anyio.abc import TaskStatus
 
 from drpo.backends.kinds import endpoint_settings, parse_model_spec
 from drpo.backends.settings import EndpointSettings, KindSettings
@@ -248,11 +250,17 @@ async def run_in_workers(
                 elif kind == "level" and on_level is not None:
                     on_level(value)
 
-        async def wait_all() -> None:
+        stopped: set[int] = set()
+
+        async def wait_all(stopping: bool = False) -> None:
             """Until every worker returned, passing on progress as it comes (polled: a queue
-            of another process has no awaitable side)."""
+            of another process has no awaitable side); ``stopping``: asking each worker to
+            stop as soon as it says it can be asked (its pid comes once it handles SIGTERM)."""
             while True:
                 drain()
+                if stopping:
+                    _stop(pids - stopped)
+                    stopped.update(pids)
                 if all(future.done() for future in futures):
                     return
                 await anyio.sleep(POLL_S)
@@ -260,12 +268,11 @@ async def run_in_workers(
         try:
             await wait_all()
         except anyio.get_cancelled_exc_class():
-            with anyio.CancelScope(shield=True):
-                drain()
-                _stop(pids)
-                with anyio.move_on_after(STOP_GRACE_S):
-                    await wait_all()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_GRACE_S):
+                await wait_all(stopping=True)
+            executor.shutdown(wait=False, cancel_futures=True)  # a stuck worker: orphaned
             raise
+        drain()  # the last levels' progress may come after the result
         for group, future in zip(groups, futures, strict=True):
             report = future.result()  # a worker's exception is raised here, as workers=1 would
             if reports is not None:
@@ -315,7 +322,6 @@ def _worker_main(
     """One worker's task: its searches, on drpo's event loop, with its share of the limits."""
     from drpo.bus import loop
 
-    _progress.put(("pid", os.getpid()))
     parent = os.getppid()
     outcomes, lags = loop.run(_run_worker, db, plans, shares, force, report_levels, measure_lag)
     if os.getppid() != parent:
@@ -344,7 +350,7 @@ async def _run_worker(
     parent = os.getppid()
     async with RunStore.open(Path(db)) as store, anyio.create_task_group() as tg:
         work = anyio.CancelScope()
-        tg.start_soon(_until_stopped, work, parent)
+        await tg.start(_until_stopped, work, parent)
         if measure_lag:
             tg.start_soon(_ticker, lags)
         with work:
@@ -361,11 +367,15 @@ async def _run_worker(
     return outcomes, lags
 
 
-async def _until_stopped(work: anyio.CancelScope, parent: int) -> None:
+async def _until_stopped(
+    work: anyio.CancelScope, parent: int, *, task_status: TaskStatus[None] = TASK_STATUS_IGNORED
+) -> None:
     """Cancel the worker's searches on SIGTERM or SIGINT (the parent's stop, or Ctrl-C reaching
     the whole process group), or when the parent is gone (``kill -9``): the runs are then
     recorded interrupted, as in one process."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        _progress.put(("pid", os.getpid()))  # the parent may ask it to stop from now on
+        task_status.started()
 
         async def orphaned() -> None:
             while True:  # polled: a parent's death sends its children nothing portable
