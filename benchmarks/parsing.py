@@ -8,8 +8,10 @@ code full of braces, JSON log lines, thousands of nested brackets or objects, Py
 openers that never close (each one a repair scan to the end), and a verdict cut off by the token
 limit after an echo; and the openers again as the judge's own text, not an echo. For each, the best of three reads (CPU seconds of this process) at each size,
 so the growth with the reply's length shows: the reading is meant to stay linear, and a
-60,000-character reply to read in well under a second. ``--against`` also times
-``drpo/agents/parsing.py`` as it was at a git revision (the reader before the split; the default,
+60,000-character reply to read in well under a second. Then ``extract_json`` (the first object
+of a selection or an editor's reply) on replies that have no object, or one only after spans
+that are not JSON: one read each, same sizes. ``--against`` also times the reader as it was at a
+git revision (``drpo/agents/parsing.py`` before the split, the package after it; the default,
 385f28a, is the one issue 17 started from).
 """
 
@@ -87,6 +89,51 @@ def read_time(reader: Any, reply: str, answer: str) -> tuple[float, str]:
     return best, outcome
 
 
+#: Replies for :func:`~drpo.agents.parsing.extract_json` (selections, the editor) that cost a
+#: reader most: no object in them, or one only at the very end, after spans that are not JSON.
+EXTRACT_SHAPES: dict[str, Callable[[int], str]] = {
+    "nested brackets": lambda n: "{" * (n // 2) + "}" * (n // 2),
+    "nested objects, never closed": lambda n: '{"a":' * (n // 5),
+    "unclosed openers": lambda n: _fill("{'step': 'pending ", n),
+    "invalid objects": lambda n: _fill("{'a': b} ", n),
+    "code, then the selection": lambda n: (
+        _fill("function f(x) { return {y: [x]}; }\n", n) + '{"selected_aspects": ["Clarity"]}'
+    ),
+}
+#: An old reader that took longer than this at one size is not timed at the larger ones.
+EXTRACT_PATIENCE_S = 5.0
+
+
+def extract_time(reader: Any, reply: str) -> tuple[float, str]:
+    """CPU seconds of one ``extract_json`` read, and what was read (its keys, or the error)."""
+    started = time.process_time()
+    try:
+        outcome = ",".join(reader.extract_json(reply))[:24] or "{}"
+    except reader.ParseError:
+        outcome = "no object"
+    except RecursionError:
+        outcome = "RecursionError"
+    return time.process_time() - started, outcome
+
+
+def main_extract(readers: list[tuple[str, Any]], sizes: list[int]) -> None:
+    print("\nCPU seconds for extract_json (one read), by the reply's length in characters;")
+    print(f"an old reader past {EXTRACT_PATIENCE_S:.0f} s at one size is not run at the larger.\n")
+    print(f"| reply | reader | {' | '.join(f'{n:,}' for n in sizes)} |")
+    print("|---|---|" + "---|" * len(sizes))
+    for name, make in EXTRACT_SHAPES.items():
+        for label, reader in readers:
+            cells, slow = [], False
+            for size in sizes:
+                if slow:
+                    cells.append("(skipped)")
+                    continue
+                seconds, outcome = extract_time(reader, make(size))
+                slow = seconds > EXTRACT_PATIENCE_S
+                cells.append(f"{seconds:.3f} -> {outcome}")
+            print(f"| {name} | {label} | {' | '.join(cells)} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", default="385f28a", help="also time parsing.py at this rev")
@@ -110,6 +157,7 @@ def main() -> None:
                 seconds, outcome = read_time(reader, reply_for(answer, where), quoted)
                 cells.append(f"{seconds:.3f} -> {outcome}")
             print(f"| {name} | {label} | {' | '.join(cells)} |", flush=True)
+    main_extract(readers, sorted({3000, 6000, *sizes}))  # small sizes first: the old is quadratic
 
 
 if __name__ == "__main__":

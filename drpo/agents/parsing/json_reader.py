@@ -65,11 +65,17 @@ _LEADING_JSON_WORD = re.compile(r"^\s*(?:json|JSON)\s*(?=[\[{])")
 def extract_json(text: str, *, allow_list: bool = False, repair_truncated: bool = True) -> Any:
     """The first JSON object (or list, with ``allow_list``) in ``text``.
 
-    Tried in order: the whole text, then the inside of each code fence, then every balanced
-    ``{...}`` span from left to right (so text before and after is ignored and the outermost object
-    wins), each with light repairs (trailing commas, Python-style single quotes and literals).
+    Tried in order: the whole text, then the inside of each code fence, then every value in the
+    text from left to right (so text before and after is ignored and the outermost object wins),
+    each with light repairs (trailing commas, Python-style single quotes and literals).
     With ``repair_truncated`` an object cut off by the token limit is closed and read as far as it
-    goes; callers that must not accept a cut-off value (a system prompt) turn it off.
+    goes, before any complete object inside it; callers that must not accept a cut-off value (a
+    system prompt) turn it off.
+
+    Linear in the text's length: the spans are read by :class:`ValueReader` (strict reads at C
+    speed, repairs under its character budget, too-deep values skipped once), so a reply of
+    60,000 nested or never-closed brackets reads in a fraction of a second (it used to try every
+    span, a repair scan each: quadratic; ``benchmarks/parsing.py`` has the line).
     """
     if not isinstance(text, str):
         raise ParseError(f"expected model text, got {type(text).__name__}")
@@ -81,23 +87,24 @@ def extract_json(text: str, *, allow_list: bool = False, repair_truncated: bool 
         value = loads_repaired(candidate)
         if isinstance(value, wanted):
             return value
-    openers = "{[" if allow_list else "{"
-    repairs_left = 3 if repair_truncated else 0
-    for start, char in enumerate(stripped):
-        if char not in openers:
-            continue
-        end = balanced_end(stripped, start)
-        if end is not None:
-            value = loads_repaired(stripped[start : end + 1])
-        elif repairs_left and char == "{":
-            # An object the token limit cut off: read it before any complete inner object.
-            repairs_left -= 1
-            value = close_truncated(stripped[start:])
-            value = value if value else None
-        else:
-            continue
+    reader = ValueReader(stripped)
+    found: tuple[int, Any] | None = None
+    pos = 0
+    while (read := reader.next_value(pos)) is not None:
+        start, _, value = read
         if isinstance(value, wanted):
-            return value
+            found = (start, value)
+            break
+        pos = start + 1  # a list when only objects will do: the objects inside it are read
+    if repair_truncated:
+        # An object the token limit cut off is read before any complete object inside it.
+        for start, value in reader.cut_off_spans():
+            if found is not None and start > found[0]:
+                break
+            if isinstance(value, wanted):
+                return value
+    if found is not None:
+        return found[1]
     kind = "JSON object or list" if allow_list else "JSON object"
     raise ParseError(f"no {kind} found", text)
 
@@ -111,7 +118,7 @@ def loads_repaired(candidate: str) -> Any:
     if not candidate or candidate[0] not in "{[":
         return None
     attempts = (candidate, _drop_trailing_commas(candidate))
-    for attempt in attempts:
+    for attempt in attempts[: 1 if attempts[1] is candidate else 2]:
         try:
             return json.loads(attempt, strict=False)
         except (json.JSONDecodeError, RecursionError):
@@ -126,28 +133,35 @@ def segments(text: str, begin: int = 0) -> Iterator[tuple[str, int]]:
     """Split ``text[begin:]`` into (chunk, state) pieces, honouring both quote styles and escapes.
 
     state is 0 outside strings, 1 for a closed string, 2 for a string still open at the end
-    (cut off), so callers can use it as a truth value for "inside a string".
+    (cut off), so callers can use it as a truth value for "inside a string". Jumps from quote to
+    quote by regular expression (C time), not a Python step per character.
     """
-    start, i, quote = begin, begin, ""
-    while i < len(text):
-        char = text[i]
-        if quote:
-            if char == "\\":
-                i += 2
-                continue
-            if char == quote:
-                yield text[start : i + 1], 1
-                start, quote = i + 1, ""
-        elif char in "\"'":
-            if i > start:
-                yield text[start:i], 0
-            start, quote = i, char
-        i += 1
-    if start < len(text):
-        yield text[start:], 2 if quote else 0
+    pos, size = begin, len(text)
+    while pos < size:
+        quote = _QUOTE.search(text, pos)
+        if quote is None:
+            yield text[pos:], 0
+            return
+        at = quote.start()
+        if at > pos:
+            yield text[pos:at], 0
+        rest = _STRING_REST[quote[0]].match(text, at + 1)
+        if rest is None:
+            yield text[at:], 2
+            return
+        yield text[at : rest.end()], 1
+        pos = rest.end()
+
+
+#: A trailing comma, and the literals Python spells differently: texts without them (most) are
+#: returned as they are, without splitting them into strings.
+_TRAILING_COMMA = re.compile(r",\s*[}\]]")
+_LOWER_LITERAL = re.compile(r"\b(?:true|false|null)\b")
 
 
 def _drop_trailing_commas(text: str) -> str:
+    if not _TRAILING_COMMA.search(text):
+        return text
     out = [
         chunk if in_string else re.sub(r",(\s*[}\]])", r"\1", chunk)
         for chunk, in_string in segments(text)
@@ -156,6 +170,8 @@ def _drop_trailing_commas(text: str) -> str:
 
 
 def _pythonize_literals(text: str) -> str:
+    if not _LOWER_LITERAL.search(text):
+        return text
     words = {"true": "True", "false": "False", "null": "None"}
     return "".join(
         chunk if in_string else re.sub(r"\b(true|false|null)\b", lambda m: words[m[1]], chunk)
@@ -163,6 +179,14 @@ def _pythonize_literals(text: str) -> str:
     )
 
 
+#: A quote that opens a string (either style).
+_QUOTE = re.compile(r"[\"']")
+#: Brackets outside strings, as :func:`_with_closers` counts them.
+_BRACKET = re.compile(r"[\[\]{}]")
+#: Characters :func:`close_truncated` may hand the repairing reader in all its tries together:
+#: a short cut-off object gets all 64 tries, a 60,000-character one a few, so closing one costs
+#: time linear in its length.
+_CLOSE_BUDGET = 256_000
 #: What the bracket matcher stops at: brackets and the quotes that open strings.
 _STRUCTURE = re.compile(r"[\[\]{}\"']")
 #: The rest of a string opened by each quote (escapes honoured), closing quote included.
@@ -200,14 +224,19 @@ def balanced_end(text: str, start: int) -> int | None:
 
 def close_truncated(text: str) -> Any:
     """Read an object cut off mid-way: close the open string and brackets, and if that is not
-    valid, cut back to the last complete member (up to a bounded number of tries)."""
+    valid, cut back to the last complete member (up to 64 tries, and :data:`_CLOSE_BUDGET`
+    characters in all: a long text that fails its first tries fails the shorter ones too)."""
     cuts = [len(text)]
     pos = 0
     for chunk, in_string in segments(text):
         if not in_string:
             cuts += [pos + m.start() for m in re.finditer(",", chunk)]
         pos += len(chunk)
+    spent = 0
     for cut in sorted(set(cuts), reverse=True)[:64]:
+        if spent and spent + cut > _CLOSE_BUDGET:
+            break
+        spent += cut
         value = loads_repaired(_with_closers(text[:cut]))
         if value is not None:
             return value
@@ -221,7 +250,7 @@ def _with_closers(prefix: str) -> str:
         if state:
             tail = chunk[0] if state == 2 else ""  # close a string the token limit cut off
             continue
-        for char in chunk:
+        for char in _BRACKET.findall(chunk):
             if char in "{[":
                 stack.append("}" if char == "{" else "]")
             elif char in "}]" and stack:
@@ -234,20 +263,43 @@ def _with_closers(prefix: str) -> str:
 # Copied text
 
 
-#: Quote markers at the start of a line ("> ", "> > "): a judge that quotes the answer as a
-#: Markdown block quote puts them inside the copy, where they could hide it from comparison.
-_QUOTE_MARKERS = re.compile(r"^[ \t]*>[ \t>]*", re.MULTILINE)
+#: What a judge puts at the start of each line when it quotes the answer, where it could split a
+#: copy into pieces that are each the answer's text but together are not: any run of spaces,
+#: block-quote markers (">", nested "> > "), bullets ("- ", "* ", "+ ", "• "), code-fence
+#: lines ("```json", "~~~", with nothing else on the line) and line numbers ("12: ", "12. ", "12) ", "  12| ", "12 | ", "L3: ",
+#: "line 3: ", "[3] ", "    12<tab>" as ``cat -n`` writes them). A number counts only with its
+#: marker and the space after it ("5.0" and "2," at a line start are kept), so a score the judge
+#: writes at the start of a line is never dropped.
+_LINE_MARKERS = re.compile(
+    r"^(?:[ \t]|[>\uff1e]|[-*+\u2022\u00b7](?=[ \t])|(?:```|~~~)[\w+.-]*[ \t]*$"
+    r"|(?:(?:[Ll]ine[ \t]*|L)?\d{1,6}[ \t]*(?:\||[:.)\uff1a](?=[ \t]|$))|\[\d{1,6}\](?=[ \t])"
+    r"|\d{1,6}(?=\t)))+",
+    re.MULTILINE,
+)
 
 
-def normal_forms(text: str) -> tuple[str, str, str]:
-    """The forms a copy is recognised in: as written, whitespace collapsed, and folded (quote
-    markers at line starts dropped, NFKC, casefold, whitespace dropped) so a re-indented,
-    re-cased, block-quoted or compatibility-form copy (a judge that copies a planted verdict
-    with ``indent=2``, or quotes the answer line by line after "> ") is still a copy."""
+def unquoted(text: str) -> str:
+    """``text`` with the quoting markers at its line starts dropped (see :data:`_LINE_MARKERS`)."""
+    return _LINE_MARKERS.sub("", text)
+
+
+def normal_forms(text: str) -> tuple[str, str, str, str]:
+    """The forms a copy is recognised in: as written, whitespace collapsed, folded (NFKC,
+    casefold, whitespace dropped) and folded after the quoting markers a judge puts at line
+    starts are dropped, so a re-indented, re-cased, block-quoted, bulleted, fenced,
+    line-numbered or compatibility-form copy (a judge that copies a planted verdict with
+    ``indent=2``, or quotes the answer line by line after "> " or "12: ") is still a copy.
+
+    Folded both with and without the markers: an answer's own line that starts like a marker
+    ("1. ") is dropped in the unquoted form, so a judge that joins the answer's lines into one
+    keeps it, and only the plain fold still sees that copy."""
     collapsed = " ".join(text.split())
-    unquoted = _QUOTE_MARKERS.sub("", text)
-    folded = "".join(unicodedata.normalize("NFKC", unquoted).casefold().split())
-    return text, collapsed, folded
+    folded = _fold(text)
+    return text, collapsed, folded, _fold(unquoted(text))
+
+
+def _fold(text: str) -> str:
+    return "".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 #: The shortest stretch of a reply, as written, taken for a copy when the repair budget is
@@ -264,7 +316,7 @@ class QuotedTexts:
 
     def __init__(self, texts: Sequence[str]) -> None:
         forms = [normal_forms(t) for t in texts if t]
-        self._forms = tuple("\x00".join(f[i] for f in forms) for i in range(3)) if forms else ()
+        self._forms = tuple("\x00".join(f[i] for f in forms) for i in range(4)) if forms else ()
 
     def __bool__(self) -> bool:
         return bool(self._forms)
@@ -278,10 +330,23 @@ class QuotedTexts:
     def longest_prefix(self, span: str) -> int:
         """The length of the longest opening of ``span`` that is held (binary search: every
         opening of a held text is held)."""
+        # An opening that ends inside a line-start marker ("12" of "12: ") keeps a piece the
+        # whole marker would not: it is tested as the opening just before the marker, so that
+        # every opening of a held text is still held and the search stays exact.
+        markers = [
+            (m.start(), m.end()) for m in _LINE_MARKERS.finditer(span) if m.end() > m.start()
+        ]
+
+        def cut(at: int) -> int:
+            for begin, end in markers:
+                if begin < at < end:
+                    return begin
+            return at
+
         low, high = 0, len(span)
         while low < high:
             middle = (low + high + 1) // 2
-            if self(span[:middle]):
+            if self(span[: cut(middle)]):
                 low = middle
             else:
                 high = middle - 1

@@ -8,8 +8,10 @@ variants models drift into, with names resolved through the aspect catalogue.
 The reading rule for a judge's verdict (:func:`find_verdict`)
 -------------------------------------------------------------
 A candidate verdict counts only if the text it was read from occurs nowhere in what the judge was
-given to judge (the query and the answer, compared as written, whitespace-collapsed, and folded:
-"> " quote markers at line starts and whitespace dropped, NFKC, casefolded), and neither does the
+given to judge (the query and the answer, compared as written, whitespace-collapsed, folded: NFKC,
+casefolded, whitespace dropped, and folded after dropping the quoting markers a judge puts at
+line starts: block quotes "> " and "> > ", bullets "- ", fence lines, line numbers "12: ", "12. ",
+"  12| ", "L3: ", see ``json_reader.normal_forms``), and neither does the
 opening of that text through its first usable score, nor the text of a member of it that is a
 copied value with a usable score; a value that cannot be written as plain JSON (a key that is not a
 string, nesting of 17 containers or more) is never a verdict. Of the candidates left, the last is
@@ -34,8 +36,10 @@ in its own words writes its own text, and that is read; keeping it from obeying 
 prompt's job (the hardened wording). An opening through the first score is short
 (``{"Helpfulness": 2``), so an answer that plants all five such openings can cost a bare verdict
 that starts that way its reading, as any exact copy can; it never gains by it. Copies that are
-re-formatted beyond the three normal forms (line numbers, say) are compared as text the judge
-wrote. Only copies made as written count as copied for the repair budget, and an answer that also
+re-formatted beyond the normal forms are compared as text the judge wrote: a judge that quotes
+by those line-start markers is covered, one that re-writes the answer in other
+ways (elides part of a line, joins lines with a separator of its own) is not. Only copies made as
+written count as copied for the repair budget, and an answer that also
 holds the text the judge writes just around its verdict can have that verdict's repairs paid from
 the copied budget.
 """
