@@ -49,6 +49,9 @@ class BackendKind:
     settings: type[KindSettings]
     #: Raises ModelSpecError when a spec of this kind is malformed (e.g. a base URL).
     check: Callable[[ModelSpec], None]
+    #: Builds the backend: cheap, loading no model and calling nothing (a run builds its
+    #: backends before its job starts, so a missing API key fails before any model loads);
+    #: raises a UserError for what cannot work (an API backend with no key).
     build: Callable[[ModelSpec, Any], Backend]
     #: USD per million tokens, or None when unknown.
     price: Callable[[ModelSpec, Any], ModelPrice | None]

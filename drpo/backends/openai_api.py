@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from drpo.backends.base import (
+    CHARS_PER_TOKEN,
     Choice,
     Completion,
     CompletionRequest,
@@ -122,12 +123,13 @@ def read_api_key(env_var: str, base_url: str) -> str:
 
 
 def estimate_tokens(request: CompletionRequest) -> int:
-    """Tokens a request may use, known before the call: prompt chars / 4 + max_tokens * n."""
+    """Tokens a request may use, known before the call: its prompt's chars at
+    :data:`~drpo.backends.base.CHARS_PER_TOKEN`, plus ``max_tokens * n``."""
     if request.messages is not None:
         chars = sum(len(message.content) for message in request.messages)
     else:
         chars = len(request.prompt or "")
-    return math.ceil(chars / 4) + request.max_tokens * request.n
+    return math.ceil(chars / CHARS_PER_TOKEN) + request.max_tokens * request.n
 
 
 def full_jitter_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:

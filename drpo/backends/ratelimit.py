@@ -12,8 +12,8 @@ How the limiter keeps "never more than the limit in any window" and still uses t
   any half-open window, including the first one after a quiet spell, because pacing never
   saves up credit. A steady load runs at ``(1 - headroom)`` of the limit; the small headroom
   absorbs the jitter between our start times and the server's arrival clock.
-* **Tokens** use a sliding-window log: a request's estimated tokens (prompt chars / 4 +
-  max_tokens * n) are granted at the first time when the tokens started in the preceding window
+* **Tokens** use a sliding-window log: a request's estimated tokens (prompt chars / ``CHARS_PER_TOKEN``
+  + max_tokens * n, :func:`~drpo.backends.openai_api.estimate_tokens`) are granted at the first time when the tokens started in the preceding window
   plus these fit, and the estimate is replaced by the real usage when the call returns.
 * Start times are *reserved* in order under a plain lock and the caller then sleeps until its
   time, so the pacing state is loop-agnostic data and the limiter never holds a lock across an

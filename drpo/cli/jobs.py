@@ -315,12 +315,11 @@ def resume(
 def _resume_search(
     db: Path, record: Any, *, budget: Any, force: bool, trace: Any, out: Path | None
 ) -> None:
-    from drpo.jobs.config import RunSettings
+    from drpo.jobs.optimize import resumed_settings
     from drpo.tracing.settings import TraceSettings
 
-    config = RunSettings.model_validate(record.config["settings"])
-    update = {"budget": config.budget.overridden_by(budget), "trace": trace or TraceSettings()}
-    config = config.model_copy(update=update)  # the projection printed shows the new limits
+    config = resumed_settings(record, budget)  # the projection printed shows the new limits
+    config = config.model_copy(update={"trace": trace or TraceSettings()})
     run_plans([config], db=db, artifact=out, resume_ids=[record.run_id], force=force)
 
 

@@ -174,6 +174,14 @@ class RunSettings(_Settings):
     def _endpoints_by_kind(cls, value: Any) -> Any:
         return validate_endpoints(value) if isinstance(value, dict) else value
 
+    def with_budget(self, override: BudgetSettings | None) -> RunSettings:
+        """These settings with every limit ``override`` sets (a resume's ``--max-calls``...):
+        the one budget merge, used by every job that resumes with new limits and by the CLI's
+        projection of such a resume."""
+        if override is None:
+            return self
+        return self.model_copy(update={"budget": self.budget.overridden_by(override)})
+
     def proposer_framing(self) -> Framing:
         """The concrete layout the search prompts the base model with (see :meth:`settled`)."""
         framing = self.proposer.framing

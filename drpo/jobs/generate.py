@@ -161,7 +161,13 @@ async def run_generate(
         return JobResult(answers, summary=summary)
 
     lifecycle = RunLifecycle(
-        session, run_id, sender=SENDER, budget=budget, endpoints=plan.get("endpoints"), force=force
+        session,
+        run_id,
+        sender=SENDER,
+        budget=budget,
+        endpoints=plan.get("endpoints"),
+        models=(plan["model"],),
+        force=force,
     )
     started = RunStarted(config={"generate": plan["settings"]}, queries=tuple(queries))
     return await lifecycle.run(job, started)

@@ -90,8 +90,7 @@ async def run_icl(
     run_id = record.run_id
     if record.kind != RUN_KIND:
         raise ValueError(f"run {run_id} is a {record.kind} run, not an ICL run")
-    config = RunSettings.model_validate(record.config["settings"]).settled()
-    config = config.model_copy(update={"budget": config.budget.overridden_by(budget)})
+    config = RunSettings.model_validate(record.config["settings"]).settled().with_budget(budget)
     examples = [ICLExample.model_validate(item) for item in record.config["icl_examples"]]
     out = Path(record.config["out"])
     catalogue = AspectCatalogue.load_default().with_custom(list(config.critic.custom_aspects))
@@ -131,6 +130,7 @@ async def run_icl(
         budget=config.budget,
         catalogue=catalogue,
         endpoints=config.endpoints,
+        models=(config.models.critic, config.models.editor),
         force=force,
     )
     started = RunStarted(config=record.config["settings"], queries=tuple(e.query for e in examples))

@@ -3,6 +3,10 @@
 A job is a coroutine that does its work and returns a :class:`JobResult`. :meth:`RunLifecycle.run`
 does everything around it, in one place:
 
+* **backends first**: the backends of every model the run names are built before the job
+  starts (building one loads nothing and calls nothing: an API backend reads its key), so an
+  API model with no key fails the run at once with its one-line error, before the embedded
+  model takes seconds to load for the roles that come first;
 * **one owner**: it takes the run's lease in the store (owner, pid, host) and renews it with a
   heartbeat while the job runs; a second process that asks for the same run is refused with a
   message naming the owner, and a lease whose owner died is taken over (see
@@ -28,7 +32,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -144,8 +148,10 @@ class RunLifecycle:
         budget: BudgetSettings | None = None,
         catalogue: AspectCatalogue | None = None,
         endpoints: Mapping[str, Any] | None = None,
+        models: Iterable[str] = (),
         force: bool = False,
     ) -> None:
+        """``models``: every model spec the job will call (its backends are built first)."""
         budget = budget or BudgetSettings()
         # the run's [endpoints] settings (limits, prices, capabilities) for the backends it uses
         session.registry.configure(validate_endpoints(endpoints or {}))
@@ -157,6 +163,7 @@ class RunLifecycle:
         )
         self.catalogue = catalogue or AspectCatalogue.load_default()
         self.force = force
+        self.models = tuple(dict.fromkeys(models))
         self.events = AgentClient(session.bus, run_id, sender=sender)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.log = log.bind(run_id=run_id, agent=sender)
@@ -191,6 +198,8 @@ class RunLifecycle:
 
     async def _run_classified(self, job: Callable[[], Awaitable[JobResult[T]]]) -> RunOutcome[T]:
         try:
+            for model in self.models:  # an API key missing fails here, before any model loads
+                self.session.registry.get(model)
             result = await self._with_heartbeat(job)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):

@@ -43,7 +43,7 @@ from drpo.jobs.lifecycle import JobResult, RunLifecycle, RunOutcome, run_version
 from drpo.jobs.registry import Job
 from drpo.jobs.session import Session, agent_session
 from drpo.runs.paths import run_artifacts_dir
-from drpo.runs.store import RunStore, new_run_id
+from drpo.runs.store import RunRecord, RunStore, new_run_id
 
 log = structlog.get_logger("drpo.jobs.optimize")
 
@@ -159,6 +159,12 @@ async def run_searches(
     return [outcome for outcome in outcomes if outcome is not None]
 
 
+def resumed_settings(record: RunRecord, budget: BudgetSettings | None = None) -> RunSettings:
+    """The settings a search run runs with: the recorded ones, with the limits ``budget`` sets
+    (a resume's) overriding the recorded limits. The CLI prints its projection from these."""
+    return RunSettings.model_validate(record.config["settings"]).with_budget(budget)
+
+
 async def run_search(
     session: Session,
     run_id: str,
@@ -174,8 +180,7 @@ async def run_search(
     run_id = record.run_id
     if record.kind != RUN_KIND:
         raise ValueError(f"run {run_id} is a {record.kind} run, not a search")
-    config = RunSettings.model_validate(record.config["settings"])
-    config = config.model_copy(update={"budget": config.budget.overridden_by(budget)})
+    config = resumed_settings(record, budget)
     queries = list(record.config["queries"])
     examples = [ICLExample.model_validate(item) for item in record.config["icl_examples"]]
     catalogue = AspectCatalogue.load_default().with_custom(list(config.critic.custom_aspects))
@@ -186,6 +191,7 @@ async def run_search(
         budget=config.budget,
         catalogue=catalogue,
         endpoints=config.endpoints,
+        models=(config.models.base, config.models.critic, config.models.editor),
         force=force,
     )
     journal = lifecycle.journal

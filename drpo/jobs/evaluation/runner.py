@@ -248,6 +248,7 @@ async def run_eval(
         sender=SENDER,
         budget=limits,
         endpoints=record.config["settings"].get("endpoints"),
+        models=[prompt.model or settings.model for prompt in prompts] + [settings.judge],
         force=force,
     )
     journal = lifecycle.journal
