@@ -47,6 +47,7 @@ from drpo.backends.base import (
     TopLogprob,
 )
 from drpo.backends.local_refs import ResolvedModel, sequences_for
+from drpo.backends.prefix_cache import PrefixCache, last_logits
 
 #: How completions are decoded: special tokens (EOS, padding) dropped, spaces left as they are.
 _DECODE_KWARGS: dict[str, Any] = {
@@ -81,6 +82,8 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: Scoring requests waiting for the next free moment of the model (between decode steps).
     scoring: ScoringLane = field(default_factory=lambda: ScoringLane())
+    #: KV states of prompt prefixes the scoring lane computed, reused by later scoring passes.
+    prefix_cache: PrefixCache = field(default_factory=PrefixCache)
 
 
 _CACHE: dict[tuple[str, str, str], LoadedModel] = {}
@@ -857,38 +860,24 @@ def score_waiting(loaded: LoadedModel, job: ScoringJob, max_batch_size: int) -> 
 
 
 def prefill_rows(loaded: LoadedModel, rows: Sequence[_Row]) -> list[_RowOutput]:
-    """One left-padded forward pass (no KV cache kept): each row's first token and logprobs.
+    """One forward pass (no KV cache kept for the rows): each row's first token and logprobs.
 
-    Position ids are the ones ``generate`` derives from the attention mask, and the token is
-    picked from the raw last-position logits by the same :class:`_RowDecoder` as a generation,
-    so the numbers are today's: top-k logprobs of the raw distribution, argmax or a sample from
-    the row's own seeded generator.
+    Prompt prefixes the model's :class:`~drpo.backends.prefix_cache.PrefixCache` holds are not
+    recomputed, and prefixes several rows share are computed once and kept for later passes
+    (:func:`~drpo.backends.prefix_cache.last_logits`); position ids continue each prefix, so the
+    logits are a cold prefill's up to float noise. The token is picked from the raw
+    last-position logits by the same :class:`_RowDecoder` as a generation, so the numbers are
+    today's: top-k logprobs of the raw distribution, argmax or a sample from the row's own
+    seeded generator.
     """
     if all(row.max_tokens < 1 for row in rows):
         return generate_rows(loaded, rows, [threading.Event() for _ in rows])
-    width = max(len(row.prompt_ids) for row in rows)
-    input_ids = torch.tensor(
-        [[loaded.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows],
-        dtype=torch.long,
-        device=loaded.device,
+    scores = last_logits(
+        loaded.model, loaded.pad_id, [row.prompt_ids for row in rows], loaded.prefix_cache
     )
-    attention_mask = torch.tensor(
-        [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows],
-        dtype=torch.long,
-        device=loaded.device,
-    )
-    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     decoder = _RowDecoder(rows, loaded.device)
     with torch.inference_mode():
-        out = loaded.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            logits_to_keep=1,
-        )
-        scores = out.logits[:, -1, :].float()
-        forced = decoder(input_ids, scores)
+        forced = decoder(torch.empty(len(rows), 0, dtype=torch.long), scores)
     chosen = forced.argmax(dim=-1).tolist()
     records = decoder.records()
     return [
