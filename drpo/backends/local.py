@@ -23,6 +23,12 @@ step of a running generation, or at once when the model is idle, so a verdict ne
 long answer. ``DRPO_LOCAL_ENGINE=batcher`` sends them through the batcher as before (kept only to
 compare the two in ``benchmarks/local.py``).
 
+``DRPO_LOCAL_ENGINE=engine`` generates with continuous batching instead
+(:mod:`drpo.backends.engine`, issue 16): a request joins the running batch at the next decode step
+and leaves when it stops, so no row waits for the longest one; scoring still goes to the lane,
+served between the engine's steps. Read at each call; the default stays ``lane`` (the static
+batcher plus the lane) until the benchmark has compared the two.
+
 The model-ref helpers (:func:`resolve_model_ref`, :class:`ResolvedModel`, :func:`sequences_for`,
 ``EMBEDDED_MODELS``) live in :mod:`drpo.backends.local_refs`, shared with the torch half
 (:mod:`drpo.backends.local_model`) without an import cycle; they are re-exported here.
@@ -50,6 +56,7 @@ from drpo.backends.local_refs import (
 from drpo.backends.priority import current_priority
 
 if TYPE_CHECKING:
+    from drpo.backends.engine import Engine, EngineStats
     from drpo.backends.local_model import GenerationResult, LoadedModel
 
 __all__ = [
@@ -93,6 +100,7 @@ class LocalBackend:
         self._loaded: LoadedModel | None = None
         self._load_error: PermanentBackendError | None = None
         self._closed = False
+        self._supported: bool | None = None
         self._batcher: DynamicBatcher[CompletionRequest, GenerationResult] = DynamicBatcher(
             self._run_batch,
             max_batch_size=max_batch_size,
@@ -152,8 +160,11 @@ class LocalBackend:
             raise PermanentBackendError(f"local backend for {self.model!r} is closed")
         started = time.perf_counter()
         loaded = await self.aload()
-        if _scoring_lane_enabled() and _is_scoring(request):
+        engine = _engine_choice()
+        if engine != "batcher" and _is_scoring(request):
             result = await self._score(loaded, request)
+        elif engine == "engine" and self._engine_supported(loaded):
+            result = await self._generate(loaded, request)
         else:
             result = await self._batcher.submit(request)
         return Completion(
@@ -187,6 +198,47 @@ class LocalBackend:
         assert job.result is not None
         return job.result
 
+    @property
+    def engine(self) -> Engine:
+        """The continuous engine of this backend's loaded model (one per model, shared)."""
+        from drpo.backends.engine import engine_for
+
+        return engine_for(self.load())
+
+    @property
+    def engine_stats(self) -> EngineStats:
+        """How rows joined and left the continuous engine's running batch (per loaded model)."""
+        return self.engine.stats
+
+    def _engine_supported(self, loaded: LoadedModel) -> bool:
+        if self._supported is None:
+            from drpo.backends.engine import engine_supported
+
+            self._supported = engine_supported(loaded)
+        return self._supported
+
+    async def _generate(self, loaded: LoadedModel, request: CompletionRequest) -> GenerationResult:
+        """Run ``request`` in the continuous engine's batch, waiting on a worker thread.
+
+        The thread steps the engine while the model is free (:meth:`Engine.run_until_done`). A
+        cancelled caller returns at once (the thread is abandoned): its flag makes the engine
+        drop its rows at the next step, and the thread ends there.
+        """
+        from drpo.backends.engine import engine_for
+
+        engine = engine_for(loaded)
+        cancelled = threading.Event()
+        job = engine.submit(request, current_priority(), cancelled, self._batcher.max_batch_size)
+        try:
+            await anyio.to_thread.run_sync(engine.run_until_done, job, abandon_on_cancel=True)
+        except BaseException:
+            cancelled.set()
+            raise
+        if isinstance(job.result, BaseException):
+            raise job.result
+        assert job.result is not None
+        return job.result
+
     def _run_batch(
         self, requests: Sequence[CompletionRequest], cancelled: Sequence[threading.Event]
     ) -> list[GenerationResult | BaseException]:
@@ -199,9 +251,16 @@ class LocalBackend:
         self._closed = True
 
 
-def _scoring_lane_enabled() -> bool:
-    """False only under ``DRPO_LOCAL_ENGINE=batcher`` (the old path, kept for the benchmark)."""
-    return os.environ.get("DRPO_LOCAL_ENGINE", "").strip().lower() != "batcher"
+#: ``DRPO_LOCAL_ENGINE`` values: "lane" (the static batcher, scoring in the lane), "engine"
+#: (continuous batching, scoring in the lane), "batcher" (everything through the static batcher).
+ENGINES = ("lane", "engine", "batcher")
+DEFAULT_ENGINE = "lane"
+
+
+def _engine_choice() -> str:
+    """``DRPO_LOCAL_ENGINE`` (read at each call, so a benchmark can switch), else the default."""
+    chosen = os.environ.get("DRPO_LOCAL_ENGINE", "").strip().lower()
+    return chosen if chosen in ENGINES else DEFAULT_ENGINE
 
 
 def _is_scoring(request: CompletionRequest) -> bool:

@@ -807,9 +807,11 @@ class ScoringLane:
     def pending(self) -> int:
         return len(self._pending)
 
-    def _take_all(self) -> list[ScoringJob]:
+    def _take_all(self, limit: int | None = None) -> list[ScoringJob]:
         with self._guard:
-            jobs, self._pending = sorted(self._pending, key=lambda j: j.order), []
+            ordered = sorted(self._pending, key=lambda j: j.order)
+            cut = len(ordered) if limit is None else limit
+            jobs, self._pending = ordered[:cut], ordered[cut:]
         live = []
         for job in jobs:
             if job.cancelled.is_set():
@@ -818,11 +820,13 @@ class ScoringLane:
                 live.append(job)
         return live
 
-    def serve(self, loaded: LoadedModel, max_batch_size: int) -> None:
-        """Run every waiting job (the caller holds ``loaded.lock``)."""
+    def serve(self, loaded: LoadedModel, max_batch_size: int, limit: int | None = None) -> None:
+        """Run every waiting job, or the first ``limit`` in serving order (the caller holds
+        ``loaded.lock``). The continuous engine (:mod:`drpo.backends.engine`) passes a limit so a
+        stream of scorers cannot starve its running generations."""
         if not self._pending:
             return
-        jobs = self._take_all()
+        jobs = self._take_all(limit)
         for start in range(0, len(jobs), max_batch_size):
             group = jobs[start : start + max_batch_size]
             try:
