@@ -61,6 +61,12 @@ SHAPES: dict[str, Callable[[int], tuple[str, str]]] = {
     ),
     "nested brackets": lambda n: ("[" * (n // 2) + "]" * (n // 2), "after"),
     "nested objects": lambda n: ('{"a":' * (n // 6) + "1" + "}" * (n // 6), "after"),
+    # An answer that names an aspect has its own values read too (the rule's third test).
+    "nested objects naming an aspect": lambda n: (
+        '{"Clarity":' * (n // 12) + "1" + "}" * (n // 12),
+        "after",
+    ),
+    "unclosed openers naming an aspect": lambda n: (_fill("{'Clarity': 'pending ", n), "after"),
     "unclosed openers": lambda n: (_fill("{'step': 'pending ", n), "after"),
     "unclosed openers, the judge's own": lambda n: (_fill("{'step': 'pending ", n), "own"),
     "echo, then a cut-off verdict": lambda n: (_fill("The moon pulls on the oceans. ", n), "cut"),

@@ -29,6 +29,7 @@ the rest, so an echoed answer can never spend the budget that the judge's own te
 from __future__ import annotations
 
 import ast
+import html
 import json
 import re
 import unicodedata
@@ -123,10 +124,27 @@ def loads_repaired(candidate: str) -> Any:
             return json.loads(attempt, strict=False)
         except (json.JSONDecodeError, RecursionError):
             pass
+    if _adjacent_strings(attempts[1]):
+        return None  # Python would join "a" "b" into one string: no JSON reader would
     try:  # single quotes, True/None, or true/null written Python-style
         return ast.literal_eval(_pythonize_literals(attempts[1]))
     except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
         return None
+
+
+def _adjacent_strings(text: str) -> bool:
+    """Whether two string literals follow each other with only spaces between them, which
+    Python's literal reader joins into one: a reply that quotes an answer line by line in quotes
+    (``"{"a": "`` then ``", "Helpfulness": 5}"``) would be read as a value no one wrote."""
+    previous = 0
+    for chunk, state in segments(text):
+        if state and previous == 1:
+            return True
+        if state:
+            previous = 1
+        elif chunk.strip():
+            previous = 0
+    return False
 
 
 def segments(text: str, begin: int = 0) -> Iterator[tuple[str, int]]:
@@ -263,15 +281,17 @@ def _with_closers(prefix: str) -> str:
 # Copied text
 
 
-#: What a judge puts at the start of each line when it quotes the answer, where it could split a
-#: copy into pieces that are each the answer's text but together are not: any run of spaces,
-#: block-quote markers (">", nested "> > "), bullets ("- ", "* ", "+ ", "• "), code-fence
-#: lines ("```json", "~~~", with nothing else on the line) and line numbers ("12: ", "12. ", "12) ", "  12| ", "12 | ", "L3: ",
-#: "line 3: ", "[3] ", "    12<tab>" as ``cat -n`` writes them). A number counts only with its
-#: marker and the space after it ("5.0" and "2," at a line start are kept), so a score the judge
-#: writes at the start of a line is never dropped.
+#: What a judge puts at the start (or end) of each line when it quotes the answer, where it could
+#: split a copy into pieces that are each the answer's text but together are not: any run of
+#: spaces, block-quote markers (">", nested "> > "), bullets ("- ", "* ", "+ ", "• "), table
+#: and box rules ("| ", "│ "), code-fence lines ("```json", "~~~", nothing else on the line),
+#: line numbers ("12: ", "12. ", "12) ", "  12| ", "12 | ", "L3: ", "line 3: ", "[3] ", and
+#: "    12<tab>" as ``cat -n`` writes them), and a line break written at a line's end ("<br>", a
+#: Markdown "\\"). A number counts only with its marker and the space after it ("5.0" and "2,"
+#: at a line start are kept), so a score the judge writes at the start of a line is never dropped.
 _LINE_MARKERS = re.compile(
-    r"^(?:[ \t]|[>\uff1e]|[-*+\u2022\u00b7](?=[ \t])|(?:```|~~~)[\w+.-]*[ \t]*$"
+    r"[ \t]*(?:<br\s*/?>|\\)[ \t]*$"  # a line break written as HTML or Markdown
+    r"|^(?:[ \t]|[>\uff1e]|[-*+\u2022\u00b7|\u2502\u2503\u2551](?=[ \t])|(?:```|~~~)[\w+.-]*[ \t]*$"
     r"|(?:(?:[Ll]ine[ \t]*|L)?\d{1,6}[ \t]*(?:\||[:.)\uff1a](?=[ \t]|$))|\[\d{1,6}\](?=[ \t])"
     r"|\d{1,6}(?=\t)))+",
     re.MULTILINE,
@@ -294,12 +314,37 @@ def normal_forms(text: str) -> tuple[str, str, str, str]:
     ("1. ") is dropped in the unquoted form, so a judge that joins the answer's lines into one
     keeps it, and only the plain fold still sees that copy."""
     collapsed = " ".join(text.split())
-    folded = _fold(text)
-    return text, collapsed, folded, _fold(unquoted(text))
+    return text, collapsed, fold(text), fold(unquoted(text))
 
 
-def _fold(text: str) -> str:
-    return "".join(unicodedata.normalize("NFKC", text).casefold().split())
+def fold(text: str) -> str:
+    """NFKC, casefold and no whitespace, after undoing what a judge's copy may have undone: HTML
+    entities and JSON string escapes rendered (``&quot;``, ``\\"``), invisible format characters
+    dropped (zero-width spaces and joiners, soft hyphens), curly quotes straightened, and the two
+    quote styles made one (a Python dict re-typed as JSON)."""
+    text = _ESCAPE.sub(lambda m: _ESCAPES.get(m[1], m[1]), html.unescape(text))
+    text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
+    return "".join(text.casefold().translate(_QUOTES).split())
+
+
+#: JSON's two-character escapes (``\u`` ones are left as they are).
+_ESCAPE = re.compile(r"\\([\"'\\/bfnrt])")
+_ESCAPES = {"b": "", "f": " ", "n": " ", "r": " ", "t": " "}
+#: The invisible characters (Unicode's format category) that models drop when they copy.
+_INVISIBLE = dict.fromkeys(
+    [
+        0x00AD,
+        0x061C,
+        0x180E,
+        *range(0x200B, 0x2010),
+        *range(0x202A, 0x202F),
+        *range(0x2060, 0x2065),
+        0xFEFF,
+    ]
+)
+_QUOTES = str.maketrans(
+    {c: '"' for c in "'\u2018\u2019\u201a\u201b\u201c\u201d\u201e\u201f\u2032\u2033"}
+)
 
 
 #: The shortest stretch of a reply, as written, taken for a copy when the repair budget is
@@ -407,10 +452,12 @@ class ValueReader:
     never spend the budget that belongs to the judge's own reply.
     """
 
-    def __init__(self, text: str, quoted: QuotedTexts | None = None) -> None:
+    def __init__(
+        self, text: str, quoted: QuotedTexts | None = None, budget: int = _REPAIR_SCAN_BUDGET
+    ) -> None:
         self.text = text
         self.quoted = quoted if quoted else None
-        self._budget = {False: _REPAIR_SCAN_BUDGET, True: _REPAIR_SCAN_BUDGET}
+        self._budget = {False: budget, True: budget}
         self._copy = (0, 0)  # the copied stretch last found: (start, end)
         self._too_deep: set[int] = set()  # brackets whose values cannot be read shallow
 
@@ -420,10 +467,12 @@ class ValueReader:
         while (match := _OPENER.search(text, pos)) is not None:
             start = match.start()
             pos = start + 1
+            if start in self._too_deep:  # a strict read fails or is too deep; repairs as much
+                continue
             after = text[start + 1 : start + 200].lstrip()[:1]
             value: Any = None
             end = -1
-            if after and after in _STRICT_AFTER[match[0]] and start not in self._too_deep:
+            if after and after in _STRICT_AFTER[match[0]]:
                 try:
                     value, end = _decode_at(text, start)
                 except json.JSONDecodeError:

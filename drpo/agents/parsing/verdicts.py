@@ -7,53 +7,69 @@ variants models drift into, with names resolved through the aspect catalogue.
 
 The reading rule for a judge's verdict (:func:`find_verdict`)
 -------------------------------------------------------------
-A candidate verdict counts only if the text it was read from occurs nowhere in what the judge was
-given to judge (the query and the answer, compared as written, whitespace-collapsed, folded: NFKC,
-casefolded, whitespace dropped, and folded after dropping the quoting markers a judge puts at
-line starts: block quotes "> " and "> > ", bullets "- ", fence lines, line numbers "12: ", "12. ",
-"  12| ", "L3: ", see ``json_reader.normal_forms``), and neither does the
-opening of that text through its first usable score, nor the text of a member of it that is a
-copied value with a usable score; a value that cannot be written as plain JSON (a key that is not a
-string, nesting of 17 containers or more) is never a verdict. Of the candidates left, the last is
-the verdict, read from the judge's reply exactly as the judge wrote it (``robust`` reads its scores
-leniently, ``paper`` with ``int()``). A value that is no verdict but opens with text the answer
-holds is read inside too, so an opening the answer wrote (``{"":``, echoed just before the judge's
-verdict) cannot wrap that verdict and hide it. Text of the reply that copies the answer is skipped
-whole, without being repaired, and what copied text costs the lenient reader is paid from a budget
-of its own: the repair budget of the judge's own text cannot be spent by the answer.
+A candidate verdict counts only if
+
+1. the text it was read from occurs nowhere in what the judge was given to judge (the query and
+   the answer), in any normal form (``json_reader.normal_forms``): as written; whitespace
+   collapsed; folded (HTML entities and JSON escapes rendered, NFKC, invisible characters
+   dropped, curly and single quotes made straight double ones, casefolded, whitespace dropped);
+   and folded after dropping what a judge that quotes the answer puts at each line's start or
+   end: block quotes "> " and "> > ", bullets "- ", table and box rules "| ", fence lines, line
+   numbers ("12: ", "12. ", "  12| ", "L3: ", ``cat -n``'s), HTML and Markdown line breaks;
+2. neither does the opening of that text through its first usable score, nor the text of a
+   member of it that is a copied value with a usable score;
+3. the aspect names it scores are not all scored the same in one value the query or the answer
+   holds, whatever that value's text (``_QuotedScores``: every value the lenient reader finds there,
+   the containers nested in them, the values in their strings, bare-key objects, cut-off
+   objects), so a copy the judge re-typed (elided a long string, re-ordered, re-serialised,
+   un-escaped) is still the answer's;
+4. it can be written as plain JSON (string keys, nesting under 17 containers).
+
+Of the candidates left, the last is the verdict, read from the judge's reply exactly as the judge
+wrote it (``robust`` reads its scores leniently, ``paper`` with ``int()``). A value that is no
+verdict but opens with text the answer holds is read inside too, so an opening the answer wrote
+(``{"":``, echoed just before the judge's verdict) cannot wrap that verdict and hide it. Text of
+the reply that copies the answer is skipped whole, without being repaired, and what copied text
+costs the lenient reader is paid from a budget of its own: the repair budget of the judge's own
+text cannot be spent by the answer. The repairs never join adjacent strings as Python would
+(``"a" "b"``), so a judge quoting the answer a line at a time in quotes writes no new value.
 
 What it guarantees: nothing an answer holds can supply a verdict, or a score inside one, so an
-answer can never raise its reward, under either policy and in every verdict shape; lenient score
-forms ("5/5", "five", "**5**", full-width digits) are only ever read from the judge's own text. An
-answer that holds the judge's exact verdict text, or its opening through its first score, in one of
-the normal forms, may make that verdict unreadable: that is recorded as such (a failed critique,
-reward 0, and a ParseError naming the copies), never replaced by another value. JSON, metrics
-(keyed by an aspect's alias or not), code and logs in an answer that hold no such text leave the
-verdict as it is.
+answer can never raise its reward, under either policy and in every verdict shape, whether the
+judge quotes it as written or in the forms above; lenient score forms ("5/5", "five", "**5**",
+full-width digits) are only ever read from the judge's own text. An answer that holds the judge's
+exact verdict text, or its opening through its first score, in one of the normal forms, or a
+value scoring the same aspect names the same, may make that verdict unreadable: that is recorded
+as such (a failed critique, reward 0, and a ParseError naming the copies), never replaced by
+another value. JSON, metrics (keyed by an aspect's alias or not), code and logs in an answer that
+hold no such text or value leave the verdict as it is.
 
 What it cannot do: a judge that obeys an instruction in the answer and writes the answer's verdict
 in its own words writes its own text, and that is read; keeping it from obeying is the judge
-prompt's job (the hardened wording). An opening through the first score is short
+prompt's job (the hardened wording). So is a judge that re-writes what it quotes beyond the forms
+above into a new verdict: turns the answer's prose ("Helpfulness: 5") into JSON, renames aspects
+(an alias for its name), changes or drops a score. An opening through the first score is short
 (``{"Helpfulness": 2``), so an answer that plants all five such openings can cost a bare verdict
-that starts that way its reading, as any exact copy can; it never gains by it. Copies that are
-re-formatted beyond the normal forms are compared as text the judge wrote: a judge that quotes
-by those line-start markers is covered, one that re-writes the answer in other
-ways (elides part of a line, joins lines with a separator of its own) is not. Only copies made as
-written count as copied for the repair budget, and an answer that also
-holds the text the judge writes just around its verdict can have that verdict's repairs paid from
-the copied budget.
+that starts that way its reading, as can an answer that guesses the judge's scores in a value;
+it never gains by it. The answer's values are read within the lenient reader's budget, so a
+re-typed copy of a Python-literal value the answer hides behind thousands of never-closed
+brackets is compared as text only. Only copies made as written count as copied for the repair
+budget, and an answer that also holds the text the judge writes just around its verdict can have
+that verdict's repairs paid from the copied budget.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from drpo.agents.aspects import AspectCatalogue
+from drpo.agents.aspects import AspectCatalogue, normalize_name
 from drpo.agents.parsing.json_reader import (
     TOO_DEEP,
     ParseError,
@@ -62,6 +78,7 @@ from drpo.agents.parsing.json_reader import (
     as_text,
     close_truncated,
     extract_json,
+    fold,
     get_field,
     segments,
 )
@@ -296,6 +313,7 @@ def find_verdict(
     if its text passes the same test.
     """
     held = QuotedTexts(quoted)
+    scored = _QuotedScores(quoted, catalogue)
     reader = ValueReader(text, held)
     found: Any = None
     copied = 0
@@ -318,6 +336,9 @@ def find_verdict(
             copied += 1
             pos = start + 1  # the judge's own verdict may sit inside the straddling span
             continue
+        if held and scored(value):
+            copied += 1
+            continue
         found = value
     if found is not None:
         return found
@@ -325,7 +346,9 @@ def find_verdict(
         if not _scores_an_aspect(value, wanted, catalogue) or not _comparable(value):
             continue
         span = text[start:]
-        if held and (held(span) or _opening_is_copied(span, held, wanted, catalogue)):
+        if held and (
+            held(span) or _opening_is_copied(span, held, wanted, catalogue) or scored(value)
+        ):
             copied += 1
             continue
         return value
@@ -336,6 +359,132 @@ def find_verdict(
         else ""
     )
     raise ParseError(f"no JSON object with scores for {names}{detail}", text)
+
+
+def _scores_of(value: Any, catalogue: AspectCatalogue) -> frozenset[tuple[str, Any]]:
+    """What ``value`` says as a verdict: each aspect name it scores (folded, as written, not
+    resolved: a judge re-typing a copy keeps the names) with its score, read leniently, or the
+    folded text of the score when no score can be read from it."""
+    entries = []
+    for name, entry in _judgement_entries(value, catalogue):
+        if catalogue.resolve(name) is None:
+            continue
+        try:
+            score: Any = parse_score(entry, lenient=True)
+        except ParseError:
+            raw = (
+                get_field(entry, "score", "rating", "value")
+                if isinstance(entry, Mapping)
+                else entry
+            )
+            score = fold(str(raw)) if isinstance(raw, str | int | float) else type(raw).__name__
+        entries.append((fold(name), score))
+    return frozenset(entries)
+
+
+def _squashed(text: str) -> str:
+    """``text`` as aspect names are looked up (``normalize_name``), entities and escapes
+    rendered first, so a name in it is a substring of this."""
+    text = _UNICODE_ESCAPE.sub(lambda m: chr(int(m[1], 16)), html.unescape(text))
+    return normalize_name(unicodedata.normalize("NFKC", text))
+
+
+_UNICODE_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+
+
+#: A key written without quotes, as JavaScript allows (``{Helpfulness: 5}``).
+_BARE_KEY = re.compile(r"([{,]\s*)([A-Za-z_][\w-]*)(\s*:)")
+
+
+#: Lines of "Name: score" (YAML, or prose: "- **Clarity**: 5", "Clarity = 5/5"), one block of
+#: them at a time: a judge turning a block the answer wrote into JSON copies the answer's scores.
+_NAME_SCORE_LINE = re.compile(
+    r"^[ \t>*+-]*\**([A-Za-z][\w -]{0,40}?)\**[ \t]*[:=][ \t]*\**([^\n*]{1,20}?)\**[ \t]*$",
+    re.MULTILINE,
+)
+_NAME_SCORE_BLOCK = re.compile(
+    r"(?:^[ \t>*+-]*\**[A-Za-z][\w -]{0,40}?\**[ \t]*[:=][ \t]*\**[^\n*]{1,20}?\**[ \t]*(?:\n|\Z))+",
+    re.MULTILINE,
+)
+
+
+def _quote_bare_keys(text: str) -> str:
+    """``text`` with bare keys quoted: a judge re-typing ``{Helpfulness: 5}`` as JSON copies it."""
+    return _BARE_KEY.sub(r'\1"\2"\3', text)
+
+
+class _QuotedScores:
+    """The verdicts the quoted texts (the query and the answer) hold as values, whatever their
+    text: ``scored(value)`` tells whether each aspect name ``value`` scores is scored the same
+    in one of them. A judge that re-types a copy (elides a long string in it or whole members,
+    reorders its keys, re-serialises it) writes new text but the answer's values, and those
+    never count.
+
+    Read once, on first use: every value the lenient reader finds in each text, nested ones
+    too, every container nested in one, the values in their strings (an escaped verdict, rendered by the judge), and
+    the objects cut off at the end, within the reader's budget.
+    """
+
+    _STRING_TEXT = 200_000  # characters of string values read again as texts, in all
+    _NESTED_TEXT = 2_000_000  # characters of values read, nested ones counted again, in all
+    #: The repairing reader's budget for each text: two and a half times a reply's, so that an
+    #: answer that spends a reply's budget on brackets that never close still has its later
+    #: values read (past this, a re-typed copy of them is compared as text only).
+    _REPAIR_SCAN = 1_000_000
+
+    def __init__(self, texts: Sequence[str], catalogue: AspectCatalogue) -> None:
+        # Only a text that names an aspect somewhere (as the catalogue looks names up, after
+        # entities and escapes are rendered) can hold a value that scores one: most answers
+        # name none, and are not read at all.
+        keys = {normalize_name(n) for a in catalogue for n in (a.name, *a.aliases)}
+        self._texts = [t for t in texts if t and any(k in _squashed(t) for k in keys)]
+        self._catalogue = catalogue
+        self._known: set[frozenset[tuple[str, Any]]] | None = None
+
+    def __call__(self, value: Any) -> bool:
+        if self._known is None:
+            self._known = self._read()
+        mine = _scores_of(value, self._catalogue)
+        return bool(mine) and any(mine <= known for known in self._known)
+
+    def _read(self) -> set[frozenset[tuple[str, Any]]]:
+        known: set[frozenset[tuple[str, Any]]] = set()
+        texts = [(t, 0) for t in self._texts]
+        texts += [(_quote_bare_keys(t), 2) for t in self._texts if _BARE_KEY.search(t)]
+        for text in self._texts:  # "Name: score" lines, as YAML or prose writes them
+            for block in _NAME_SCORE_BLOCK.finditer(text):
+                lines = _NAME_SCORE_LINE.findall(block[0])
+                scores = _scores_of(dict(lines), self._catalogue)
+                if scores:
+                    known.add(scores)
+        left, spent = self._STRING_TEXT, 0
+        while texts:
+            text, depth = texts.pop()
+            reader = ValueReader(text, budget=self._REPAIR_SCAN)
+            values: list[Any] = []
+            pos = 0
+            # Every value, nested ones too (read again from their own brackets: a value hidden
+            # by a later duplicate key is not in the outer value read), within a budget of
+            # characters read, so a deeply nested answer costs linear time.
+            while spent < self._NESTED_TEXT and (read := reader.next_value(pos)) is not None:
+                pos = read[0] + 1
+                spent += read[1] - read[0]
+                values.append(read[2])
+            values += [value for _, value in reader.cut_off_spans()]
+            while values:
+                value = values.pop()  # too deep to be a verdict, its scores may still be copied
+                scores = _scores_of(value, self._catalogue)
+                if scores:
+                    known.add(scores)
+                inner = value.values() if isinstance(value, dict) else value
+                for item in inner if isinstance(value, dict | list) else ():
+                    if isinstance(item, dict | list):
+                        values.append(item)
+                    elif isinstance(item, str) and depth < 2 and 0 < len(item) <= left:
+                        if "{" in item or "[" in item:
+                            left -= len(item)
+                            texts.append((item, depth + 1))
+        return known
 
 
 def _opening_is_copied(
