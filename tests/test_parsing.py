@@ -452,3 +452,66 @@ def test_prompt_field_alternatives_and_lists() -> None:
     assert parse_text_field('{"new_system_prompt": ["a", "- b"]}', "new_system_prompt") == "a\n- b"
     with pytest.raises(ParseError):
         parse_text_field('{"new_system_prompt": "   "}', "new_system_prompt")
+
+
+# --------------------------------------------------------------------------------------------
+# segments: the regex jumps split text exactly as the character loop they replaced
+
+
+def _segments_by_character(text: str, begin: int = 0) -> list[tuple[str, int]]:
+    """The character loop ``segments`` was until f8f496b (the reference)."""
+    out: list[tuple[str, int]] = []
+    start, i, quote = begin, begin, ""
+    while i < len(text):
+        char = text[i]
+        if quote:
+            if char == "\\":
+                i += 2
+                continue
+            if char == quote:
+                out.append((text[start : i + 1], 1))
+                start, quote = i + 1, ""
+        elif char in "\"'":
+            if i > start:
+                out.append((text[start:i], 0))
+            start, quote = i, char
+        i += 1
+    if start < len(text):
+        out.append((text[start:], 2 if quote else 0))
+    return out
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "plain",
+        '{"a": "b\\"c", \'d\': 1}',
+        '"open',
+        '"ends in a backslash\\',
+        "\\'outside'",
+        '"a\\\nb" tail',
+        "'\"' \"'\"",
+    ],
+)
+def test_segments_examples(text: str) -> None:
+    from drpo.agents.parsing.json_reader import segments
+
+    for begin in range(len(text) + 2):
+        assert list(segments(text, begin)) == _segments_by_character(text, begin)
+
+
+def test_segments_match_the_character_loop_on_any_text() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from drpo.agents.parsing.json_reader import segments
+
+    pieces = st.sampled_from(['"', "'", "\\", "a", " ", "{", "}", ":", ",", "\n", "é"])
+
+    @settings(max_examples=1500, deadline=None)
+    @given(st.lists(pieces, max_size=40).map("".join), st.integers(0, 42))
+    def same(text: str, begin: int) -> None:
+        assert list(segments(text, begin)) == _segments_by_character(text, begin)
+
+    same()

@@ -33,7 +33,9 @@ pool's initializer also hands each worker the progress queue, which ``to_process
 to do. A worker whose parent died (``kill -9``) stops its searches the same way within a second,
 so no worker keeps paying for calls nobody will read.
 
-Local models are refused with ``workers > 1``: each worker would load its own copy.
+Local models are refused with ``workers > 1``: each worker would load its own copy. A script
+that calls :func:`run_sweep` with ``workers > 1`` needs the usual ``if __name__ == "__main__":``
+guard: the spawn start method imports the script's main module in every worker.
 """
 
 from __future__ import annotations
