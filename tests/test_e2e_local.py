@@ -1,20 +1,16 @@
-"""End to end with the real embedded model (SmolLM2-135M): the critic's logprobs modes, and
-`drpo optimize` -> artifact -> `drpo generate` through the CLI."""
+"""The critic's logprobs modes, scripted and on the real embedded model (SmolLM2-135M), and the
+small models' text editor format. (`drpo optimize` -> artifact -> `drpo generate` on the
+embedded model, closing note included, is the default-path cell of tests/test_matrix.py: one
+embedded search end to end per session.)"""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from typer.testing import CliRunner
 
 from drpo.agents import critic
 from drpo.agents.aspects import AspectCatalogue
 from drpo.backends.base import Choice, Completion, CompletionRequest, TokenLogprob, TopLogprob
-from drpo.cli.app import app
-from drpo.cli.jobs import API_MODELS_COMMAND
 from drpo.domain.values import AspectSelection
-from drpo.jobs.artifact import AlignedPrompt
 
 QUERIES = [
     "How do I boil an egg so the yolk stays soft?",
@@ -76,53 +72,6 @@ async def test_real_critic_in_logprobs_mode_scores_every_judgement_in_range(loca
         call, QUERIES[0], "Boil it 6 minutes.", fixed, catalogue, mode="logprobs"
     )
     assert set(verdict.scores) == {"Helpfulness", "Safety"}
-
-
-@pytest.mark.model
-def test_optimize_then_generate_with_the_embedded_model(tmp_path, local_backend, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    db = tmp_path / "drpo.db"
-    artifact = tmp_path / "aligned.json"
-    runner = CliRunner()
-    result = runner.invoke(
-        app,
-        [
-            "optimize",
-            "--db",
-            str(db),
-            "--depth",
-            "3",
-            "--actions",
-            "2",
-            "--num-queries",
-            "4",
-            "--depth-extension",
-            "0",
-            "--out",
-            str(artifact),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    # the default job's two closing lines: what a 135M judge can show, and the API command
-    assert result.output.rstrip().splitlines()[-1].endswith(API_MODELS_COMMAND)
-    assert "not find a good prompt" in result.output.rstrip().splitlines()[-2]
-    loaded = AlignedPrompt.load(artifact)
-    assert loaded.base_model == "local:smollm2"
-    assert loaded.system_prompt
-    assert len(loaded.trace) == 2  # depth 3: levels 1 and 2 after the root
-
-    shown = runner.invoke(app, ["runs", "show", loaded.run_id, "--db", str(db), "--json"])
-    assert shown.exit_code == 0, shown.output
-    summary = json.loads(shown.output)
-    assert summary["status"] == "finished"
-    assert set(summary["by_role"]) >= {"proposer", "critic", "editor"}
-
-    answer = runner.invoke(
-        app,
-        ["generate", "How do I make tea?", "--artifact", str(artifact), "--max-tokens", "24"],
-    )
-    assert answer.exit_code == 0, answer.output
-    assert answer.output.strip()
 
 
 @pytest.mark.anyio

@@ -23,7 +23,10 @@ there (each preset with each job, each model endpoint with each preset and with 
 is every way a cell must end (each row of :data:`EXPECTED`, and each job finishing on the
 embedded model with the default preset). ``test_the_model_cells_cover_every_pair`` checks it.
 A finished optimize also goes on as a user would: its artifact is read, ``drpo runs show``
-counts every role's calls, and ``drpo generate --artifact`` answers with it.
+counts every role's calls, and ``drpo generate --artifact`` answers with it. The embedded
+cells run the default models as a user who names none does (no ``[models]``), and the
+embedded optimize takes its search sizes as flags; the default path's optimize (``small``,
+embedded) is the suite's one embedded search end to end, closing note included.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from simulated_llm import respond
 from typer.testing import CliRunner
 
 from drpo.cli.app import app
+from drpo.cli.jobs import API_MODELS_COMMAND
 from drpo.jobs.artifact import AlignedPrompt
 
 PRESETS = ("small", "robust", "paper")
@@ -88,13 +92,18 @@ MODEL_ENDPOINTS = ("transformers-serve", "embedded")
 
 #: Tiny sizes: a few levels and a few dozen tokens, whatever the preset (a 135M model writes
 #: no readable JSON verdict at any length, and a CPU writes a dozen tokens a second).
-SIZES = """
+SEARCH_SIZES = """
 [search]
 depth = 3
 depth_extension = 1
 beam_size = 2
 n_actions = 2
 num_train_queries = 6
+"""
+#: The same search sizes as ``drpo optimize`` flags (the embedded optimize's).
+SEARCH_FLAGS = ("--depth", "3", "--depth-extension", "1", "--beam", "2", "--actions", "2",
+                "--num-queries", "6")  # fmt: skip
+SIZES = """
 [proposer]
 k = 1
 max_tokens = 24
@@ -144,15 +153,19 @@ def _command(
     db = str(tmp_path / "drpo.db")
     config = tmp_path / "sizes.toml"
     models = f'[models]\nbase = "{base}"\ncritic = "{helper}"\neditor = "{helper}"\n'
+    if endpoint == "embedded":
+        models = ""  # the defaults: every role on the embedded model
+    flags = SEARCH_FLAGS if endpoint == "embedded" and job == "optimize" else ()
+    search = "" if flags else SEARCH_SIZES
     # a CPU server works one request at a time: keep little in flight, so a run that stops
     # early does not leave the server busy with abandoned requests
     limits = (
         f'[endpoints."{helper}"]\nmax_in_flight = 2\n' if endpoint == "transformers-serve" else ""
     )
-    config.write_text(f'preset = "{preset}"\n{models}{SIZES}{limits}', encoding="utf-8")
+    config.write_text(f'preset = "{preset}"\n{models}{search}{SIZES}{limits}', encoding="utf-8")
     if job == "optimize":
         out = str(tmp_path / "aligned.json")
-        return ["optimize", "--config", str(config), "--out", out, "--db", db]
+        return ["optimize", "--config", str(config), *flags, "--out", out, "--db", db]
     if job == "icl":
         out = str(tmp_path / "icl.json")
         return ["icl", "--config", str(config), "--limit", "1", "--out", out, "--db", db]
@@ -219,6 +232,13 @@ def test_cell(
         assert framing == ("chat" if endpoint == "openai-chat" else "raw"), framing
         assert summary["status"] == "finished"
         assert set(summary["by_role"]) >= {"proposer", "critic", "editor"}
+        assert summary["settings"]["search"]["depth"] == 3  # from the flags, for the embedded
+        lines = result.output.rstrip().splitlines()
+        if endpoint == "embedded":
+            # the default job's two closing lines: what a 135M judge shows, the API command
+            assert lines[-1].endswith(API_MODELS_COMMAND) and "not find a good prompt" in lines[-2]
+        else:
+            assert API_MODELS_COMMAND not in result.output  # an API judge: no such note
         _generate_from_the_artifact(tmp_path, base, db)
 
 
