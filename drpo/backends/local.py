@@ -36,11 +36,12 @@ The model-ref helpers (:func:`resolve_model_ref`, :class:`ResolvedModel`, :func:
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import anyio.to_thread
 
@@ -186,17 +187,8 @@ class LocalBackend:
 
         cancelled = threading.Event()
         job = loaded.scoring.add(request, current_priority(), cancelled)
-        try:
-            await anyio.to_thread.run_sync(
-                score_waiting, loaded, job, self._batcher.max_batch_size, abandon_on_cancel=True
-            )
-        except BaseException:
-            cancelled.set()
-            raise
-        if isinstance(job.result, BaseException):
-            raise job.result
-        assert job.result is not None
-        return job.result
+        run = functools.partial(score_waiting, loaded, job, self._batcher.max_batch_size)
+        return await _wait_on_thread(run, job, cancelled)
 
     @property
     def engine(self) -> Engine:
@@ -229,15 +221,7 @@ class LocalBackend:
         engine = engine_for(loaded)
         cancelled = threading.Event()
         job = engine.submit(request, current_priority(), cancelled, self._batcher.max_batch_size)
-        try:
-            await anyio.to_thread.run_sync(engine.run_until_done, job, abandon_on_cancel=True)
-        except BaseException:
-            cancelled.set()
-            raise
-        if isinstance(job.result, BaseException):
-            raise job.result
-        assert job.result is not None
-        return job.result
+        return await _wait_on_thread(functools.partial(engine.run_until_done, job), job, cancelled)
 
     def _run_batch(
         self, requests: Sequence[CompletionRequest], cancelled: Sequence[threading.Event]
@@ -266,3 +250,28 @@ def _engine_choice() -> str:
 def _is_scoring(request: CompletionRequest) -> bool:
     """One token with logprobs: see :func:`drpo.backends.local_model.is_scoring`."""
     return request.max_tokens == 1 and request.top_logprobs is not None
+
+
+class _Job(Protocol):
+    """A scoring-lane or engine job: done when ``result`` is set (a result or the row's error)."""
+
+    result: GenerationResult | BaseException | None
+
+
+async def _wait_on_thread(
+    run: Callable[[], object], job: _Job, cancelled: threading.Event
+) -> GenerationResult:
+    """Run ``run`` on a worker thread until ``job`` is done, and return its result.
+
+    A cancelled caller returns at once (the thread is abandoned) after setting ``cancelled``, the
+    flag the lane and the engine read to drop the job's rows; the thread ends at their next step.
+    """
+    try:
+        await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+    except BaseException:
+        cancelled.set()
+        raise
+    if isinstance(job.result, BaseException):
+        raise job.result
+    assert job.result is not None
+    return job.result
