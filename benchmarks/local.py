@@ -1,4 +1,4 @@
-"""The local engine under this project's workload (issue 16): lane, prefix cache and old batcher.
+"""The local engine under this project's workload (issue 16): continuous engine, lane, old batcher.
 
 Measured in one run on one loaded model (the embedded SmolLM2, float32 by default so that a CPU
 with native bf16 stands for the AVX2 machines most users have; ``--dtype auto`` for the device's
@@ -29,18 +29,20 @@ default):
   as prefill work, so a prefix cache that skips shared prompt tokens can bring the ratio
   under 1.
 
-Each engine figure is measured for the scoring lane with its prefix cache (the default engine:
-keys without a prefix), the lane with the prefix cache off (``noprefix_``, through
-``DRPO_PREFIX_CACHE_MB=0`` for the job) and the old batcher (``batcher_``,
-``DRPO_LOCAL_ENGINE=batcher``). The lane is measured first and its first call also warms the
-model up, which favours the others slightly. On a shared machine every figure is noisy.
+Each engine figure is measured for the continuous engine with the scoring lane and its prefix
+cache (``continuous``, the default engine: keys without a prefix), the static batcher with the
+scoring lane (``lane_``, ``DRPO_LOCAL_ENGINE=lane``), the same with the prefix cache off
+(``noprefix_``, through ``DRPO_PREFIX_CACHE_MB=0`` for the job) and the old batcher
+(``batcher_``, ``DRPO_LOCAL_ENGINE=batcher``), in the order given to ``--engines``. The first
+one measured also warms the model up, which favours the others slightly. On a shared machine
+every figure is noisy.
 
 Run from the repository root (hold the CPU lock on a shared machine)::
 
     python benchmarks/local.py --json local.json        # the default job takes minutes per engine
     python benchmarks/local.py --no-job                 # engine figures only, a few minutes
     python benchmarks/local.py --quick                  # 16 new tokens, 16 scorers, no job
-    python benchmarks/local.py --job-only --engines lane,batcher
+    python benchmarks/local.py --job-only --engines continuous,lane,batcher
 """
 
 from __future__ import annotations
@@ -157,12 +159,10 @@ async def engine(backend: LocalBackend, max_tokens: int, scorers: int) -> dict[s
 
 #: The engines compared: the name, its key prefix, and the environment of its job.
 ENGINES: dict[str, tuple[str, dict[str, str]]] = {
-    "lane": ("", {}),
-    "noprefix": ("noprefix_", {"DRPO_PREFIX_CACHE_MB": "0"}),
+    "continuous": ("", {"DRPO_LOCAL_ENGINE": "engine"}),
+    "lane": ("lane_", {"DRPO_LOCAL_ENGINE": "lane"}),
+    "noprefix": ("noprefix_", {"DRPO_LOCAL_ENGINE": "lane", "DRPO_PREFIX_CACHE_MB": "0"}),
     "batcher": ("batcher_", {"DRPO_LOCAL_ENGINE": "batcher"}),
-    # The continuous-batching engine (drpo/backends/engine.py), where that module has landed:
-    # before, DRPO_LOCAL_ENGINE=engine runs the lane.
-    "continuous": ("continuous_", {"DRPO_LOCAL_ENGINE": "engine"}),
 }
 ENGINE_KEYS = ("engine_tokens_s", "mixed_load_tokens_s", "scoring_wait_p95_s",
                "scoring_wait_max_s", "scoring_wait_median_s")  # fmt: skip
@@ -379,8 +379,8 @@ def main() -> None:
     parser.add_argument("--job-only", action="store_true", help="only the rates and the job")
     parser.add_argument(
         "--engines",
-        default="lane,noprefix,batcher",
-        help="which of lane,noprefix,batcher,continuous",
+        default="continuous,lane,batcher",
+        help="which of continuous,lane,noprefix,batcher",
     )
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or auto")
     parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds per job")
@@ -394,6 +394,8 @@ def main() -> None:
     dtype = None if args.dtype == "auto" else args.dtype
 
     import torch
+
+    from drpo.backends.prefix_cache import PrefixCacheStats
 
     started = time.perf_counter()
     backend = LocalBackend("smollm2", dtype=dtype)
@@ -416,15 +418,16 @@ def main() -> None:
             os.environ.pop("DRPO_LOCAL_ENGINE", None)
             os.environ.update({k: v for k, v in env.items() if k == "DRPO_LOCAL_ENGINE"})
             loaded.prefix_cache.clear()
+            loaded.prefix_cache.stats = PrefixCacheStats()
             loaded.prefix_cache.budget_bytes = 0 if name == "noprefix" else budget
-            fresh = LocalBackend("smollm2", dtype=dtype)  # same loaded model, fresh batcher
+            fresh = LocalBackend("smollm2", dtype=dtype)  # same loaded model and engine
             alone = anyio.run(engine, fresh, max_tokens, 0)
             mixed = anyio.run(engine, fresh, max_tokens, scorers)
             figures[f"{prefix}engine_tokens_s"] = alone["tokens_s"]
             figures[f"{prefix}mixed_load_tokens_s"] = mixed["tokens_s"]
             for key in ENGINE_KEYS[2:]:
                 figures[f"{prefix}{key}"] = mixed.get(key)
-            if name == "lane":  # what the prefix cache did for the lane's scoring requests
+            if name == "continuous":  # what the prefix cache did for the scoring requests
                 figures["prefix_cache"] = loaded.prefix_cache.stats.as_dict()
         os.environ.pop("DRPO_LOCAL_ENGINE", None)
         loaded.prefix_cache.budget_bytes = budget
@@ -442,10 +445,10 @@ def main() -> None:
 def report(figures: dict[str, Any], engines: list[str]) -> None:
     """The figures side by side, one column per engine."""
     titles = {
+        "continuous": "engine (default)",
         "lane": "lane+prefix",
         "noprefix": "lane, no prefix",
         "batcher": "batcher (old)",
-        "continuous": "engine",
     }
     print(f"{'figure':28}" + "".join(f"{titles[name]:>17}" for name in engines))
     for key in (*ENGINE_KEYS, *JOB_KEYS[:-1]):

@@ -496,6 +496,17 @@ def test_embedded_ref_resolves_to_the_gguf_file_without_loading() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def static_batcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Generate through the static batcher (``DRPO_LOCAL_ENGINE=lane``), not the default engine.
+
+    The tests that use it check the batcher's own bookkeeping (batch sizes, calls cancelled
+    while queued or while running, its OOM halving, its cancel stopper) on the real model; the
+    continuous engine's counterparts are in tests/test_engine.py and tests/test_engine_tiny.py.
+    """
+    monkeypatch.setenv("DRPO_LOCAL_ENGINE", "lane")
+
+
 async def one_by_one(
     backend: LocalBackend, requests: Sequence[CompletionRequest]
 ) -> list[Completion]:
@@ -516,6 +527,7 @@ async def all_at_once(
     return [r for r in results if r is not None]
 
 
+@pytest.mark.usefixtures("static_batcher")
 @pytest.mark.model
 @pytest.mark.anyio
 async def test_batched_greedy_equals_one_by_one_in_float32(local_backend: LocalBackend) -> None:
@@ -563,6 +575,7 @@ def first_divergence(a: Completion, b: Completion) -> int | None:
     return None if len(tokens_a) == len(tokens_b) else min(len(tokens_a), len(tokens_b))
 
 
+@pytest.mark.usefixtures("static_batcher")
 @pytest.mark.model
 @pytest.mark.anyio
 async def test_batched_greedy_agrees_with_one_by_one_in_the_default_dtype(
@@ -752,6 +765,7 @@ async def test_event_loop_stays_responsive_while_generating(local_backend: Local
     assert max(gaps) < took / 3
 
 
+@pytest.mark.usefixtures("static_batcher")
 @pytest.mark.model
 @pytest.mark.anyio
 async def test_cancelled_while_queued_never_runs(local_backend: LocalBackend) -> None:
@@ -784,6 +798,7 @@ async def test_cancelled_while_queued_never_runs(local_backend: LocalBackend) ->
 LONG = "Count from 1 to 1000, separated by commas."
 
 
+@pytest.mark.usefixtures("static_batcher")
 @pytest.mark.model
 @pytest.mark.anyio
 async def test_cancelling_a_long_generation_frees_the_model_within_a_token(
@@ -823,6 +838,7 @@ async def test_cancelling_a_long_generation_frees_the_model_within_a_token(
     assert after.text and backend.batch_stats.batches == 2
 
 
+@pytest.mark.usefixtures("static_batcher")
 @pytest.mark.model
 @pytest.mark.anyio
 @pytest.mark.parametrize("cancelled_one_leads", [False, True], ids=["follower", "leader"])
@@ -889,6 +905,7 @@ async def test_a_cancelled_caller_leaves_a_shared_batch_and_the_other_gets_its_f
     assert backend.batch_stats.cancelled_while_running == 1
 
 
+@pytest.mark.usefixtures("static_batcher")
 @pytest.mark.model
 @pytest.mark.anyio
 async def test_a_bad_request_fails_alone_in_its_batch(local_backend: LocalBackend) -> None:
@@ -922,6 +939,7 @@ def test_backends_share_the_process_wide_loaded_model(local_backend: LocalBacken
     assert local_model.load_count == before
 
 
+@pytest.mark.usefixtures("static_batcher")
 @pytest.mark.model
 @pytest.mark.anyio
 async def test_greedy_n_takes_one_slot_and_sampled_n_may_exceed_the_batch(
@@ -947,6 +965,7 @@ async def test_zero_max_tokens_returns_empty_choices(local_backend: LocalBackend
     assert result.usage.completion_tokens == 0 and result.usage.prompt_tokens > 0
 
 
+@pytest.mark.usefixtures("static_batcher")
 @pytest.mark.model
 @pytest.mark.anyio
 async def test_out_of_memory_retries_the_batch_in_halves(

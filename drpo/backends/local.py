@@ -5,29 +5,28 @@
 :func:`serving.save_plain_copy`), a ``.gguf`` file, or a Hugging Face hub id that is
 already in the local cache. This backend never downloads anything.
 
-Concurrent ``complete`` calls are merged by a :class:`~drpo.backends.batching.DynamicBatcher`
-into one left-padded ``generate`` call on a worker thread, so the event loop stays free while the
-model runs. Loading happens once per process per (model, device, dtype), also off the event loop.
-torch and transformers are imported only when a model is loaded: constructing a backend (and
-resolving its ref) needs neither.
+Generation runs on the continuous engine (:mod:`drpo.backends.engine`, issue 16): a request
+joins the running batch at the next decode step and leaves when it stops, so no row waits for the
+longest one, on a worker thread so the event loop stays free while the model runs. Loading
+happens once per process per (model, device, dtype), also off the event loop. torch and
+transformers are imported only when a model is loaded: constructing a backend (and resolving its
+ref) needs neither.
 
-A cancelled call leaves its batch at the next token (issue 10): its rows are marked done, and a
-batch whose callers are all cancelled ends there, so the worker thread is free within one token.
-Calls made inside :func:`drpo.backends.priority.background` fill the slots that foreground calls
-leave free (issue 12).
+Scoring calls (one token with logprobs: the logprobs critic's selections and verdicts) go to the
+model's scoring lane (:class:`drpo.backends.local_model.ScoringLane`), served as batched
+prefills between the engine's decode steps, or at once when the model is idle, so a verdict
+never waits for a long answer.
 
-Scoring calls (one token with logprobs: the logprobs critic's selections and verdicts) skip the
-batcher (issue 16): they go to the model's scoring lane
-(:class:`drpo.backends.local_model.ScoringLane`), served as batched prefills before each decode
-step of a running generation, or at once when the model is idle, so a verdict never waits for a
-long answer. ``DRPO_LOCAL_ENGINE=batcher`` sends them through the batcher as before (kept only to
-compare the two in ``benchmarks/local.py``).
+A cancelled call leaves the running batch at the next step (issue 10), so the worker thread is
+free within one token of the last caller leaving. Calls made inside
+:func:`drpo.backends.priority.background` take the slots that foreground calls leave free
+(issue 12).
 
-``DRPO_LOCAL_ENGINE=engine`` generates with continuous batching instead
-(:mod:`drpo.backends.engine`, issue 16): a request joins the running batch at the next decode step
-and leaves when it stops, so no row waits for the longest one; scoring still goes to the lane,
-served between the engine's steps. Read at each call; the default stays ``lane`` (the static
-batcher plus the lane) until the benchmark has compared the two.
+``DRPO_LOCAL_ENGINE`` (read at each call) selects another path, kept to compare them in
+``benchmarks/local.py``: ``lane`` merges concurrent generations into static left-padded
+``generate`` batches (a :class:`~drpo.backends.batching.DynamicBatcher`), scoring still in the
+lane; ``batcher`` sends scoring through those batches too (the path before issue 16). Models the
+engine does not support (caches that are not all plain ``DynamicLayer`` s) take ``lane``.
 
 The model-ref helpers (:func:`resolve_model_ref`, :class:`ResolvedModel`, :func:`sequences_for`,
 ``EMBEDDED_MODELS``) live in :mod:`drpo.backends.local_refs`, shared with the torch half
@@ -70,9 +69,10 @@ __all__ = [
 
 
 class LocalBackend:
-    """A local transformers model; concurrent calls are batched onto one worker thread.
+    """A local transformers model; concurrent calls share one running batch on a worker thread.
 
-    Share one instance per model (the registry does): its batcher is what merges calls.
+    Share one instance per model (the registry does); the engine and the scoring lane are per
+    loaded model, so instances of one model share them.
     ``max_batch_size`` counts sequences: a sampled request with ``n=4`` takes four slots (a
     greedy one takes one: its n samples are identical).
 
@@ -121,8 +121,13 @@ class LocalBackend:
 
     @property
     def queued(self) -> int:
-        """How many calls wait for the next batch."""
-        return self._batcher.queued
+        """How many calls wait: for the static batcher's next batch, or to join the engine."""
+        waiting = self._batcher.queued
+        if self._loaded is not None:
+            from drpo.backends.engine import engine_for
+
+            waiting += engine_for(self._loaded).queued
+        return waiting
 
     def load(self) -> LoadedModel:
         """Load the model now, blocking (or take it from the process-wide cache).
@@ -235,10 +240,11 @@ class LocalBackend:
         self._closed = True
 
 
-#: ``DRPO_LOCAL_ENGINE`` values: "lane" (the static batcher, scoring in the lane), "engine"
-#: (continuous batching, scoring in the lane), "batcher" (everything through the static batcher).
-ENGINES = ("lane", "engine", "batcher")
-DEFAULT_ENGINE = "lane"
+#: ``DRPO_LOCAL_ENGINE`` values: "engine" (continuous batching, scoring in the lane: the
+#: default), "lane" (the static batcher, scoring in the lane), "batcher" (everything through the
+#: static batcher).
+ENGINES = ("engine", "lane", "batcher")
+DEFAULT_ENGINE = "engine"
 
 
 def _engine_choice() -> str:
