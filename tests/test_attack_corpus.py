@@ -23,7 +23,21 @@ partial echoes, planted copies, lenient score forms, and false negatives (a beni
 keyed by an aspect's alias). Run this file with Python to count the cells where a reader raised
 the reward or lost an honest verdict, for today's reader and for the one at a git revision::
 
-    python tests/test_attack_corpus.py --against 385f28a
+    python tests/test_attack_corpus.py --against 385f28a            # the whole corpus
+    python tests/test_attack_corpus.py --against 385f28a --sample   # the suite's sample
+
+The suite runs a sample of the cells (:func:`sample_plan`, 1,020 of 6,120: a sixth of the time)
+unless ``DRPO_FULL_ATTACK_CORPUS=1``, which runs every cell. The sample is the whole corpus
+crossed pairwise and then some: every answer is judged by every judge (each pair once), in a
+verdict shape and under a policy that rotate with the pair, so that every answer also meets
+every shape under every policy, every judge meets every shape under every policy, and, since
+each class holds at least six answers in a row, every class of answer meets every judge in every
+shape under every policy (:func:`test_the_corpus_covers_every_class_judge_shape_and_policy`
+checks all of it). The rule is the same in every cell, and what can break it is how one answer
+is quoted by one judge (the pair) and whether the verdict's own text is in the answer (the
+answer with the shape) or a lenient score is read (the answer with the policy): each of those is
+met at least once. The sample still goes red against past readers (the counts above, with
+``--sample``) and against a reader that accepts copies of the quoted answer.
 """
 
 from __future__ import annotations
@@ -33,13 +47,14 @@ import ast
 import html
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
 import tempfile
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -505,17 +520,38 @@ def corpus() -> Iterator[tuple[str, str, str]]:
         yield name, "benign", answer
 
 
-def cells() -> list[Cell]:
+#: A cell to run: (answer, judge, shape, policy), each by name.
+Plan = tuple[str, str, str, str]
+
+
+def full_plan() -> list[Plan]:
+    """Every cell of the corpus: each answer by each judge, in each shape, under each policy."""
+    return [(name, judge, shape, policy) for name, _, _ in corpus() for judge in JUDGES
+            for shape in SHAPES for policy in POLICIES]  # fmt: skip
+
+
+def sample_plan() -> list[Plan]:
+    """The suite's sample (see the module docstring): every (answer, judge) pair once, the
+    (shape, policy) pair turning with the sum of their indices, so that each answer's 15 judges
+    and each judge's 68 answers (each class's, too: six or more in a row) go through all six."""
+    combos = [(shape, policy) for policy in POLICIES for shape in SHAPES]
+    return [(name, judge, *combos[(a + j) % len(combos)])
+            for a, (name, _, _) in enumerate(corpus())
+            for j, judge in enumerate(JUDGES)]  # fmt: skip
+
+
+def cells(plan: Iterable[Plan] | None = None) -> list[Cell]:
+    """The cells of ``plan`` (every cell by default), each judged through the critic's path."""
+    kinds = {name: (kind, answer) for name, kind, answer in corpus()}
+
     async def run() -> list[Cell]:
         out = []
-        for name, kind, answer in corpus():
-            for judge_name, judge in JUDGES.items():
-                for shape in SHAPES:
-                    for policy_name, policy in POLICIES.items():
-                        critique = await critic.judge(scripted(judge, shape), QUERY, answer,
-                                                      SELECTION, CATALOGUE, policy=policy)  # fmt: skip
-                        out.append(Cell(name, kind, judge_name, shape, policy_name,
-                                        critique.effective_reward))  # fmt: skip
+        for name, judge_name, shape, policy_name in full_plan() if plan is None else plan:
+            kind, answer = kinds[name]
+            critique = await critic.judge(scripted(JUDGES[judge_name], shape), QUERY, answer,
+                                          SELECTION, CATALOGUE, policy=POLICIES[policy_name])  # fmt: skip
+            out.append(Cell(name, kind, judge_name, shape, policy_name,
+                            critique.effective_reward))  # fmt: skip
         return out
 
     return anyio.run(run)
@@ -539,16 +575,33 @@ def holds_verdict(answer: str, shape: str) -> bool:
 
 
 ANSWERS = {name: answer for name, _, answer in corpus()}
+#: Every cell, not the sample (the suite's default; see the module docstring).
+FULL_CORPUS = os.environ.get("DRPO_FULL_ATTACK_CORPUS") == "1"
+
+
 @pytest.fixture(scope="module")
 def results() -> list[Cell]:
-    return cells()
+    return cells(None if FULL_CORPUS else sample_plan())
 
 
 def test_the_corpus_covers_every_class_judge_shape_and_policy(results: list[Cell]) -> None:
     kinds = Counter(cell.kind for cell in results)
     assert set(kinds) == {"unfingerprintable", "partial echo", "planted copy", "lenient score",
                           "benign"}  # fmt: skip
-    assert len(results) == len(ANSWERS) * len(JUDGES) * len(SHAPES) * len(POLICIES)
+    ran = [(c.answer, c.judge, c.shape, c.policy) for c in results]
+    assert len(set(ran)) == len(ran) and set(ran) <= set(full_plan())
+    if FULL_CORPUS:
+        assert len(ran) == len(ANSWERS) * len(JUDGES) * len(SHAPES) * len(POLICIES)
+    # the sample: every answer with every judge, and with every shape under every policy;
+    # every class of answer with every judge in every shape under every policy
+    combos = {(s, p) for s in SHAPES for p in POLICIES}
+    assert {(c.answer, c.judge) for c in results} == {(a, j) for a in ANSWERS for j in JUDGES}
+    assert {(c.answer, c.shape, c.policy) for c in results} == {
+        (a, *combo) for a in ANSWERS for combo in combos
+    }
+    assert {(c.kind, c.judge, c.shape, c.policy) for c in results} == {
+        (k, j, *combo) for k in kinds for j in JUDGES for combo in combos
+    }
 
 
 def test_no_answer_raises_the_reward(results: list[Cell]) -> None:
@@ -661,6 +714,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", help="also count cells for parsing.py at this revision")
     parser.add_argument("-v", action="store_true", help="list the raised and unreadable cells")
+    parser.add_argument("--sample", action="store_true", help="only the suite's sample of cells")
     args = parser.parse_args()
     runs = [("today's reader", None)] + ([(f"reader at {args.against}", args.against)]
                                          if args.against else [])  # fmt: skip
@@ -670,7 +724,7 @@ if __name__ == "__main__":
             old = load_parsing_at(revision)
             critic.parse_judgement, critic.ParseError = old.parse_judgement, old.ParseError
         try:
-            rows = cells()
+            rows = cells(sample_plan() if args.sample else None)
         finally:
             critic.parse_judgement, critic.ParseError = original
         print(f"## {label}\n{summary(rows)}\n")
