@@ -152,6 +152,7 @@ class AspectCatalogue:
                         f"alias {alias!r} of {aspect.name!r} already names {owner.name!r}"
                     )
                 self._index[key] = aspect
+        self._keys = frozenset(self._index)
         payload = json.dumps([a.to_dict() for a in self._aspects], sort_keys=True)
         self._version = hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -197,6 +198,12 @@ class AspectCatalogue:
     def version(self) -> str:
         """A short content hash of every name, alias, description and rubric, in order."""
         return self._version
+
+    @property
+    def lookup_keys(self) -> frozenset[str]:
+        """Every name and alias as :func:`normalize_name` looks it up (made once: the verdict
+        reader asks for them on every reply)."""
+        return self._keys
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -33,8 +33,9 @@ import html
 import json
 import re
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import lru_cache
+from typing import Any, TypeVar
 
 from drpo.agents.aspects import normalize_name
 
@@ -303,6 +304,28 @@ def unquoted(text: str) -> str:
     return _LINE_MARKERS.sub("", text)
 
 
+_Result = TypeVar("_Result")
+
+#: Texts up to this long are remembered by :func:`cached_for_short_texts` (a query, an answer).
+CACHED_TEXT_CHARS = 8192
+
+
+def cached_for_short_texts(function: Callable[[str], _Result]) -> Callable[[str], _Result]:
+    """``function`` (pure, of one text) remembered for its last 256 texts up to
+    :data:`CACHED_TEXT_CHARS` characters: every verdict on a query reads the query's forms
+    again, and a judge's retry its answer's. Longer texts are not kept (the cache stays a few
+    megabytes), so a long text is worked out each time, as before."""
+    remembered = lru_cache(maxsize=256)(function)
+
+    def lookup(text: str) -> _Result:
+        return remembered(text) if len(text) <= CACHED_TEXT_CHARS else function(text)
+
+    lookup.__doc__ = function.__doc__
+    lookup.__wrapped__ = function  # type: ignore[attr-defined]
+    return lookup
+
+
+@cached_for_short_texts
 def normal_forms(text: str) -> tuple[str, str, str, str]:
     """The forms a copy is recognised in: as written, whitespace collapsed, folded (NFKC,
     casefold, whitespace dropped) and folded after the quoting markers a judge puts at line
@@ -367,10 +390,26 @@ class QuotedTexts:
         return bool(self._forms)
 
     def __call__(self, span: str) -> bool:
-        if not self._forms:
+        """Whether a normal form of ``span`` occurs in the same form of the quoted texts.
+
+        The forms of :func:`normal_forms`, tested in order and each made only when the ones before
+        it are not held (folding is most of a verdict's reading time; a span with no line
+        marker is folded once): the same answer as testing all four."""
+        forms = self._forms
+        if not forms:
             return False
-        pairs = zip(normal_forms(span), self._forms, strict=True)
-        return any(form and form in whole for form, whole in pairs)
+        if span and span in forms[0]:
+            return True
+        collapsed = " ".join(span.split())
+        if collapsed and collapsed in forms[1]:
+            return True
+        folded = fold(span)
+        if folded and folded in forms[2]:
+            return True
+        bare = unquoted(span)
+        if bare != span:  # else no marker was dropped: the fold is the one just made
+            folded = fold(bare)
+        return bool(folded) and folded in forms[3]
 
     def longest_prefix(self, span: str) -> int:
         """The length of the longest opening of ``span`` that is held (binary search: every

@@ -76,6 +76,7 @@ from drpo.agents.parsing.json_reader import (
     QuotedTexts,
     ValueReader,
     as_text,
+    cached_for_short_texts,
     close_truncated,
     extract_json,
     fold,
@@ -382,6 +383,7 @@ def _scores_of(value: Any, catalogue: AspectCatalogue) -> frozenset[tuple[str, A
     return frozenset(entries)
 
 
+@cached_for_short_texts
 def _squashed(text: str) -> str:
     """``text`` as aspect names are looked up (``normalize_name``), entities and escapes
     rendered first, so a name in it is a substring of this."""
@@ -390,6 +392,11 @@ def _squashed(text: str) -> str:
 
 
 _UNICODE_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+
+
+def _names_a_key(squashed: str, keys: frozenset[str]) -> bool:
+    """Whether one of the catalogue's looked-up ``keys`` occurs in a ``squashed`` text."""
+    return any(key in squashed for key in keys)
 
 
 #: A key written without quotes, as JavaScript allows (``{Helpfulness: 5}``).
@@ -436,8 +443,10 @@ class _QuotedScores:
         # Only a text that names an aspect somewhere (as the catalogue looks names up, after
         # entities and escapes are rendered) can hold a value that scores one: most answers
         # name none, and are not read at all.
-        keys = {normalize_name(n) for a in catalogue for n in (a.name, *a.aliases)}
-        self._texts = [t for t in texts if t and any(k in _squashed(t) for k in keys)]
+        # Each text is squashed once, not once per key (that was 100 squashes of two texts
+        # per verdict read: a third of a judge reply's reading time).
+        keys = catalogue.lookup_keys
+        self._texts = [t for t in texts if t and _names_a_key(_squashed(t), keys)]
         self._catalogue = catalogue
         self._known: set[frozenset[tuple[str, Any]]] | None = None
 
