@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drpo.runs.schema import WriteFailedError
 from drpo.runs.writer import BatchWriter, WriteOp, _coalesce
 
 SCHEMA = (
@@ -107,3 +108,83 @@ async def test_the_writer_refuses_a_connection_that_begins_no_transaction(tmp_pa
     async with aiosqlite.connect(tmp_path / "x.db", isolation_level=None) as conn:
         with pytest.raises(ValueError, match="IMMEDIATE"):
             BatchWriter(conn)
+
+
+# ---- write_through_cancellation: what the call journal writes each paid-for call with
+
+
+async def _through_cancellation(
+    path: Path, ops: list[tuple[str, list[tuple[int, int]], int | None]], queue_size: int
+) -> tuple[dict, int, int]:
+    """Each op written by a caller of its own, cancelled after ``cancel_after`` checkpoints
+    (None: never); returns the table contents after a flush, the failures the callers saw and
+    the failures the flush reported."""
+    seen = reported = 0
+    async with aiosqlite.connect(path, isolation_level="IMMEDIATE") as conn:
+        for statement in SCHEMA:
+            await conn.execute(statement)
+        writer = BatchWriter(conn, queue_size=queue_size)
+
+        async def caller(sql: str, rows: list[tuple[int, int]], cancel_after: int | None) -> None:
+            nonlocal seen
+            with anyio.CancelScope() as scope:
+                if cancel_after == 0:
+                    scope.cancel()
+                elif cancel_after is not None:
+
+                    async def cancel_later() -> None:
+                        for _ in range(cancel_after):
+                            await anyio.lowlevel.checkpoint()
+                        scope.cancel()
+
+                    tg.start_soon(cancel_later)
+                try:
+                    await writer.write_through_cancellation(sql, rows)
+                except sqlite3.Error:
+                    seen += 1
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.run)
+            async with anyio.create_task_group() as callers:
+                for sql, rows, cancel_after in ops:
+                    callers.start_soon(caller, sql, rows, cancel_after)
+                    await anyio.lowlevel.checkpoint()  # each caller queues in turn
+            try:
+                await writer.flush()
+            except WriteFailedError as error:
+                reported = int(str(error).split()[0])
+            writer.close()
+    raw = sqlite3.connect(path)
+    try:
+        return _contents(raw), seen, reported
+    finally:
+        raw.close()
+
+
+#: Fails on the NOT NULL column whatever the table holds.
+FAILING = "INSERT INTO a (k, v) VALUES (?, NULL + ?)"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from((*STATEMENTS, FAILING)),
+            st.lists(st.tuples(st.integers(0, 3), st.integers(0, 9)), min_size=1, max_size=2),
+            st.one_of(st.none(), st.integers(0, 6)),
+        ),
+        max_size=12,
+    ),
+    queue_size=st.sampled_from([1, 2, 1024]),
+)
+def test_a_write_whose_caller_is_cancelled_is_still_committed(
+    tmp_path_factory, ops, queue_size
+) -> None:
+    """Cancelled callers or not, full queue or not: the tables end as if every op had been
+    applied in order, and every failure is seen by its caller or reported by the next flush."""
+    folder = tmp_path_factory.mktemp("through")
+    good = [(sql, rows) for sql, rows, _ in ops if sql != FAILING]
+    expected = _one_by_one(folder / "plain.db", good)
+    got, seen, reported = anyio.run(_through_cancellation, folder / "w.db", ops, queue_size)
+    assert got == expected
+    assert seen + reported == sum(1 for sql, _, _ in ops if sql == FAILING)

@@ -317,21 +317,21 @@ class JournaledCaller:
         counters.cached_tokens += usage.cached_tokens
         counters.cost_usd += completion.cost_usd
         response_json = completion.model_dump_json(include=set(_COMPLETION_FIELDS))
-        # Shielded: once paid for, the result is written even if the caller is being cancelled.
-        with anyio.CancelScope(shield=True):
-            await self.store.record_call(
-                CallRecord(
-                    **base,
-                    status="ok",
-                    response=response_json,
-                    prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens,
-                    cached_tokens=usage.cached_tokens,
-                    latency_s=completion.latency_s,
-                    attempts=completion.attempts,
-                    cost_usd=completion.cost_usd,
-                )
+        # Once paid for, the result is written even if the caller is being cancelled: the store
+        # commits a queued entry whether or not its caller still waits (no shield needed).
+        await self.store.record_call(
+            CallRecord(
+                **base,
+                status="ok",
+                response=response_json,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                latency_s=completion.latency_s,
+                attempts=completion.attempts,
+                cost_usd=completion.cost_usd,
             )
+        )
         fields = {name: getattr(completion, name) for name in _COMPLETION_FIELDS}
         return JournaledCompletion(**fields, replayed=False, journal_key=key)
 

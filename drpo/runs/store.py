@@ -604,7 +604,9 @@ class RunStore:
         """Write a journal entry and return once it is committed.
 
         An ``ok`` entry is final; an ``error`` entry is replaced by a later try of the same key
-        (its ``tries``, ``attempts`` and ``cost_usd`` accumulate).
+        (its ``tries``, ``attempts`` and ``cost_usd`` accumulate). A caller cancelled while it
+        waits does not take the entry back: once queued it is committed all the same (see
+        :meth:`BatchWriter.write_through_cancellation`), so a paid-for call is never lost.
         """
         writer = self._require_writer()
         now = time.time()
@@ -630,7 +632,7 @@ class RunStore:
             record.created_at or now,
             now,
         )
-        await writer.write(_UPSERT_CALL, [row])
+        await writer.write_through_cancellation(_UPSERT_CALL, [row])
 
     async def mark_replayed(self, run_id: str, key: str) -> None:
         """Count one more answer served from the journal entry (queued, not awaited)."""

@@ -81,6 +81,41 @@ class BatchWriter:
         op = WriteOp(sql, rows, anyio.Event())
         await self._wait(op)
 
+    async def write_through_cancellation(self, sql: str, rows: Sequence[Row]) -> None:
+        """Like :meth:`write`, and once queued the statement is committed even if the caller is
+        cancelled while it waits: the writer commits whatever is queued, so the wait needs no
+        shielded cancel scope (the journal writes one entry per model call, and each cancel
+        scope's entry and exit asks asyncio for the running task, a ``getpid()`` system call on
+        CPython 3.11). A caller that was cancelled meanwhile leaves its failure, if the write
+        fails, to the next :meth:`flush`, like a write nobody awaits. When the queue is full
+        the caller waits for room and the commit shielded, as a shielded :meth:`write` would.
+        """
+        op = WriteOp(sql, rows, anyio.Event())
+        try:
+            self._send.send_nowait(op)
+        except anyio.WouldBlock:
+            with anyio.CancelScope(shield=True):
+                await self._wait(op)
+            return
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise StoreClosedError("the run store is closed; no more writes are accepted") from None
+        assert op.done is not None
+        try:
+            await op.done.wait()
+        except BaseException:
+            self._abandon(op)
+            raise
+        if op.error is not None:
+            raise op.error
+
+    def _abandon(self, op: WriteOp) -> None:
+        """Nobody waits for ``op`` any more: a failure it had is reported by the next flush,
+        and one it has later is reported as for an op queued with no waiter."""
+        if op.error is not None:
+            self._unreported.append(op.error)
+        else:
+            op.done = None
+
     async def flush(self) -> None:
         """Return once everything queued before this call is committed.
 
