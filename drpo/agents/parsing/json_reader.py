@@ -499,6 +499,15 @@ class ValueReader:
         self._budget = {False: budget, True: budget}
         self._copy = (0, 0)  # the copied stretch last found: (start, end)
         self._too_deep: set[int] = set()  # brackets whose values cannot be read shallow
+        #: Whether an opener was passed over unread for want of repair budget or inside a copy:
+        #: until one is, every container nested in a value read as written is also returned on
+        #: its own, so a caller reading every value need not walk into them. (A bracket skipped
+        #: as too deep does not count: every container around it is too deep as well, so no
+        #: value read as written holds it.)
+        self.skipped = False
+        #: Whether the value last returned was repaired rather than read as written (a
+        #: repaired value's nested containers may read differently, or not at all, alone).
+        self.repaired = False
 
     def next_value(self, pos: int) -> tuple[int, int, Any] | None:
         """The next complete JSON value at or after ``pos``: ``(start, end, value)``."""
@@ -506,6 +515,7 @@ class ValueReader:
         while (match := _OPENER.search(text, pos)) is not None:
             start = match.start()
             pos = start + 1
+            self.repaired = False
             if start in self._too_deep:  # a strict read fails or is too deep; repairs as much
                 continue
             after = text[start + 1 : start + 200].lstrip()[:1]
@@ -522,6 +532,7 @@ class ValueReader:
             if value is None and (not after or after in _JSONISH_AFTER[match[0]]):
                 copied = self._in_copy(start)
                 if self._budget[copied] <= 0:
+                    self.skipped = True
                     continue
                 close = balanced_end(text, start)
                 if (
@@ -530,10 +541,12 @@ class ValueReader:
                     and self.quoted(text[start : close + 1])
                 ):
                     pos = close + 1
+                    self.skipped = True
                     continue
                 self._budget[copied] -= (len(text) if close is None else close) - start
                 if close is not None:
                     value, end = loads_repaired(text[start : close + 1]), close + 1
+                    self.repaired = True
             if isinstance(value, dict | list):
                 return start, end, value
         return None
