@@ -33,7 +33,9 @@ pool's initializer also hands each worker the progress queue, which ``to_process
 to do. A worker whose parent died (``kill -9``) stops its searches the same way within a second,
 so no worker keeps paying for calls nobody will read.
 
-Local models are refused with ``workers > 1``: each worker would load its own copy. A script
+Local models are refused only when more than one worker would start (``workers > 1`` and more
+than one search): each worker would load its own copy. With one search, or ``workers = 1``,
+:func:`run_sweep` runs in this process, local models included, as before. A script
 that calls :func:`run_sweep` with ``workers > 1`` needs the usual ``if __name__ == "__main__":``
 guard: the spawn start method imports the script's main module in every worker.
 """
@@ -99,7 +101,8 @@ def worker_count(plans: Sequence[RunPlan], workers: int) -> int:
 
 
 def check_workers_fit(plans: Sequence[RunPlan]) -> None:
-    """Refuse local models: every worker would load its own copy of the model."""
+    """Refuse local models for a sweep in worker processes: every worker would load its own
+    copy of the model (:func:`run_sweep` asks only when more than one worker would start)."""
     for plan in plans:
         models = plan.config.models
         for spec in (models.base, models.critic, models.editor):
