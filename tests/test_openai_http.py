@@ -413,3 +413,16 @@ async def test_a_refusal_reads_alike_on_every_client(
         assert message in str(caught.value) and "sk-test-refusal" not in str(caught.value)
         said[kind] = str(caught.value).replace(url, "URL")
     assert len(set(said.values())) == 1, said
+
+
+def test_a_registry_gives_one_backend_per_model_however_its_spec_is_written() -> None:
+    """Backends are remembered by the spec text asked for (no parse per call), and still one
+    per model: two spellings of a spec share it, and a closed registry builds a new one."""
+    registry = BackendRegistry()
+    spec = "openai:m@http://127.0.0.1:9/v1"
+    first = registry.get(spec)
+    assert registry.get(spec) is first
+    assert registry.get(f"  {spec} ") is first
+    anyio.run(registry.aclose)
+    assert registry.get(spec) is not first
+    anyio.run(registry.aclose)

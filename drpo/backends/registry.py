@@ -19,6 +19,9 @@ class BackendRegistry:
     def __init__(self, endpoints: Mapping[str, KindSettings] | None = None) -> None:
         self._endpoints: dict[str, KindSettings] = {}
         self._backends: dict[str, Backend] = {}
+        #: Backends by the spec text asked for: every agent call looks its model up, and parsing
+        #: the spec each time was ~1% of a busy search's CPU.
+        self._by_text: dict[str, Backend] = {}
         self.configure(endpoints or {})
 
     def configure(self, endpoints: Mapping[str, KindSettings]) -> None:
@@ -31,13 +34,18 @@ class BackendRegistry:
         return self._endpoints.get(str(parse_model_spec(spec_text)))
 
     def get(self, spec_text: str) -> Backend:
+        backend = self._by_text.get(spec_text)
+        if backend is not None:
+            return backend
         key = str(parse_model_spec(spec_text))
         backend = self._backends.get(key)
         if backend is None:
             backend = self._backends[key] = build_backend(key, self._endpoints.get(key))
+        self._by_text[spec_text] = backend
         return backend
 
     async def aclose(self) -> None:
         for backend in self._backends.values():
             await backend.aclose()
         self._backends.clear()
+        self._by_text.clear()
