@@ -138,3 +138,12 @@ def test_the_lookup_keys_are_every_name_and_alias_looked_up() -> None:
     for catalogue in (CATALOGUE, custom):
         names = {normalize_name(n) for a in catalogue for n in (a.name, *a.aliases)}
         assert catalogue.lookup_keys == names
+
+
+def test_a_span_with_a_brace_is_held_only_where_a_form_of_the_texts_has_one() -> None:
+    """The shortcut: quoted texts with no "{" in any form hold no span with one; a brace the
+    fold makes (a full-width one, an entity) still counts."""
+    assert not QuotedTexts(("a plain answer",))('{"a plain answer": 1}')
+    for answer in ('see \uff5b"x": 1\uff5d', 'see &#123;"x": 1}', 'see &lbrace;"x": 1}'):
+        assert QuotedTexts((answer,))('{"x": 1}') == held_by_every_form((answer,), '{"x": 1}')
+    assert QuotedTexts(('see \uff5b"x": 1\uff5d',))('{"x": 1}')

@@ -385,6 +385,9 @@ class QuotedTexts:
     def __init__(self, texts: Sequence[str]) -> None:
         forms = [normal_forms(t) for t in texts if t]
         self._forms = tuple("\x00".join(f[i] for f in forms) for i in range(4)) if forms else ()
+        #: No form of the quoted texts has a "{" (most answers): then no span with one is held,
+        #: since every form of a span keeps its "{" (no rendering, fold or marker drops one).
+        self._no_brace = all("{" not in whole for whole in self._forms)
 
     def __bool__(self) -> bool:
         return bool(self._forms)
@@ -396,7 +399,7 @@ class QuotedTexts:
         it are not held (folding is most of a verdict's reading time; a span with no line
         marker is folded once): the same answer as testing all four."""
         forms = self._forms
-        if not forms:
+        if not forms or (self._no_brace and "{" in span):
             return False
         if span and span in forms[0]:
             return True
