@@ -1,15 +1,16 @@
 """Backend benchmarks, measured side by side in one run.
 
-(a) Local model (the embedded SmolLM2): tokens/s for 8 concurrent requests merged into one batch
-    by ``LocalBackend``, against the same 8 requests one at a time (target: >= 4x), in float32
-    and in bfloat16 side by side (issue 12: which dtype should be the default on this machine),
-    with each dtype's weight memory and whether the dtypes' greedy answers agree; and against a
-    ``transformers serve`` of the same weights on this machine (in the default dtype), sent the
-    same 8 concurrent requests through ``OpenAIBackend``. All runs are greedy; which outputs are
-    identical is checked and printed (float32 reproduces one-by-one answers in batches exactly;
-    bf16 may part ways at near-ties, see tests/test_local_backend.py). Contenders are measured
-    in interleaved rounds, and the output says how busy the machine was meanwhile (other
-    processes' CPU use), because a shared machine can skew any one number several-fold.
+(a) Local model (the embedded SmolLM2): tokens/s for 8 concurrent requests sharing one running
+    batch in ``LocalBackend`` (its continuous engine), against the same 8 requests one at a time
+    (target: >= 4x), in float32 and in bfloat16 side by side (issue 12: which dtype should be
+    the default on this machine), with each dtype's weight memory and whether the dtypes' greedy
+    answers agree; and against a ``transformers serve`` of the same weights on this machine (in
+    the default dtype), sent the same 8 concurrent requests through ``OpenAIBackend``. All runs
+    are greedy; which outputs are identical is checked and printed (float32 reproduces one-by-one
+    answers in batches exactly; bf16 may part ways at near-ties, see tests/test_local_backend.py).
+    Contenders are measured in interleaved rounds, and the output says how busy the machine was
+    meanwhile (other processes' CPU use), because a shared machine can skew any one number
+    several-fold.
 (b) API: ``run_api_benchmark`` from ``benchmarks/api_rate.py`` (the achieved fraction of a
     600 requests/minute limit, and failed calls).
 
@@ -224,18 +225,19 @@ async def run_rounds(
             measured: list[Measurement] = []
             batches: list[str] = []
             for dtype, local in locals_by_dtype.items():
-                batches_before = local.batch_stats.batches
                 measured.append(await one_at_a_time(sequential_label(dtype), local, requests))
+                # How the 8 joined the continuous engine's batch (the default local engine):
+                # prefill passes, each letting the requests waiting at that step join.
+                prefills_before = local.engine_stats.prefills
                 measured.append(await all_at_once(batched_label(dtype), local, requests))
-                count = local.batch_stats.batches - batches_before - len(requests)
-                batches.append(f"{dtype}: {count}")
+                batches.append(f"{dtype}: {local.engine_stats.prefills - prefills_before}")
             for label, backend in remote.items():
                 measured.append(await all_at_once(label, backend, requests))
             for m in measured:
                 results.setdefault(m.label, []).append(m)
             summary = ", ".join(f"{m.label}: {m.tokens_per_s:.1f} tok/s" for m in measured)
             print(
-                f"  round {round_number}/{rounds} (batches for the 8: {', '.join(batches)}; "
+                f"  round {round_number}/{rounds} (prefill passes for the 8: {', '.join(batches)}; "
                 f"load average {os.getloadavg()[0]:.1f}): {summary}"
             )
     finally:

@@ -1,4 +1,4 @@
-"""The local engine under this project's workload (issue 16): continuous engine, lane, old batcher.
+"""The local engine under this project's workload (issue 16): continuous engine vs static lane.
 
 Measured in one run on one loaded model (the embedded SmolLM2, float32 by default so that a CPU
 with native bf16 stands for the AVX2 machines most users have; ``--dtype auto`` for the device's
@@ -31,18 +31,19 @@ default):
 
 Each engine figure is measured for the continuous engine with the scoring lane and its prefix
 cache (``continuous``, the default engine: keys without a prefix), the static batcher with the
-scoring lane (``lane_``, ``DRPO_LOCAL_ENGINE=lane``), the same with the prefix cache off
-(``noprefix_``, through ``DRPO_PREFIX_CACHE_MB=0`` for the job) and the old batcher
-(``batcher_``, ``DRPO_LOCAL_ENGINE=batcher``), in the order given to ``--engines``. The first
-one measured also warms the model up, which favours the others slightly. On a shared machine
-every figure is noisy.
+scoring lane (``lane_``, ``DRPO_LOCAL_ENGINE=lane``) and the same with the prefix cache off
+(``noprefix_``, through ``DRPO_PREFIX_CACHE_MB=0`` for the job), in the order given to
+``--engines``. The first one measured also warms the model up, which favours the others
+slightly. On a shared machine every figure is noisy. The old batcher (scoring inside static
+``generate`` batches, ``batcher_``) was measured side by side with these, then removed; its
+figures are in issue 16's closing note.
 
 Run from the repository root (hold the CPU lock on a shared machine)::
 
     python benchmarks/local.py --json local.json        # the default job takes minutes per engine
     python benchmarks/local.py --no-job                 # engine figures only, a few minutes
     python benchmarks/local.py --quick                  # 16 new tokens, 16 scorers, no job
-    python benchmarks/local.py --job-only --engines continuous,lane,batcher
+    python benchmarks/local.py --job-only --engines continuous,noprefix
 """
 
 from __future__ import annotations
@@ -162,7 +163,6 @@ ENGINES: dict[str, tuple[str, dict[str, str]]] = {
     "continuous": ("", {"DRPO_LOCAL_ENGINE": "engine"}),
     "lane": ("lane_", {"DRPO_LOCAL_ENGINE": "lane"}),
     "noprefix": ("noprefix_", {"DRPO_LOCAL_ENGINE": "lane", "DRPO_PREFIX_CACHE_MB": "0"}),
-    "batcher": ("batcher_", {"DRPO_LOCAL_ENGINE": "batcher"}),
 }
 ENGINE_KEYS = ("engine_tokens_s", "mixed_load_tokens_s", "scoring_wait_p95_s",
                "scoring_wait_max_s", "scoring_wait_median_s")  # fmt: skip
@@ -379,12 +379,15 @@ def main() -> None:
     parser.add_argument("--job-only", action="store_true", help="only the rates and the job")
     parser.add_argument(
         "--engines",
-        default="continuous,lane,batcher",
-        help="which of continuous,lane,noprefix,batcher",
+        default="continuous,lane",
+        help="which of continuous,lane,noprefix",
     )
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or auto")
     parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds per job")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument(
+        "--calls", action="store_true", help="also write each job's call table to --json"
+    )
     args = parser.parse_args()
     max_tokens, scorers = (16, 16) if args.quick else (128, 64)
     engines = [name.strip() for name in args.engines.split(",") if name.strip()]
@@ -437,6 +440,8 @@ def main() -> None:
             job = default_job(env, args.dtype, args.job_timeout)
             for key, value in job_figures(job, figures).items():
                 figures[f"{prefix}{key}"] = value
+            if args.calls:  # every call of the job (role, tokens, start, end): to see why
+                figures[f"{prefix}job_call_table"] = job["calls"]
     report(figures, engines)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
@@ -448,7 +453,6 @@ def report(figures: dict[str, Any], engines: list[str]) -> None:
         "continuous": "engine (default)",
         "lane": "lane+prefix",
         "noprefix": "lane, no prefix",
-        "batcher": "batcher (old)",
     }
     print(f"{'figure':28}" + "".join(f"{titles[name]:>17}" for name in engines))
     for key in (*ENGINE_KEYS, *JOB_KEYS[:-1]):

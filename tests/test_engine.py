@@ -83,7 +83,7 @@ async def test_greedy_rows_joining_mid_generation_equal_one_by_one(
     lengths leave at different steps: a position or padding bug would change the tokens.
     """
     requests = [chat(q, max_tokens=6 + 4 * i, top_logprobs=2) for i, q in enumerate(QUESTIONS)]
-    monkeypatch.setenv("DRPO_LOCAL_ENGINE", "batcher")
+    monkeypatch.setenv("DRPO_LOCAL_ENGINE", "lane")  # one by one through a plain generate call
     alone = [await engine_backend.complete(r) for r in requests]
     monkeypatch.setenv("DRPO_LOCAL_ENGINE", "engine")
     before = snapshot(engine_backend)
@@ -129,7 +129,7 @@ async def test_a_row_that_finishes_leaves_and_a_new_request_takes_its_place(
         order.append(name)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(call, "long", chat(LONG, max_tokens=120))
+        tg.start_soon(call, "long", chat(LONG, max_tokens=48))
         tg.start_soon(call, "short", chat("What is 2+2?", max_tokens=4))
         await wait_until(lambda: order == ["short"])
         tg.start_soon(call, "later", chat("Name a color.", max_tokens=4))
@@ -151,15 +151,14 @@ async def test_a_verdict_during_a_long_generation_finishes_before_it(
         await engine_backend.complete(chat(LONG, max_tokens=120))
         order.append("generation")
 
-    async def verdict() -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(generate)
         await wait_until(lambda: engine_backend.engine.running == 1)
         await engine_backend.complete(VERDICT)
         order.append("verdict")
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(generate)
-        tg.start_soon(verdict)
-    assert order == ["verdict", "generation"]
+        # The rest of the generation would prove nothing more: it leaves at the next step.
+        tg.cancel_scope.cancel()
+    assert order == ["verdict"]  # the generation had not ended when the verdict was in
     assert since(engine_backend, before)["scoring_between_steps"] >= 1
 
 

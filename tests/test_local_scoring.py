@@ -6,6 +6,8 @@ timings are asserted, only orders of completion and numbers.
 
 from __future__ import annotations
 
+import threading
+
 import anyio
 import pytest
 
@@ -39,24 +41,36 @@ async def model_busy(backend: LocalBackend) -> None:
             await anyio.sleep(0.01)
 
 
-async def test_scoring_lane_gives_the_batchers_numbers(
-    local_backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_scoring_lane_gives_a_generate_calls_numbers(local_backend: LocalBackend) -> None:
+    """The lane's prefill gives what a one-token ``generate`` call gives (the path before issue
+    16, when verdicts went through the static batcher): the same token, the same top-k."""
+    from drpo.backends.local_model import _rows_of, encode_prompt, generate_rows
+
     lane = await local_backend.complete(VERDICT)
-    monkeypatch.setenv("DRPO_LOCAL_ENGINE", "batcher")
-    old = await local_backend.complete(VERDICT)
-    assert lane.choices[0].text == old.choices[0].text
-    assert lane.usage == old.usage
+    loaded = local_backend.load()
+    ids = encode_prompt(loaded, VERDICT)
+    with loaded.lock:
+        (old,) = generate_rows(loaded, _rows_of(0, VERDICT, ids, 1), [threading.Event()])
+    assert lane.choices[0].text == old.choice.text
+    assert lane.usage.prompt_tokens == len(ids)
+    assert lane.usage.completion_tokens == old.completion_tokens == 1
     (lane_lp,) = lane.choices[0].logprobs or ()
-    (old_lp,) = old.choices[0].logprobs or ()
+    (old_lp,) = old.choice.logprobs or ()
     assert [t.token for t in lane_lp.top] == [t.token for t in old_lp.top]
     for a, b in zip(lane_lp.top, old_lp.top, strict=True):
         assert a.logprob == pytest.approx(b.logprob, abs=2e-2)
 
 
 async def test_verdict_during_a_long_generation_finishes_before_it(
-    local_backend: LocalBackend,
+    local_backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """On the static batcher (``DRPO_LOCAL_ENGINE=lane``: what models the continuous engine does
+    not support take), a verdict is served between the steps of a running ``generate`` call.
+
+    Once the verdict is in, the generation is cancelled: the rest of its 160 tokens would prove
+    nothing more (tests/test_engine.py checks the same on the continuous engine).
+    """
+    monkeypatch.setenv("DRPO_LOCAL_ENGINE", "lane")
     order: list[str] = []
     loaded = local_backend.load()
     passes_before = loaded.scoring.passes
@@ -65,19 +79,18 @@ async def test_verdict_during_a_long_generation_finishes_before_it(
         await local_backend.complete(LONG)
         order.append("generation")
 
-    async def verdict() -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(generate)
         await model_busy(local_backend)
         await local_backend.complete(VERDICT)
         order.append("verdict")
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(generate)
-        tg.start_soon(verdict)
-    assert order == ["verdict", "generation"]
+        tg.cancel_scope.cancel()
+    assert order == ["verdict"]  # the generation had not ended when the verdict was in
     assert loaded.scoring.passes > passes_before
 
 
 async def test_a_cancelled_verdict_leaves_the_lane(local_backend: LocalBackend) -> None:
+    """A verdict cancelled while a generation holds the model is dropped at the next step."""
     loaded = local_backend.load()
     async with anyio.create_task_group() as tg:
         tg.start_soon(local_backend.complete, LONG)
@@ -85,4 +98,8 @@ async def test_a_cancelled_verdict_leaves_the_lane(local_backend: LocalBackend) 
         with anyio.move_on_after(0) as scope:
             await local_backend.complete(VERDICT)
         assert scope.cancelled_caught
+        with anyio.fail_after(120):
+            while loaded.scoring.pending:  # noqa: ASYNC110  (changed by the worker thread)
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()  # the rest of the generation proves nothing more
     assert loaded.scoring.pending == 0

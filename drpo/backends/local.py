@@ -22,11 +22,12 @@ free within one token of the last caller leaving. Calls made inside
 :func:`drpo.backends.priority.background` take the slots that foreground calls leave free
 (issue 12).
 
-``DRPO_LOCAL_ENGINE`` (read at each call) selects another path, kept to compare them in
-``benchmarks/local.py``: ``lane`` merges concurrent generations into static left-padded
-``generate`` batches (a :class:`~drpo.backends.batching.DynamicBatcher`), scoring still in the
-lane; ``batcher`` sends scoring through those batches too (the path before issue 16). Models the
-engine does not support (caches that are not all plain ``DynamicLayer`` s) take ``lane``.
+``DRPO_LOCAL_ENGINE=lane`` (read at each call) generates through static left-padded
+``generate`` batches instead (a :class:`~drpo.backends.batching.DynamicBatcher`), scoring still in
+the lane: what models the engine does not support take (caches that are not all plain
+``DynamicLayer`` s: sliding-window or linear-attention layers), and what ``benchmarks/local.py``
+compares the engine with. The path before issue 16 (scoring inside those batches too) is gone,
+once ``benchmarks/local.py`` had measured it side by side with the others (issue 16).
 
 The model-ref helpers (:func:`resolve_model_ref`, :class:`ResolvedModel`, :func:`sequences_for`,
 ``EMBEDDED_MODELS``) live in :mod:`drpo.backends.local_refs`, shared with the torch half
@@ -166,10 +167,9 @@ class LocalBackend:
             raise PermanentBackendError(f"local backend for {self.model!r} is closed")
         started = time.perf_counter()
         loaded = await self.aload()
-        engine = _engine_choice()
-        if engine != "batcher" and _is_scoring(request):
+        if _is_scoring(request):
             result = await self._score(loaded, request)
-        elif engine == "engine" and self._engine_supported(loaded):
+        elif _engine_choice() == "engine" and self._engine_supported(loaded):
             result = await self._generate(loaded, request)
         else:
             result = await self._batcher.submit(request)
@@ -241,9 +241,8 @@ class LocalBackend:
 
 
 #: ``DRPO_LOCAL_ENGINE`` values: "engine" (continuous batching, scoring in the lane: the
-#: default), "lane" (the static batcher, scoring in the lane), "batcher" (everything through the
-#: static batcher).
-ENGINES = ("engine", "lane", "batcher")
+#: default), "lane" (the static batcher, scoring in the lane).
+ENGINES = ("engine", "lane")
 DEFAULT_ENGINE = "engine"
 
 
