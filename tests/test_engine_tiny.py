@@ -19,8 +19,9 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from drpo.backends.base import CompletionRequest, PermanentBackendError
-from drpo.backends.engine import Engine, EngineJob
-from drpo.backends.local_model import GenerationResult, LoadedModel
+from drpo.backends.engine import Engine, EngineJob, engine_for
+from drpo.backends.local_model import GenerationResult, LoadedModel, score_waiting
+from drpo.backends.priority import Priority
 
 EOS = 119
 
@@ -166,3 +167,92 @@ def test_out_of_memory_splits_the_batch_and_a_row_that_never_fits_fails_alone(
         else:  # decode steps of up to 8 rows ran in halves of at most 2
             assert text(job) == want
     assert any(len(prompt) > 35 for prompt, _ in cases)
+
+
+def test_rows_sharing_a_prompt_prefix_reuse_it_and_get_their_tokens_alone(
+    tiny: LoadedModel,
+) -> None:
+    """A level's answers share the system prompt and the examples: computed once, then reused.
+
+    Three prompts share a 24-token opening: the first pass computes it once and stores it (the
+    model's prefix cache), a request that joins later finds it stored, and every row still gets
+    the tokens it gets alone (positions continue the prefix; the mask has a hole of padding
+    between a row's prefix and its suffix, which decode steps carry on).
+    """
+    rng = random.Random(2)
+    opening = [rng.randrange(2, 118) for _ in range(24)]
+    cases = [(opening + [rng.randrange(2, 118) for _ in range(n)], 12) for n in (3, 9, 5, 7)]
+    tiny.prefix_cache.clear()
+    stats = tiny.prefix_cache.stats
+    saved, stored = stats.tokens_saved, stats.stored
+    engine = Engine(tiny)
+    requests = [CompletionRequest(prompt=" ".join(map(str, p)), max_tokens=n) for p, n in cases]
+    with engine.loaded.lock:
+        first = [engine.submit(r, 0, threading.Event(), 8) for r in requests[:3]]
+        for _ in range(4):
+            engine.step()
+        later = engine.submit(requests[3], 0, threading.Event(), 8)
+        while engine.step():
+            pass
+    assert [text(job) for job in [*first, later]] == [alone(tiny, p, n) for p, n in cases]
+    assert stats.stored > stored  # the shared opening, stored once
+    # The opening is reused by the three first rows and by the later one.
+    assert stats.tokens_saved >= saved + 24 * 4
+    assert engine.stats.joined_while_running == 1
+
+
+def test_a_foreground_row_preempts_a_background_row_of_a_full_batch(tiny: LoadedModel) -> None:
+    """One slot: a background row gives it up to a foreground row, then finishes its own answer.
+
+    The background row leaves with the tokens it made, waits, and joins again with a prefill of
+    its prompt and those tokens: its answer is the one it gets alone, token for token.
+    """
+    (slow, n_slow), (quick, n_quick) = prompts_and_lengths()[1], prompts_and_lengths()[2]
+    engine = Engine(tiny)
+    order: list[str] = []
+    with engine.loaded.lock:
+        back = engine.submit(
+            CompletionRequest(prompt=" ".join(map(str, slow)), max_tokens=n_slow),
+            Priority.BACKGROUND,
+            threading.Event(),
+            1,
+        )
+        for _ in range(5):
+            engine.step()
+        assert engine.running == 1 and not back.done.is_set()
+        front = engine.submit(
+            CompletionRequest(prompt=" ".join(map(str, quick)), max_tokens=n_quick),
+            Priority.FOREGROUND,
+            threading.Event(),
+            1,
+        )
+        working = True
+        while working:
+            working = engine.step()
+            for name, job in (("front", front), ("back", back)):
+                if job.done.is_set() and name not in order:
+                    order.append(name)
+    assert order == ["front", "back"]
+    assert engine.stats.preempted == 1
+    assert text(back) == alone(tiny, slow, n_slow)
+    assert text(front) == alone(tiny, quick, n_quick)
+
+
+def test_a_scorer_that_finds_the_model_free_steps_the_generations_too(tiny: LoadedModel) -> None:
+    """A backlog of scoring jobs (the background aspect selections at the start of a run) shares
+    the model with the generations step by step: the scorer that serves it also steps the running
+    batch, so a generation submitted before it is done by the time the last scoring job is.
+    """
+    engine = engine_for(tiny)  # the model's own engine: scorers step it
+    (prompt, _), *_ = prompts_and_lengths()
+    generation = engine.submit(
+        CompletionRequest(prompt=" ".join(map(str, prompt)), max_tokens=3),
+        Priority.FOREGROUND,
+        threading.Event(),
+        8,
+    )
+    scoring = CompletionRequest(prompt="5 6 7 8", max_tokens=1, top_logprobs=2)
+    jobs = [tiny.scoring.add(scoring, Priority.BACKGROUND, threading.Event()) for _ in range(24)]
+    score_waiting(tiny, jobs[-1], max_batch_size=8)  # the last of three passes of eight
+    assert all(isinstance(job.result, GenerationResult) for job in jobs)
+    assert generation.done.is_set() and text(generation) == alone(tiny, prompt, 3)

@@ -5,8 +5,13 @@ with a 180-token rewrite waits for all 180 steps, and a request that arrives one
 batch started waits for the whole batch. Here one running batch is stepped token by token:
 
 * a waiting row **joins** at the next step: its prompt is prefilled on its own (with the other
-  joiners of that step, left-padded among themselves), then its KV cache is merged into the
-  running batch's, both left-padded to a common length (:func:`merge_groups`);
+  joiners of that step, left-padded among themselves, reusing the prompt prefixes the model's
+  :class:`~drpo.backends.prefix_cache.PrefixCache` holds and storing those the joiners share:
+  a level's answers share the system prompt and the examples), then its KV cache is merged into
+  the running batch's, both left-padded to a common length (:func:`merge_groups`);
+* a full batch makes room for waiting **foreground** rows by taking out its newest
+  **background** rows (:meth:`Engine._preempt`): they wait with the tokens they made and join
+  again later, prefilling their prompt and those tokens;
 * a row **leaves** as soon as it stops (EOS, a stop string, its own ``max_tokens``, its caller
   cancelled, or it ran out of memory): the batch keeps the others (``batch_select_indices``), and
   columns that only padding still uses are cut off the left (:func:`trim_left`);
@@ -70,6 +75,8 @@ from drpo.backends.local_model import (
     generate_rows,
 )
 from drpo.backends.local_refs import sequences_for
+from drpo.backends.prefix_cache import prefill
+from drpo.backends.priority import Priority
 
 
 @dataclass
@@ -87,6 +94,9 @@ class EngineStats:
     left_while_running: int = 0
     #: Rows dropped because their caller was cancelled.
     cancelled_rows: int = 0
+    #: Background rows taken out of a full batch to make room for foreground rows (they wait,
+    #: with the tokens they made, and join again when a slot is free).
+    preempted: int = 0
     #: Scoring jobs served between steps (capped per step), and the largest running batch.
     scoring_between_steps: int = 0
     largest_batch: int = 0
@@ -129,6 +139,12 @@ class _Live:
         """The position of the row's last chosen token (the one the next step feeds)."""
         return len(self.row.prompt_ids) + len(self.generated) - 1
 
+    @property
+    def context(self) -> list[int]:
+        """What a prefill of this row runs: its prompt, and the tokens it made before it was
+        pre-empted (then the prefill's last logits choose its next token)."""
+        return [*self.row.prompt_ids, *self.generated]
+
 
 @dataclass(eq=False)
 class _Group:
@@ -155,6 +171,7 @@ def engine_for(loaded: LoadedModel) -> Engine:
         engine = _ENGINES.get(loaded)
         if engine is None:
             engine = _ENGINES[loaded] = Engine(loaded)
+            loaded.engine_step = engine.step
         return engine
 
 
@@ -169,6 +186,7 @@ class Engine:
         self._arrivals = itertools.count()
         self._waiting: list[_Live] = []  # encoded rows not yet in the batch
         self._group: _Group | None = None  # the running batch
+        self._finished = 0  # jobs finished since the waiters were last woken
 
     # ---- submitting and waiting (any thread) ------------------------------------------------
 
@@ -211,7 +229,7 @@ class Engine:
                 finally:
                     lock.release()
             else:
-                job.done.wait(0.005)
+                lock.wait(job.done)
 
     # ---- one step (the caller holds the model lock) -----------------------------------------
 
@@ -222,12 +240,15 @@ class Engine:
         self._drop_cancelled()
         self._admit()
         group = self._group
-        if group is None or not group.lives:
+        if group is not None and group.lives:
+            self._group = self._decode(group)
+            self._drop_cancelled()
+        else:
             self._group = None
-            return bool(self._waiting or self._submitted)
-        self._group = self._decode(group)
-        self._drop_cancelled()
-        return True
+        if self._finished:
+            self._finished = 0
+            self.loaded.lock.notify()  # the finished jobs' threads return now
+        return self._group is not None or bool(self._waiting or self._submitted)
 
     def _serve_scoring(self) -> None:
         lane = self.loaded.scoring
@@ -247,13 +268,13 @@ class Engine:
             jobs, self._submitted = self._submitted, []
         for job in jobs:
             if job.cancelled.is_set():
-                job.finish(GenerationCancelled("generation request was cancelled"))
+                self._end(job, GenerationCancelled("generation request was cancelled"))
                 continue
             try:
                 prompt_ids = encode_prompt(self.loaded, job.request)
                 max_tokens = _room_for(self.loaded, job.request, len(prompt_ids))
             except PermanentBackendError as exc:
-                job.finish(exc)
+                self._end(job, exc)
                 continue
             job.prompt_tokens = len(prompt_ids)
             rows = _rows_of(0, job.request, prompt_ids, max_tokens)
@@ -274,7 +295,7 @@ class Engine:
             return
         self.stats.cancelled_rows += len(gone)
         for live in gone:
-            live.job.finish(GenerationCancelled("generation request was cancelled"))
+            self._end(live.job, GenerationCancelled("generation request was cancelled"))
         self._waiting = [live for live in self._waiting if not live.job.done.is_set()]
         if group is not None:
             self._group = _keep(group, [not live.job.done.is_set() for live in group.lives])
@@ -283,9 +304,10 @@ class Engine:
         """Prefill waiting rows (serving order) into the free slots and merge them in."""
         if not self._waiting:
             return
-        running = self.running
         # A new list, not an in-place sort: other threads read it (``queued``) meanwhile.
         self._waiting = sorted(self._waiting, key=lambda live: live.job.order)
+        self._preempt()
+        running = self.running
         joiners: list[_Live] = []
         for live in self._waiting:
             if running + len(joiners) < live.job.max_batch_size:
@@ -303,6 +325,33 @@ class Engine:
         if self._group is not None:
             self.stats.largest_batch = max(self.stats.largest_batch, len(self._group.lives))
 
+    def _preempt(self) -> None:
+        """Take background rows out of a full batch when foreground rows wait (issue 16, item 4).
+
+        Foreground work (the level's answer -> verdict -> rewrite chain) is what the search waits
+        for; a background row (asked ahead of need) that holds a slot would delay it by up to its
+        whole length. The newest background rows leave first, back to the waiting list with the
+        tokens they made: when a slot is free again they join with a prefill of their prompt and
+        those tokens, and go on with their own generator, so their answer is the one they get
+        uninterrupted (up to float noise of the prefill). The caller holds the model lock.
+        """
+        group = self._group
+        if group is None:
+            return
+        waiting = [x for x in self._waiting if x.job.order[0] == Priority.FOREGROUND]
+        if not waiting:
+            return
+        over = len(group.lives) + len(waiting) - waiting[0].job.max_batch_size
+        candidates = [i for i, x in enumerate(group.lives) if x.job.order[0] != Priority.FOREGROUND]
+        if over <= 0 or not candidates:
+            return
+        candidates.sort(key=lambda i: group.lives[i].job.order, reverse=True)
+        out = set(candidates[:over])
+        self.stats.preempted += len(out)
+        left = [group.lives[i] for i in sorted(out)]
+        self._group = _keep(group, [i not in out for i in range(len(group.lives))])
+        self._waiting = sorted([*self._waiting, *left], key=lambda live: live.job.order)
+
     def _prefill(self, lives: list[_Live]) -> list[_Group | None]:
         """Prefill ``lives`` in one pass (halves on OOM); rows that stop at once are finished."""
         try:
@@ -317,31 +366,19 @@ class Engine:
             return [*self._prefill(lives[:middle]), *self._prefill(lives[middle:])]
 
     def _prefill_pass(self, lives: list[_Live]) -> _Group | None:
+        """One prefill of the joiners, reusing stored prompt prefixes (:func:`prefill`).
+
+        A level's answers share the system prompt and the in-context examples: the first pass
+        that holds two of them computes that prefix once and stores it, and answers that join
+        later find it stored. Positions continue each prefix, so the keys and values are a cold
+        prefill's up to float noise.
+        """
         loaded = self.loaded
-        width = max(len(live.row.prompt_ids) for live in lives)
-        input_ids = torch.tensor(
-            [[loaded.pad_id] * (width - len(x.row.prompt_ids)) + x.row.prompt_ids for x in lives],
-            dtype=torch.long,
-            device=loaded.device,
+        done = prefill(
+            loaded.model, loaded.pad_id, [live.context for live in lives], loaded.prefix_cache
         )
-        mask = torch.tensor(
-            [[0] * (width - len(x.row.prompt_ids)) + [1] * len(x.row.prompt_ids) for x in lives],
-            dtype=torch.long,
-            device=loaded.device,
-        )
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        cache = DynamicCache(config=loaded.model.config)
-        with torch.inference_mode():
-            out = loaded.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
         self.stats.prefills += 1
-        return self._after_forward(_Group(out.cache, mask, lives), out.logits[:, -1, :])
+        return self._after_forward(_Group(done.kv, done.mask, lives), done.logits)
 
     def _decode(self, group: _Group) -> _Group | None:
         """One token for every running row (halves on OOM; a row that alone does not fit fails)."""
@@ -449,22 +486,30 @@ class Engine:
     def _complete(self, job: EngineJob) -> None:
         request = job.request
         samples = [job.outputs[i % sequences_for(request)] for i in range(request.n)]
-        job.finish(
+        self._end(
+            job,
             GenerationResult(
                 choices=tuple(output.choice for output in samples),
                 prompt_tokens=job.prompt_tokens,
                 completion_tokens=sum(output.completion_tokens for output in samples),
-            )
+            ),
         )
+
+    def _end(self, job: EngineJob, result: GenerationResult | BaseException) -> None:
+        """Finish ``job``; its waiting thread is woken at the end of the step."""
+        if not job.done.is_set():
+            self._finished += 1
+        job.finish(result)
 
     def _fail_out_of_memory(self, live: _Live) -> None:
         """The static path's message; the job's other rows leave at the next step."""
         loaded = self.loaded
-        live.job.finish(
+        self._end(
+            live.job,
             PermanentBackendError(
                 f"local model {loaded.key[0]} ran out of memory on {loaded.device} for one "
                 "sequence: lower max_tokens, shorten the prompt or use a smaller dtype"
-            )
+            ),
         )
         # Its sibling rows are dropped like cancelled ones: nobody reads them any more.
         live.job.cancelled.set()

@@ -1,12 +1,15 @@
-"""Shared prompt prefixes computed once (issue 16): a small cache of prefix KV states for scoring.
+"""Shared prompt prefixes computed once (issue 16): a small cache of prefix KV states.
 
 The logprobs critic sends many one-token requests whose prompts begin alike: the chat template's
 system turn and the judge's instructions for every request, the question for every aspect
-selection of one query, the question and the answer for every verdict on one answer. A cold
-prefill recomputes those tokens for every request. Here the keys and values of such prefixes are
-kept, keyed by their token ids, and a scoring pass computes only what follows them.
+selection of one query, the question and the answer for every verdict on one answer; and a
+level's answers share the candidate system prompt and the in-context examples. A cold prefill
+recomputes those tokens for every request. Here the keys and values of such prefixes are kept,
+keyed by their token ids, and a pass computes only what follows them: a scoring pass reads the
+last logits (:func:`last_logits`), the continuous engine's prefill also keeps the keys and values
+to decode from (:func:`prefill`).
 
-How a pass works (:func:`last_logits`), for a batch of prompts:
+How a pass works (:func:`prefill`), for a batch of prompts:
 
 1. each prompt looks up the stored prefix that shares the most leading tokens with it (any
    stored sequence serves every prompt that starts like it: a causal model's keys and values at a
@@ -170,6 +173,21 @@ class _Item:
     suffix: list[int]
 
 
+@dataclass(frozen=True)
+class Prefill:
+    """One prefill pass: each prompt's last-position logits, and the pass's keys and values.
+
+    ``kv`` holds every row's prefix and suffix (``[rows, heads, length, head_dim]`` per layer)
+    and ``mask`` (``[rows, length]``) is 1 over each row's real tokens, 0 over its padding
+    (left of its prefix, and between its prefix and its suffix): what a decode step that goes on
+    from this pass needs, with each row's next position ``len(prompt)``.
+    """
+
+    logits: torch.Tensor
+    kv: DynamicCache
+    mask: torch.Tensor
+
+
 def last_logits(
     model: Any, pad_id: int, prompts: Sequence[Sequence[int]], cache: PrefixCache
 ) -> torch.Tensor:
@@ -179,18 +197,30 @@ def last_logits(
     ``cache`` does not hold (see the module docstring for the three steps). With the cache off,
     one plain pass.
     """
+    return prefill(model, pad_id, prompts, cache).logits
+
+
+def prefill(
+    model: Any, pad_id: int, prompts: Sequence[Sequence[int]], cache: PrefixCache
+) -> Prefill:
+    """Prefill ``prompts`` reusing ``cache``'s prefixes: logits, keys and values, mask.
+
+    Shared by the scoring lane (which reads only the logits) and the continuous engine (which
+    goes on decoding from the keys and values): both reuse the same stored prefixes, and a
+    level's answers, which share the system prompt and the in-context examples, store theirs for
+    the answers that join later.
+    """
     if not cache.enabled or not prefix_reuse_supported(model):
         items = [_Item(None, 0, list(ids)) for ids in prompts]
-        logits, _ = _forward(model, pad_id, items, keep=False)
         cache.stats.tokens_computed += sum(len(ids) for ids in prompts)
-        return logits
+        return _forward(model, pad_id, items)
     found = [cache.lookup(ids) for ids in prompts]
     shared = _shared_prefixes(prompts, [reused for _, reused in found], cache.min_tokens)
     if shared:
         prefix_items = [_item(cache, ids) for ids in shared]
-        _, entries = _forward(model, pad_id, prefix_items, keep=True)
+        done = _forward(model, pad_id, prefix_items)
         cache.stats.tokens_computed += sum(len(item.suffix) for item in prefix_items)
-        for entry in entries:
+        for entry in _entries(prefix_items, done):
             cache.store(entry)
     items = [_item(cache, ids) for ids in prompts]
     cache.stats.lookups += len(items)
@@ -199,8 +229,7 @@ def last_logits(
             cache.stats.hits += 1
             cache.stats.tokens_saved += item.reused
         cache.stats.tokens_computed += len(item.suffix)
-    logits, _ = _forward(model, pad_id, items, keep=False)
-    return logits
+    return _forward(model, pad_id, items)
 
 
 def prefix_reuse_supported(model: Any) -> bool:
@@ -254,15 +283,16 @@ def _shared_prefixes(
 
 
 def _cache_keyword(model: Any) -> str:
-    """The forward's name for the KV cache: ``cache`` (transformers >= 5.25), else the old one."""
-    parameters = inspect.signature(model.forward).parameters
+    """The forward's name for the KV cache: ``cache`` (transformers >= 5.25), else the old one.
+
+    Read from the model's class, so a wrapper set on one instance's ``forward`` does not hide it.
+    """
+    parameters = inspect.signature(type(model).forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def _forward(
-    model: Any, pad_id: int, items: Sequence[_Item], *, keep: bool
-) -> tuple[torch.Tensor, list[PrefixEntry]]:
-    """One forward pass of ``items``: last-position logits, and each row's KV when ``keep``."""
+def _forward(model: Any, pad_id: int, items: Sequence[_Item]) -> Prefill:
+    """One forward pass of ``items``: last-position logits, the pass's keys, values and mask."""
     device = model.device
     widest_prefix = max(item.reused for item in items)
     width = max(len(item.suffix) for item in items)
@@ -297,33 +327,33 @@ def _forward(
             **{_cache_keyword(model): kv},
         )
         logits = out.logits[:, -1, :].float()
-    entries: list[PrefixEntry] = []
-    if keep:
-        for row, item in enumerate(items):
-            start = widest_prefix - item.reused
-            suffix_start = widest_prefix + width - len(item.suffix)
-            layers = tuple(
-                (
-                    torch.cat(
-                        [
-                            k[row : row + 1, :, start:widest_prefix],
-                            k[row : row + 1, :, suffix_start:],
-                        ],
-                        dim=2,
-                    ).clone(),
-                    torch.cat(
-                        [
-                            v[row : row + 1, :, start:widest_prefix],
-                            v[row : row + 1, :, suffix_start:],
-                        ],
-                        dim=2,
-                    ).clone(),
-                )
-                for k, v in ((layer.keys, layer.values) for layer in kv.layers)
+    return Prefill(logits, kv, attention_mask)
+
+
+def _entries(items: Sequence[_Item], done: Prefill) -> list[PrefixEntry]:
+    """Each row of a pass as a stored entry: its prefix and suffix keys and values, unpadded."""
+    widest_prefix = max(item.reused for item in items)
+    length = done.mask.shape[1]
+    entries = []
+    for row, item in enumerate(items):
+        start = widest_prefix - item.reused
+        suffix_start = length - len(item.suffix)
+        layers = tuple(
+            (
+                torch.cat(
+                    [k[row : row + 1, :, start:widest_prefix], k[row : row + 1, :, suffix_start:]],
+                    dim=2,
+                ).clone(),
+                torch.cat(
+                    [v[row : row + 1, :, start:widest_prefix], v[row : row + 1, :, suffix_start:]],
+                    dim=2,
+                ).clone(),
             )
-            prefix = item.entry.ids[: item.reused] if item.entry is not None else ()
-            entries.append(PrefixEntry(ids=(*prefix, *item.suffix), layers=layers))
-    return logits, entries
+            for k, v in ((layer.keys, layer.values) for layer in done.kv.layers)
+        )
+        prefix = item.entry.ids[: item.reused] if item.entry is not None else ()
+        entries.append(PrefixEntry(ids=(*prefix, *item.suffix), layers=layers))
+    return entries
 
 
 def _batched_prefixes(
