@@ -7,8 +7,8 @@ batch started waits for the whole batch. Here one running batch is stepped token
 * a waiting row **joins** at the next step: its prompt is prefilled on its own (with the other
   joiners of that step, left-padded among themselves, reusing the prompt prefixes the model's
   :class:`~drpo.backends.prefix_cache.PrefixCache` holds and storing those the joiners share:
-  a level's answers share the system prompt and the examples), then its KV cache is merged into
-  the running batch's, both left-padded to a common length (:func:`merge_groups`);
+  a level's answers share the system prompt and the examples; in float32 only, see
+  :meth:`Engine._prefill_pass`), then its KV cache is merged into the running batch's, both left-padded to a common length (:func:`merge_groups`);
 * a full batch makes room for waiting **foreground** rows by taking out its newest
   **background** rows (:meth:`Engine._preempt`): they wait with the tokens they made and join
   again later, prefilling their prompt and those tokens;
@@ -75,7 +75,7 @@ from drpo.backends.local_model import (
     generate_rows,
 )
 from drpo.backends.local_refs import sequences_for
-from drpo.backends.prefix_cache import prefill
+from drpo.backends.prefix_cache import PrefixCache, prefill
 from drpo.backends.priority import Priority
 
 
@@ -160,6 +160,9 @@ def engine_supported(loaded: LoadedModel) -> bool:
     cache = DynamicCache(config=loaded.model.config)
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
+
+#: A cache that holds nothing: a cold prefill of every prompt (non-float32 generations).
+_NO_PREFIXES = PrefixCache(budget_bytes=0)
 
 _ENGINES: weakref.WeakKeyDictionary[LoadedModel, Engine] = weakref.WeakKeyDictionary()
 _ENGINES_GUARD = threading.Lock()
@@ -374,9 +377,13 @@ class Engine:
         prefill's up to float noise.
         """
         loaded = self.loaded
-        done = prefill(
-            loaded.model, loaded.pad_id, [live.context for live in lives], loaded.prefix_cache
-        )
+        # float32 only: there a reused prefix differs from a cold one by float noise, so greedy
+        # answers do not depend on what the cache holds; in bf16 that noise is a rounding step
+        # and a near-tie can flip (measured: a 16-token answer whose last token changed once
+        # the system prompt's prefix was stored), which would make the same request's answer
+        # depend on the calls made before it.
+        cache = loaded.prefix_cache if loaded.dtype == torch.float32 else _NO_PREFIXES
+        done = prefill(loaded.model, loaded.pad_id, [live.context for live in lives], cache)
         self.stats.prefills += 1
         return self._after_forward(_Group(done.kv, done.mask, lives), done.logits)
 
