@@ -91,7 +91,10 @@ MODEL_CELLS: frozenset[tuple[str, str, str]] = frozenset(
 MODEL_ENDPOINTS = ("transformers-serve", "embedded")
 
 #: Tiny sizes: a few levels and a few dozen tokens, whatever the preset (a 135M model writes
-#: no readable JSON verdict at any length, and a CPU writes a dozen tokens a second).
+#: no readable JSON verdict at any length, and a CPU writes a dozen tokens a second). On a real
+#: model a JSON critic's reply is cut at 24 tokens (:data:`MODEL_CRITIC_TOKENS`), which is what
+#: every such cell needs of it: an unreadable verdict or selection ends it as :data:`EXPECTED`
+#: says, or an eval finishes with it (the doubles' verdicts need their 48).
 SEARCH_SIZES = """
 [search]
 depth = 3
@@ -115,6 +118,9 @@ max_tokens = 64
 rounds = 1
 max_tokens = 64
 """
+
+
+MODEL_CRITIC_TOKENS = 24
 
 
 def _serve(models: dict) -> Iterator[FakeOpenAIServer]:
@@ -162,7 +168,10 @@ def _command(
     limits = (
         f'[endpoints."{helper}"]\nmax_in_flight = 2\n' if endpoint == "transformers-serve" else ""
     )
-    config.write_text(f'preset = "{preset}"\n{models}{search}{SIZES}{limits}', encoding="utf-8")
+    sizes = SIZES
+    if endpoint in MODEL_ENDPOINTS:
+        sizes = sizes.replace("[critic]\nmax_tokens = 48", f"[critic]\nmax_tokens = {MODEL_CRITIC_TOKENS}")
+    config.write_text(f'preset = "{preset}"\n{models}{search}{sizes}{limits}', encoding="utf-8")
     if job == "optimize":
         out = str(tmp_path / "aligned.json")
         return ["optimize", "--config", str(config), *flags, "--out", out, "--db", db]
@@ -171,15 +180,17 @@ def _command(
         return ["icl", "--config", str(config), "--limit", "1", "--out", out, "--db", db]
     if job == "eval":
         queries = tmp_path / "queries.jsonl"
-        queries.write_text(
-            '{"id": 1, "instruction": "How do I boil an egg?"}\n'
-            '{"id": 2, "instruction": "Name a prime number."}\n',
-            encoding="utf-8",
-        )
+        # one query on a real model (each answer and verdict costs seconds there), two on the
+        # doubles: either way both prompts are answered and judged and the eval finishes
+        model = endpoint in MODEL_ENDPOINTS
+        lines = ['{"id": 1, "instruction": "How do I boil an egg?"}']
+        if not model:
+            lines.append('{"id": 2, "instruction": "Name a prime number."}')
+        queries.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return [
             "eval", "default", "none", "--queries", str(queries), "--model", base,
             "--judge", helper, "--config", str(config), "--max-tokens", "24",
-            "--judge-max-tokens", "48", "--db", db,
+            "--judge-max-tokens", str(MODEL_CRITIC_TOKENS if model else 48), "--db", db,
         ]  # fmt: skip
     return ["generate", "How do I start running?", "--model", base, "--max-tokens", "24",
             "--config", str(config), "--db", db]  # fmt: skip
