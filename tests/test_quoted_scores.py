@@ -6,8 +6,9 @@ answer from costing quadratic time (900 nested lists: 0.46 s of CPU a judgement 
 0.09 s now); what it must never do is miss a verdict the walk would find, since a verdict the
 answer holds and the judge re-types must not count. Generated texts: nested objects and lists
 holding aspect scores, written as JSON, as Python writes them, with bare keys, with duplicate
-keys (the first hidden from the outer value), inside strings, cut off, nested past the
-recursion limit, in prose.
+keys (the first hidden from the outer value), inside strings, cut off, nested 60 deep, in
+prose; nested past the recursion limit in the examples and the tests below. Drawn with a fixed
+seed (``derandomize``): walking repaired values one level too fails it every run.
 """
 
 from __future__ import annotations
@@ -42,10 +43,15 @@ def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 VALUES = st.recursive(LEAVES, _containers, max_leaves=25)
 
 
+#: How a value is written; Python's quotes twice as often: its values are read repaired, whose
+#: nested containers may not read alone, the case the one-level walk must leave to the whole one.
+FORMS = ["json", "python", "python", "bare", "duplicate", "string", "cut", "deep"]
+
+
 @st.composite
 def quoted_text(draw: st.DrawFn) -> str:
     value = draw(VALUES)
-    form = draw(st.sampled_from(["json", "python", "bare", "duplicate", "string", "cut", "deep"]))
+    form = draw(st.sampled_from(FORMS))
     if form == "python":
         body = repr(value)
     elif form == "bare":  # keys without quotes, as JavaScript allows
@@ -59,8 +65,9 @@ def quoted_text(draw: st.DrawFn) -> str:
     elif form == "cut":
         body = json.dumps(value)
         body = body[: draw(st.integers(0, len(body)))]
-    elif form == "deep":
-        depth = draw(st.sampled_from([30, 120, 1100]))
+    elif form == "deep":  # past the recursion limit: the examples and the tests below (while
+        # it runs, Hypothesis raises the limit, so a drawn 1,100 would decode, at ~1 s a text)
+        depth = draw(st.sampled_from([8, 30, 60]))
         body = (
             json.dumps({"Clarity": 5, "t": value}).replace('"t": ', '"t": ' + "[" * depth, 1)[:-1]
             + "]" * depth
@@ -78,7 +85,9 @@ def _both_ways(texts: list[str]) -> tuple[set[Any], set[Any]]:
     )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(st.lists(quoted_text(), min_size=1, max_size=2))
 @example(["Tides.\n\n" + json.dumps({"Clarity": 5, "trace": [[[[[[1]]]]]]})])
 @example(['{"Clarity": 5, "t": ' + "[" * 1200 + "]" * 1200 + "}"])
