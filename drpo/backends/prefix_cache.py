@@ -38,6 +38,7 @@ of its own.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import os
@@ -285,9 +286,15 @@ def _shared_prefixes(
 def _cache_keyword(model: Any) -> str:
     """The forward's name for the KV cache: ``cache`` (transformers >= 5.25), else the old one.
 
-    Read from the model's class, so a wrapper set on one instance's ``forward`` does not hide it.
+    Read from the model's class, so a wrapper set on one instance's ``forward`` does not hide it,
+    and once per class: every scoring pass and engine prefill asks.
     """
-    parameters = inspect.signature(type(model).forward).parameters
+    return _cache_keyword_of(type(model))
+
+
+@functools.cache
+def _cache_keyword_of(model_class: type) -> str:
+    parameters = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 

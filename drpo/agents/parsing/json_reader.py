@@ -336,8 +336,20 @@ def normal_forms(text: str) -> tuple[str, str, str, str]:
     Folded both with and without the markers: an answer's own line that starts like a marker
     ("1. ") is dropped in the unquoted form, so a judge that joins the answer's lines into one
     keeps it, and only the plain fold still sees that copy."""
-    collapsed = " ".join(text.split())
-    return text, collapsed, fold(text), fold(unquoted(text))
+    written, collapsed, folded, unquoted_folded = iter_normal_forms(text)
+    return written, collapsed, folded, unquoted_folded
+
+
+def iter_normal_forms(text: str) -> Iterator[str]:
+    """The four :func:`normal_forms` of ``text``, each made only when asked for (folding is most
+    of a verdict's reading time: a test that stops at the first form held saves the rest); the
+    last reuses the third when no line marker was dropped."""
+    yield text
+    yield " ".join(text.split())
+    folded = fold(text)
+    yield folded
+    bare = unquoted(text)
+    yield folded if bare == text else fold(bare)
 
 
 def fold(text: str) -> str:
@@ -395,24 +407,13 @@ class QuotedTexts:
     def __call__(self, span: str) -> bool:
         """Whether a normal form of ``span`` occurs in the same form of the quoted texts.
 
-        The forms of :func:`normal_forms`, tested in order and each made only when the ones before
-        it are not held (folding is most of a verdict's reading time; a span with no line
-        marker is folded once): the same answer as testing all four."""
+        The forms of :func:`iter_normal_forms`, tested in order and each made only when the ones
+        before it are not held: the same answer as testing all four."""
         forms = self._forms
         if not forms or (self._no_brace and "{" in span):
             return False
-        if span and span in forms[0]:
-            return True
-        collapsed = " ".join(span.split())
-        if collapsed and collapsed in forms[1]:
-            return True
-        folded = fold(span)
-        if folded and folded in forms[2]:
-            return True
-        bare = unquoted(span)
-        if bare != span:  # else no marker was dropped: the fold is the one just made
-            folded = fold(bare)
-        return bool(folded) and folded in forms[3]
+        pairs = zip(iter_normal_forms(span), forms, strict=True)
+        return any(form and form in whole for form, whole in pairs)
 
     def longest_prefix(self, span: str) -> int:
         """The length of the longest opening of ``span`` that is held (binary search: every
