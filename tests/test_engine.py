@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from drpo.backends.base import ChatMessage, Completion, CompletionRequest
-from drpo.backends.engine import EngineStats
+from drpo.backends.engine import EngineStats, engine_for
 from drpo.backends.local import LocalBackend
 from drpo.backends.priority import background
 
@@ -112,6 +112,56 @@ async def test_greedy_rows_joining_mid_generation_equal_one_by_one(
             assert a.token == b.token and [t.token for t in a.top] == [t.token for t in b.top]
             assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
     assert len({c.text for c in together if c is not None}) == len(QUESTIONS)
+
+
+async def test_answers_sharing_a_system_prompt_reuse_its_prefix_and_equal_one_by_one(
+    engine_backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A level's answers share the candidate system prompt: on the real model (float32, where
+    the engine reuses prefixes for generation), two answers that join in one pass store it, a
+    third that joins later finds it stored, and each still gets its one-by-one text."""
+    system = (
+        "You are a careful assistant. Answer briefly and plainly, in one or two sentences, "
+        "and never make anything up."
+    )
+    requests = [
+        CompletionRequest(
+            messages=(
+                ChatMessage(role="system", content=system),
+                ChatMessage(role="user", content=q),
+            ),
+            max_tokens=8,
+        )
+        for q in QUESTIONS[:3]
+    ]
+    monkeypatch.setenv("DRPO_LOCAL_ENGINE", "lane")  # one by one through a plain generate call
+    alone = [await engine_backend.complete(r) for r in requests]
+    monkeypatch.setenv("DRPO_LOCAL_ENGINE", "engine")
+    loaded = engine_backend.load()
+    loaded.prefix_cache.clear()
+    stats = loaded.prefix_cache.stats
+    together: list[Completion | None] = [None] * len(requests)
+
+    async def call(i: int) -> None:
+        together[i] = await engine_backend.complete(requests[i])
+
+    async with anyio.create_task_group() as tg:
+        loaded.lock.acquire()  # held until both first requests wait: they join in one pass
+        try:
+            for i in range(2):
+                tg.start_soon(call, i)
+            await wait_until(lambda: engine_for(loaded).queued == 2)
+        finally:
+            loaded.lock.release()
+        await wait_until(lambda: together[0] is not None and together[1] is not None)
+        stored, saved, hits = stats.stored, stats.tokens_saved, stats.hits
+        tg.start_soon(call, 2)
+    assert stored >= 1 and saved > 0  # the shared opening, computed once for both
+    assert stats.hits > hits and stats.tokens_saved > saved  # and found by the later answer
+    for one, other in zip(alone, together, strict=True):
+        assert other is not None
+        assert other.text == one.text
+        assert other.choices[0].finish_reason == one.choices[0].finish_reason
 
 
 async def test_a_row_that_finishes_leaves_and_a_new_request_takes_its_place(
