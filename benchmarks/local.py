@@ -291,7 +291,32 @@ def default_job(engine_env: dict[str, str], dtype: str, timeout_s: float) -> dic
         if timings["code"]:
             raise RuntimeError(f"drpo optimize exited {timings['code']}:\n{done.stdout[-2000:]}")
         calls = anyio.run(job_calls, db)
-    return {"timings": timings, "calls": calls}
+        result = anyio.run(job_result, db)
+    return {"timings": timings, "calls": calls, "result": result}
+
+
+async def job_result(db: Path) -> Any:
+    """The (only) run's recorded result: its best prompt and scores, to compare two versions
+    of the code on the default job (greedy float32: the same code path gives the same)."""
+    from drpo.domain.events import NodeCreated
+    from drpo.inspect.common import open_readonly
+    from drpo.inspect.tree import TREE_KINDS
+
+    async with open_readonly(db) as store:
+        (run,) = await store.list_runs()
+        nodes = [
+            message.envelope.payload
+            async for message in store.iter_messages(run.run_id, kinds=TREE_KINDS)
+            if isinstance(message.envelope.payload, NodeCreated)
+        ]
+    return {
+        **run.result,
+        "nodes": [
+            {"node_id": n.node_id, "reward": n.reward, "score": n.score, "skipped": n.skipped,
+             "prompt": n.system_prompt, "answer": n.answer}
+            for n in nodes
+        ],
+    }  # fmt: skip
 
 
 async def job_calls(db: Path) -> list[dict[str, Any]]:
@@ -386,7 +411,7 @@ def main() -> None:
     parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds per job")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(
-        "--calls", action="store_true", help="also write each job's call table to --json"
+        "--calls", action="store_true", help="also write each job's call table and result to --json"
     )
     args = parser.parse_args()
     max_tokens, scorers = (16, 16) if args.quick else (128, 64)
@@ -442,6 +467,7 @@ def main() -> None:
                 figures[f"{prefix}{key}"] = value
             if args.calls:  # every call of the job (role, tokens, start, end): to see why
                 figures[f"{prefix}job_call_table"] = job["calls"]
+                figures[f"{prefix}job_result"] = job["result"]
     report(figures, engines)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")

@@ -7,7 +7,9 @@ the search, then runs the agent's logic from :mod:`drpo.agents.proposer`,
 :mod:`drpo.agents.critic` or :mod:`drpo.agents.editor`. The runtime only binds and caches.
 
 One runtime serves every search of the process: the searches differ only by run id, so they
-share backends, rate limits and batches.
+share backends, rate limits and batches, and each backend's window of background calls
+(:mod:`drpo.agents.window`: a local model is given at most one scoring pass of aspect selections
+asked ahead of need; a verdict that needs one of them has its calls made at once).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from drpo.agents import capabilities, client, critic, editor, proposer
 from drpo.agents.aspect_cache import AspectCache, AspectKey
 from drpo.agents.aspects import AspectCatalogue
 from drpo.agents.critic import CriticPolicy
+from drpo.agents.window import BackgroundWindow, Urgency, background_capacity
 from drpo.backends.base import Call, Completion, CompletionRequest
-from drpo.backends.priority import background
+from drpo.backends.priority import Priority, background, current_priority, foreground
 from drpo.backends.registry import BackendRegistry
 from drpo.bus import Bus, Envelope
 from drpo.domain.requests import (
@@ -65,6 +68,7 @@ class AgentRuntime:
         self.aspect_cache = AspectCache(store)
         self._runs: dict[str, RunContext] = {}
         self._honours: dict[str, capabilities.Capabilities] = {}
+        self._windows: dict[str, BackgroundWindow | None] = {}
         bus.declare(client.EVENTS)
 
     # ------------------------------------------------------------------ runs
@@ -81,15 +85,36 @@ class AgentRuntime:
         except KeyError:
             raise UnknownRunError(f"no run {envelope.run_id!r} is attached") from None
 
-    def _bind(self, context: RunContext, model: str, role: str, place: str | None) -> Call:
+    def _bind(
+        self,
+        context: RunContext,
+        model: str,
+        role: str,
+        place: str | None,
+        urgency: Urgency | None = None,
+    ) -> Call:
         """A ``call`` for the agent logic: journaled, for this run, model, role and place, and
-        adapted to what the model's endpoint honours (``n``, logprobs)."""
+        adapted to what the model's endpoint honours (``n``, logprobs). With ``urgency`` (work
+        asked in the background), each call first waits for a slot of the model's background
+        window, unless or until a foreground caller needs the work (then it is made at once,
+        in the foreground)."""
         backend = self.registry.get(model)
         honours = self._capabilities(model)
         where = f"{backend.model} at {backend.endpoint}"
+        window = self.background_window(model) if urgency is not None else None
 
         async def once(request: CompletionRequest) -> Completion:
-            return await context.journal.complete(backend, request, role=role, node_id=place)
+            if window is None or urgency is None:
+                return await context.journal.complete(backend, request, role=role, node_id=place)
+            admitted = await window.enter(urgency)
+            try:
+                with nullcontext() if admitted else foreground():
+                    return await context.journal.complete(
+                        backend, request, role=role, node_id=place
+                    )
+            finally:
+                if admitted:
+                    window.leave()
 
         async def call(request: CompletionRequest) -> Completion:
             return await capabilities.complete(once, request, honours, where)
@@ -107,6 +132,15 @@ class AgentRuntime:
                 logprobs=getattr(settings, "honours_logprobs", None),
             )
         return known
+
+    def background_window(self, model: str) -> BackgroundWindow | None:
+        """The window ``model``'s background calls go through (shared by every run of the
+        process, like the backend), or None when its backend declares no capacity (API
+        backends: every call at once)."""
+        if model not in self._windows:
+            capacity = background_capacity(self.registry.get(model), self.registry.settings(model))
+            self._windows[model] = None if capacity is None else BackgroundWindow(capacity)
+        return self._windows[model]
 
     # ------------------------------------------------------------------ serving
 
@@ -175,7 +209,11 @@ class AgentRuntime:
 
     async def _selection(self, context: RunContext, message: SelectAspects) -> AspectSelection:
         """The selection for ``message``: from this run's selections, else the database's
-        aspect cache, else the critic (once per run and key, however many ask at once)."""
+        aspect cache, else the critic (once per run and key, however many ask at once).
+
+        Asked in the background, the selection's calls go through the model's background
+        window; a foreground asker (a verdict) that finds it still being made raises its
+        urgency, so the calls it still has waiting for a slot are made at once."""
         key = self.aspect_cache.key(
             query=message.query,
             model=message.model,
@@ -188,8 +226,9 @@ class AgentRuntime:
             pending = context.selections.get(key)
             if pending is None:
                 pending = context.selections[key] = _Selection()
+                urgency = pending.urgency if current_priority() is Priority.BACKGROUND else None
                 try:
-                    selection = await self._select_uncached(context, message, key)
+                    selection = await self._select_uncached(context, message, key, urgency)
                 except BaseException as exc:
                     # not remembered: a later request (a resumed run, another node) asks again
                     del context.selections[key]
@@ -197,19 +236,25 @@ class AgentRuntime:
                     raise
                 pending.set(selection)
                 return selection
+            if current_priority() is Priority.FOREGROUND:
+                pending.urgency.escalate()  # never wait behind background work still queued
             selection = await pending.get()
             if selection is not None:
                 return selection
             # the task selecting it was cancelled (its search ended): select it here instead
 
     async def _select_uncached(
-        self, context: RunContext, message: SelectAspects, key: AspectKey
+        self,
+        context: RunContext,
+        message: SelectAspects,
+        key: AspectKey,
+        urgency: Urgency | None,
     ) -> AspectSelection:
         cached = await self.aspect_cache.get(key)
         if cached is not None:
             return cached
         # Its place in the run is its key, whoever asked first: a replay finds it in the journal.
-        call = self._bind(context, message.model, "critic", key.place)
+        call = self._bind(context, message.model, "critic", key.place, urgency)
         selection = await critic.select_aspects(
             call,
             message.query,
@@ -232,6 +277,8 @@ class _Selection:
 
     def __init__(self) -> None:
         self._done = anyio.Event()
+        #: Raised when a foreground caller waits for it (see :mod:`drpo.agents.window`).
+        self.urgency = Urgency()
         self._value: AspectSelection | None = None
         self._error: BaseException | None = None
 

@@ -16,8 +16,9 @@ the editor for rewrites, and it decides which prompts survive. The algorithm is 
 What differs from the paper's code is only *when* calls are made: everything at a level that
 does not wait on another reply is in flight at once (all rewrites, then each candidate's answer
 as soon as its rewrite is back, then its verdict as soon as its answer is back), and the aspect
-selection for every training query starts when the run starts. The order of results never
-depends on which reply comes first, so a run is reproducible and resumable.
+selection for every training query is asked for when the run starts (a local model is handed
+those asked ahead of need a scoring pass at a time: :mod:`drpo.agents.window`). The order of
+results never depends on which reply comes first, so a run is reproducible and resumable.
 """
 
 from __future__ import annotations
@@ -423,7 +424,10 @@ class BeamSearch:
         """Ask for the aspects of every query the search may reach, all at once, so that no
         verdict waits for its query's selection (the critic makes each one once per run). The
         first two (the root's and level 1's) are needed at once; the rest are background work
-        that yields to the search's own calls on a backend that orders its work."""
+        that yields to the search's own calls on a backend that orders its work, and that a
+        backend which batches locally is given one pass at a time (the agents' background
+        window, :mod:`drpo.agents.window`: asked all at once, they would only queue there, and
+        a verdict that needs one before its turn has it made at once)."""
         for index, query in enumerate(dict.fromkeys(queries)):
             tg.start_soon(self._select, query, index >= URGENT_SELECTIONS)
 

@@ -116,6 +116,12 @@ class LocalBackend:
         return str(self.resolved.path)
 
     @property
+    def capacity(self) -> int:
+        """How many calls this model serves at once (a scoring pass, a generation batch): the
+        size of its window of background calls (:mod:`drpo.agents.window`)."""
+        return self._batcher.max_batch_size
+
+    @property
     def batch_stats(self) -> BatcherStats:
         """How calls were merged so far (batches, sizes, calls cancelled, background calls)."""
         return self._batcher.stats

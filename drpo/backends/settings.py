@@ -56,5 +56,9 @@ class LocalSettings(KindSettings):
     device: str | None = None
     #: "float32", "bfloat16", ...; None: the measured default for the device.
     dtype: str | None = None
-    #: Sequences generated together in one batch.
+    #: Sequences generated together in one batch (and scoring calls in one pass).
     max_batch_size: int = Field(default=8, ge=1)
+    #: Background calls (aspect selections asked ahead of need) given to this model at once;
+    #: the rest wait, not yet made, until one ends or a verdict needs them. None: max_batch_size
+    #: (one scoring pass). API endpoints have no such window: every call is made at once.
+    background_window: int | None = Field(default=None, ge=1)
