@@ -113,7 +113,13 @@ class TransientBackendError(BackendError):
 
 @runtime_checkable
 class Backend(Protocol):
-    """A model you can call. ``name`` is the backend kind ("openai", "local"); ``model`` its model."""
+    """A model you can call. ``name`` is the backend kind ("openai", "local"); ``model`` its model.
+
+    A backend that serves a bounded number of calls at once may also declare it as an int
+    ``capacity`` (a local model: its ``max_batch_size``); the agents then hand it background
+    work that many calls at a time (:mod:`drpo.agents.window`). Without one, every call is
+    made at once (API backends: their rate limiter does the pacing).
+    """
 
     name: str
     model: str
