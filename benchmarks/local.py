@@ -249,8 +249,11 @@ print("\nDRPO-JOB " + json.dumps({"load_s": load_s, "job_s": job_s, "code": code
 """
 
 
-def default_job(engine_env: dict[str, str], dtype: str, timeout_s: float) -> dict[str, Any]:
-    """The default ``drpo optimize`` in a subprocess with its own home; its figures and calls."""
+def default_job(
+    engine_env: dict[str, str], dtype: str, timeout_s: float, keep_db: Path | None = None
+) -> dict[str, Any]:
+    """The default ``drpo optimize`` in a subprocess with its own home; its figures and calls
+    (and its database copied to ``keep_db``, to compare two runs' journals call by call)."""
     import subprocess
     import tempfile
 
@@ -292,6 +295,10 @@ def default_job(engine_env: dict[str, str], dtype: str, timeout_s: float) -> dic
             raise RuntimeError(f"drpo optimize exited {timings['code']}:\n{done.stdout[-2000:]}")
         calls = anyio.run(job_calls, db)
         result = anyio.run(job_result, db)
+        if keep_db is not None:
+            import shutil
+
+            shutil.copyfile(db, keep_db)
     return {"timings": timings, "calls": calls, "result": result}
 
 
@@ -409,6 +416,9 @@ def main() -> None:
     )
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or auto")
     parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds per job")
+    parser.add_argument(
+        "--keep-db", type=Path, help="copy the (last) job's database here (its journal, nodes)"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(
         "--calls", action="store_true", help="also write each job's call table and result to --json"
@@ -462,7 +472,7 @@ def main() -> None:
     if not (args.no_job or args.quick):
         for name in engines:
             prefix, env = ENGINES[name]
-            job = default_job(env, args.dtype, args.job_timeout)
+            job = default_job(env, args.dtype, args.job_timeout, args.keep_db)
             for key, value in job_figures(job, figures).items():
                 figures[f"{prefix}{key}"] = value
             if args.calls:  # every call of the job (role, tokens, start, end): to see why
