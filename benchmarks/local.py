@@ -34,7 +34,10 @@ cache (``continuous``, the default engine: keys without a prefix), the static ba
 scoring lane (``lane_``, ``DRPO_LOCAL_ENGINE=lane``) and the same with the prefix cache off
 (``noprefix_``, through ``DRPO_PREFIX_CACHE_MB=0`` for the job), in the order given to
 ``--engines``. The first one measured also warms the model up, which favours the others
-slightly. On a shared machine every figure is noisy. The old batcher (scoring inside static
+slightly. On a shared machine every figure is noisy. The reference figures (rates, plain
+``generate``) run on the model's own thread, as the engine does: run on the main thread, they
+kept a second OpenMP team alive that made the engine's decode steps 1.4x slower (issue 16:
+engine_tokens_s 84 against 118 with them moved; see ``drpo/backends/model_thread.py``). The old batcher (scoring inside static
 ``generate`` batches, ``batcher_``) was measured side by side with these, then removed; its
 figures are in issue 16's closing note.
 
@@ -433,6 +436,7 @@ def main() -> None:
 
     import torch
 
+    from drpo.backends.local_model import model_thread
     from drpo.backends.prefix_cache import PrefixCacheStats
 
     started = time.perf_counter()
@@ -447,9 +451,13 @@ def main() -> None:
         "scorers": scorers,
         "model_load_s": time.perf_counter() - started,
     }
-    figures.update(measured_rates(backend))
+    # On the model's own thread, like everything the engine runs: a second thread running torch
+    # would keep a second OpenMP team alive, which slows every thread's parallel regions while
+    # it lives (drpo.backends.model_thread), the engine's included.
+    on_model = model_thread(loaded).call
+    figures.update(on_model(measured_rates, backend))
     if not args.job_only:
-        figures["plain_generate_tokens_s"] = plain_generate(backend, max_tokens)
+        figures["plain_generate_tokens_s"] = on_model(plain_generate, backend, max_tokens)
         budget = loaded.prefix_cache.budget_bytes
         for name in engines:
             prefix, env = ENGINES[name]

@@ -20,7 +20,14 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from drpo.backends.base import CompletionRequest, PermanentBackendError
 from drpo.backends.engine import Engine, EngineJob, engine_for
-from drpo.backends.local_model import GenerationResult, LoadedModel, score_waiting
+from drpo.backends.local_model import (
+    GenerationResult,
+    LoadedModel,
+    ScoringJob,
+    generate_batch,
+    model_thread,
+    score_waiting,
+)
 from drpo.backends.priority import Priority
 
 EOS = 119
@@ -238,12 +245,15 @@ def test_a_foreground_row_preempts_a_background_row_of_a_full_batch(tiny: Loaded
     assert text(front) == alone(tiny, quick, n_quick)
 
 
-def test_a_scorer_that_finds_the_model_free_steps_the_generations_too(tiny: LoadedModel) -> None:
+def test_a_backlog_of_scoring_jobs_shares_the_model_with_the_generations(
+    tiny: LoadedModel,
+) -> None:
     """A backlog of scoring jobs (the background aspect selections at the start of a run) shares
-    the model with the generations step by step: the scorer that serves it also steps the running
-    batch, so a generation submitted before it is done by the time the last scoring job is.
+    the model with the generations step by step: the model's thread serves one pass of them,
+    then a decode step, so a generation submitted before them is done by the time the last
+    scoring job is.
     """
-    engine = engine_for(tiny)  # the model's own engine: scorers step it
+    engine = engine_for(tiny)  # the model's own engine, stepped by the model's thread
     (prompt, _), *_ = prompts_and_lengths()
     generation = engine.submit(
         CompletionRequest(prompt=" ".join(map(str, prompt)), max_tokens=3),
@@ -256,3 +266,87 @@ def test_a_scorer_that_finds_the_model_free_steps_the_generations_too(tiny: Load
     score_waiting(tiny, jobs[-1], max_batch_size=8)  # the last of three passes of eight
     assert all(isinstance(job.result, GenerationResult) for job in jobs)
     assert generation.done.is_set() and text(generation) == alone(tiny, prompt, 3)
+
+
+class Recorded:
+    """The tiny model's forward, noting which thread runs each call."""
+
+    def __init__(self, forward: Any) -> None:
+        self._forward = forward
+        self.threads: set[int] = set()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.threads.add(threading.get_ident())
+        return self._forward(*args, **kwargs)
+
+
+def test_all_torch_work_runs_on_the_model_thread(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generations, scoring passes and a static batch asked from several threads all run on the
+    model's one thread (drpo/backends/model_thread.py: one OpenMP team per model), and every
+    greedy answer is still the one it gets alone."""
+    cases = prompts_and_lengths()[:4]
+    expected = [alone(tiny, p, n) for p, n in cases]
+    recorded = Recorded(tiny.model.forward)
+    monkeypatch.setattr(tiny.model, "forward", recorded)
+    engine = engine_for(tiny)
+    thread = model_thread(tiny)
+    jobs: list[EngineJob] = []
+    scored: list[ScoringJob] = []
+    static: list[list[GenerationResult | BaseException]] = []
+
+    def generate(prompt: list[int], n: int) -> None:
+        request = CompletionRequest(prompt=" ".join(map(str, prompt)), max_tokens=n)
+        job = engine.submit(request, Priority.FOREGROUND, threading.Event(), 8)
+        jobs.append(job)
+        engine.run_until_done(job)
+
+    def score() -> None:
+        request = CompletionRequest(prompt="5 6 7 8", max_tokens=1, top_logprobs=2)
+        job = tiny.scoring.add(request, Priority.BACKGROUND, threading.Event())
+        scored.append(job)
+        score_waiting(tiny, job, max_batch_size=8)
+
+    def batch() -> None:
+        (prompt, n) = cases[0]
+        request = CompletionRequest(prompt=" ".join(map(str, prompt)), max_tokens=n)
+        static.append(thread.call(generate_batch, tiny, [request], 8, [threading.Event()]))
+
+    callers = [threading.Thread(target=generate, args=case) for case in cases]
+    callers += [threading.Thread(target=score) for _ in range(3)]
+    callers.append(threading.Thread(target=batch))
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(60)
+    assert not any(caller.is_alive() for caller in callers)
+    assert recorded.threads == {thread.ident}
+    by_prompt = {job.request.prompt: text(job) for job in jobs}
+    for (prompt, _), want in zip(cases, expected, strict=True):
+        assert by_prompt[" ".join(map(str, prompt))] == want
+    assert all(isinstance(job.result, GenerationResult) for job in scored)
+    ((result,),) = static
+    assert isinstance(result, GenerationResult) and result.choices[0].text == expected[0]
+
+
+def test_an_unexpected_error_fails_the_engines_jobs_and_it_starts_again_empty(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a step must not leave callers waiting forever: every job the engine held gets
+    the error, and the engine serves the next request."""
+    engine = Engine(tiny)
+    requests = [CompletionRequest(prompt=" ".join(map(str, p)), max_tokens=n) for p, n in
+                prompts_and_lengths()[:2]]  # fmt: skip
+    jobs = [engine.submit(r, 0, threading.Event(), 8) for r in requests]
+
+    def broken(group: Any) -> None:
+        raise RuntimeError("a bug")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(engine, "_decode", broken)
+        assert engine.work() is False
+    assert all(isinstance(job.result, RuntimeError) for job in jobs)
+    assert engine.running == 0 and engine.queued == 0
+    (after,) = run(engine, requests[:1], steps_between=0)
+    assert text(after) == alone(tiny, prompts_and_lengths()[0][0], prompts_and_lengths()[0][1])

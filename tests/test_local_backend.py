@@ -15,6 +15,7 @@ import itertools
 import math
 import threading
 import time
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -371,11 +372,13 @@ def test_load_model_loads_once_under_concurrent_first_calls(
 ) -> None:
     local_model = pytest.importorskip("drpo.backends.local_model")
     calls: list[str] = []
+    loaded_on: list[int] = []
 
     def slow_load(resolved: object, key: object, device: str, dtype: object) -> object:
         calls.append(device)
+        loaded_on.append(threading.get_ident())
         time.sleep(0.2)
-        return object()
+        return types.SimpleNamespace(thread=None)
 
     monkeypatch.setattr(local_model, "_load_uncached", slow_load)
     fake = ResolvedModel(ref="fake", folder=Path("/nonexistent/fake-model"))
@@ -395,6 +398,9 @@ def test_load_model_loads_once_under_concurrent_first_calls(
         local_model._CACHE.pop((str(fake.path), "cpu", "torch.float32"), None)
     assert len(calls) == 1
     assert len(loaded) == 6 and all(item is loaded[0] for item in loaded)
+    # Loaded on the thread that will run the model (drpo/backends/model_thread.py).
+    assert loaded_on == [loaded[0].thread.ident]  # type: ignore[attr-defined]
+    assert loaded_on[0] not in {thread.ident for thread in threads}
 
 
 # --------------------------------------------------------------------------------------------

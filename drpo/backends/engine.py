@@ -39,10 +39,16 @@ scheduling, sampling and stopping here, reusing the static batcher's per-row pie
 both paths give the same numbers. A model whose cache is not all plain ``DynamicLayer`` s
 (sliding-window or linear-attention layers) is not supported here and keeps the static batcher.
 
-Threads: like the scoring lane, whoever waits drives. A caller's worker thread that finds the
-model's lock free steps the engine until its own request is done, then hands the lock on; the
-others wait for their rows (or for the lock). So no thread outlives the calls that need it, and
-one engine can serve one event loop after another.
+Threads: one engine per loaded model (:func:`engine_for`), stepped only by the model's own
+thread (:mod:`drpo.backends.model_thread`: why one thread, measured), which does all its torch
+work: joins, decode steps and the scoring lane's passes. Callers hand a request in
+(:meth:`Engine.submit`, or the lane's ``add``), wake the thread and wait for their job's event
+(:meth:`Engine.run_until_done`). Before, whichever caller found the model free stepped it until
+its own request was done: every such thread got its own OpenMP team, and a decode step on a
+thread other than the first that ran torch cost 1.4x as much (84 tokens/s through the backend
+against 121 stepped on one thread). The thread holds the model's lock for each step, so an
+engine can still be stepped by hand (tests do, under that lock), and the engine holds no
+event-loop state: one engine serves one event loop after another.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ from drpo.backends.local_model import (
     _sample,
     encode_prompt,
     generate_rows,
+    model_thread,
 )
 from drpo.backends.local_refs import sequences_for
 from drpo.backends.prefix_cache import PrefixCache, prefill
@@ -117,9 +124,14 @@ class EngineJob:
     rows_left: int = 0
 
     def finish(self, result: GenerationResult | BaseException) -> None:
-        if not self.done.is_set():
+        """Give the job its result (the first one given counts); ``done`` is set apart."""
+        if self.result is None:
             self.result = result
-            self.done.set()
+
+    @property
+    def ended(self) -> bool:
+        """It has its result (its rows are no longer worked on), maybe not ``done`` yet."""
+        return self.result is not None
 
 
 @dataclass(eq=False)
@@ -174,12 +186,16 @@ def engine_for(loaded: LoadedModel) -> Engine:
         engine = _ENGINES.get(loaded)
         if engine is None:
             engine = _ENGINES[loaded] = Engine(loaded)
-            loaded.engine_step = engine.step
+            model_thread(loaded).work = engine.work
         return engine
 
 
 class Engine:
-    """The running batch of one loaded model; stepped by whichever caller holds the model lock."""
+    """The running batch of one loaded model, stepped by the model's thread (:meth:`work`).
+
+    An engine made directly (not by :func:`engine_for`) is stepped only by hand (:meth:`step`,
+    under the model's lock): tests do, to control when rows join.
+    """
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
@@ -189,7 +205,7 @@ class Engine:
         self._arrivals = itertools.count()
         self._waiting: list[_Live] = []  # encoded rows not yet in the batch
         self._group: _Group | None = None  # the running batch
-        self._finished = 0  # jobs finished since the waiters were last woken
+        self._ended: list[EngineJob] = []  # jobs given their result during this step
 
     # ---- submitting and waiting (any thread) ------------------------------------------------
 
@@ -221,42 +237,74 @@ class Engine:
         started = {id(live.job) for live in group.lives} if group is not None else set()
         return submitted + len({id(live.job) for live in waiting} - started)
 
+    def wake(self) -> None:
+        """Tell the model's thread that work was handed in (it steps :func:`engine_for`'s engine)."""
+        model_thread(self.loaded).wake()
+
     def run_until_done(self, job: EngineJob) -> None:
-        """Block until ``job`` is done, stepping the engine whenever the model lock is free."""
-        lock = self.loaded.lock
-        while not job.done.is_set():
-            if lock.acquire(blocking=False):
-                try:
-                    while not job.done.is_set() and self.step():
-                        pass
-                finally:
-                    lock.release()
-            else:
-                lock.wait(job.done)
+        """Block until ``job`` is done (the model's thread steps the engine meanwhile)."""
+        self.wake()
+        job.done.wait()
+
+    # ---- on the model's thread ---------------------------------------------------------------
+
+    def work(self) -> bool:
+        """One step under the model's lock (the model thread's work); True while work is left.
+
+        An unexpected error (a bug: out-of-memory and a request's own errors are handled where
+        they happen) fails every job the engine holds with it, so no caller waits forever, and
+        the engine starts again empty.
+        """
+        with self.loaded.lock:
+            try:
+                return self.step()
+            except Exception as exc:
+                self._fail_all(exc)
+                return False
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self._guard:
+            submitted, self._submitted = self._submitted, []
+        lives = [*(self._group.lives if self._group is not None else []), *self._waiting]
+        self._group, self._waiting = None, []
+        for job in [*submitted, *(live.job for live in lives)]:
+            self._end(job, exc)
+        self._release()
+
+    def _release(self) -> None:
+        """Wake the callers of the jobs that ended, once the batch no longer holds their rows
+        (so a caller that returns sees the engine without them)."""
+        ended, self._ended = self._ended, []
+        for job in ended:
+            job.done.set()
 
     # ---- one step (the caller holds the model lock) -----------------------------------------
 
     def step(self) -> bool:
         """Serve some scoring, let rows join, run one decode step; False when there is no work."""
-        self._serve_scoring()
-        self._encode_submitted()
-        self._drop_cancelled()
-        self._admit()
-        group = self._group
-        if group is not None and group.lives:
-            self._group = self._decode(group)
+        try:
+            self._serve_scoring()
+            self._encode_submitted()
             self._drop_cancelled()
-        else:
-            self._group = None
-        if self._finished:
-            self._finished = 0
-            self.loaded.lock.notify()  # the finished jobs' threads return now
-        return self._group is not None or bool(self._waiting or self._submitted)
+            self._admit()
+            group = self._group
+            if group is not None and group.lives:
+                self._group = self._decode(group)
+                self._drop_cancelled()
+            else:
+                self._group = None
+        finally:
+            self._release()
+        return (
+            self._group is not None
+            or bool(self._waiting or self._submitted)
+            or self.loaded.scoring.pending > 0
+        )
 
     def _serve_scoring(self) -> None:
         lane = self.loaded.scoring
         if lane.pending:
-            cap = max((j.max_batch_size for j in self._jobs()), default=8)
+            cap = max((j.max_batch_size for j in self._jobs()), default=lane.batch_size)
             before = lane.jobs_run
             lane.serve(self.loaded, cap, limit=cap)
             if self._group is not None:
@@ -299,9 +347,9 @@ class Engine:
         self.stats.cancelled_rows += len(gone)
         for live in gone:
             self._end(live.job, GenerationCancelled("generation request was cancelled"))
-        self._waiting = [live for live in self._waiting if not live.job.done.is_set()]
+        self._waiting = [live for live in self._waiting if not live.job.ended]
         if group is not None:
-            self._group = _keep(group, [not live.job.done.is_set() for live in group.lives])
+            self._group = _keep(group, [not live.job.ended for live in group.lives])
 
     def _admit(self) -> None:
         """Prefill waiting rows (serving order) into the free slots and merge them in."""
@@ -503,9 +551,9 @@ class Engine:
         )
 
     def _end(self, job: EngineJob, result: GenerationResult | BaseException) -> None:
-        """Finish ``job``; its waiting thread is woken at the end of the step."""
-        if not job.done.is_set():
-            self._finished += 1
+        """Finish ``job``: its caller is woken at the end of the step (:meth:`_release`)."""
+        if not job.ended:
+            self._ended.append(job)
         job.finish(result)
 
     def _fail_out_of_memory(self, live: _Live) -> None:

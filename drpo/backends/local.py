@@ -7,8 +7,10 @@ already in the local cache. This backend never downloads anything.
 
 Generation runs on the continuous engine (:mod:`drpo.backends.engine`, issue 16): a request
 joins the running batch at the next decode step and leaves when it stops, so no row waits for the
-longest one, on a worker thread so the event loop stays free while the model runs. Loading
-happens once per process per (model, device, dtype), also off the event loop. torch and
+longest one, on the model's own thread (:mod:`drpo.backends.model_thread`: all of a model's
+torch work runs on one thread) while the caller waits on a worker thread, so the event loop stays
+free while the model runs. Loading happens once per process per (model, device, dtype), on that
+thread too, off the event loop. torch and
 transformers are imported only when a model is loaded: constructing a backend (and resolving its
 ref) needs neither.
 
@@ -191,14 +193,16 @@ class LocalBackend:
     async def _score(self, loaded: LoadedModel, request: CompletionRequest) -> GenerationResult:
         """Put ``request`` in the scoring lane and wait for it on a worker thread.
 
-        A cancelled caller returns at once (the thread is abandoned): its flag makes the lane drop
-        the job if it has not run yet, and a running prefill is one forward pass long.
+        The model's thread serves it (:func:`~drpo.backends.local_model.score_waiting`). A
+        cancelled caller returns at once (the waiting thread is abandoned): its flag makes the
+        lane drop the job if it has not run yet, and a running prefill is one forward pass long.
         """
         from drpo.backends.local_model import score_waiting
 
         cancelled = threading.Event()
-        job = loaded.scoring.add(request, current_priority(), cancelled)
-        run = functools.partial(score_waiting, loaded, job, self._batcher.max_batch_size)
+        size = self._batcher.max_batch_size
+        job = loaded.scoring.add(request, current_priority(), cancelled, max_batch_size=size)
+        run = functools.partial(score_waiting, loaded, job, size)
         return await _wait_on_thread(run, job, cancelled)
 
     @property
@@ -223,9 +227,9 @@ class LocalBackend:
     async def _generate(self, loaded: LoadedModel, request: CompletionRequest) -> GenerationResult:
         """Run ``request`` in the continuous engine's batch, waiting on a worker thread.
 
-        The thread steps the engine while the model is free (:meth:`Engine.run_until_done`). A
-        cancelled caller returns at once (the thread is abandoned): its flag makes the engine
-        drop its rows at the next step, and the thread ends there.
+        The model's thread steps the engine (:meth:`Engine.run_until_done`); the worker thread
+        only waits. A cancelled caller returns at once (the waiting thread is abandoned): its flag
+        makes the engine drop its rows at the next step.
         """
         from drpo.backends.engine import engine_for
 
@@ -237,9 +241,12 @@ class LocalBackend:
     def _run_batch(
         self, requests: Sequence[CompletionRequest], cancelled: Sequence[threading.Event]
     ) -> list[GenerationResult | BaseException]:
-        from drpo.backends.local_model import generate_batch
+        from drpo.backends.local_model import generate_batch, model_thread
 
-        return generate_batch(self.load(), requests, self._batcher.max_batch_size, cancelled)
+        # On the model's thread, like the engine: one thread runs the model's torch work.
+        loaded = self.load()
+        size = self._batcher.max_batch_size
+        return model_thread(loaded).call(generate_batch, loaded, requests, size, cancelled)
 
     async def aclose(self) -> None:
         """Refuse new calls. The model stays in the process cache for other instances."""

@@ -5,12 +5,15 @@ model is actually needed: ``drpo`` stays importable without the ``local`` extra.
 ``drpo.backends.local`` (what both need lives in ``drpo.backends.local_refs``), so the two do not
 import each other in a cycle.
 
-Everything here is synchronous and runs on worker threads. Two locks keep it safe:
+Everything here is synchronous. A loaded model's torch work runs on its own thread
+(:class:`~drpo.backends.model_thread.ModelThread`, which loads it too: see that module for why
+one thread), and two locks keep the rest safe:
 
 * loading: a process-wide cache keyed by (resolved path, device, dtype), with one lock per key,
   so concurrent first calls from any thread or event loop load a model exactly once;
-* generating: one lock per loaded model, so one batch at a time runs on it (a second batch would
-  only compete for the same cores or GPU and both would finish later).
+* generating: one lock per loaded model, held by whoever runs it (its thread, for each engine
+  step or call; a test stepping an engine by hand), so one batch at a time runs on it (a second
+  batch would only compete for the same cores or GPU and both would finish later).
 
 Sampling is done row by row by our own logits processor, with one ``torch.Generator`` per row:
 greedy and sampled requests with different temperatures, top_p and seeds share one ``generate``
@@ -21,6 +24,7 @@ as they are chosen, so we never keep a (steps x batch x vocab) logits tensor aro
 
 from __future__ import annotations
 
+import functools
 import itertools
 import secrets
 import threading
@@ -47,6 +51,7 @@ from drpo.backends.base import (
     TopLogprob,
 )
 from drpo.backends.local_refs import ResolvedModel, sequences_for
+from drpo.backends.model_thread import ModelThread
 from drpo.backends.prefix_cache import PrefixCache, last_logits
 
 #: How completions are decoded: special tokens (EOS, padding) dropped, spaces left as they are.
@@ -66,57 +71,6 @@ _TOKEN_NAME_KWARGS: dict[str, Any] = {
 # --------------------------------------------------------------------------------------------
 
 
-class ModelLock:
-    """The lock one model runs under, and the wake-ups of the threads that wait for it.
-
-    Whoever waits drives (the scoring lane, the continuous engine): a caller's worker thread that
-    finds the model free runs it, the others sleep until their job is done or the lock is let
-    go, then look again. They used to poll (every 2-5 ms): with 8 generations and 64 scorers
-    waiting, those wake-ups competed for the GIL with the thread running the model, between
-    every one of a forward pass's ~200 small torch calls (measured in issue 16: 8 concurrent
-    requests made 84 tokens/s through the backend against 122 when the engine was stepped on
-    one thread). Here a waiter sleeps on a condition that is notified when the lock is released
-    and when a driver finishes jobs (:meth:`notify`); the timeout only bounds a wake-up that
-    some holder forgot to send.
-    """
-
-    #: Upper bound of a sleep without a notification (a safety net, not a poll).
-    TIMEOUT_S = 0.25
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._changed = threading.Condition()
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        return self._lock.acquire(blocking, timeout)
-
-    def release(self) -> None:
-        self._lock.release()
-        self.notify()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    def __enter__(self) -> ModelLock:
-        self._lock.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def notify(self) -> None:
-        """Wake every waiter: the lock was let go, or jobs were finished."""
-        with self._changed:
-            self._changed.notify_all()
-
-    def wait(self, done: threading.Event) -> None:
-        """Sleep until ``done`` is set or the lock is free (checked under the condition, so a
-        notification sent after the check is not missed)."""
-        with self._changed:
-            if not done.is_set() and self._lock.locked():
-                self._changed.wait(self.TIMEOUT_S)
-
-
 @dataclass(eq=False)
 class LoadedModel:
     """A model and tokenizer in memory, with what generation needs to know about them."""
@@ -130,16 +84,36 @@ class LoadedModel:
     pad_id: int
     bos_id: int | None
     max_positions: int | None
-    lock: ModelLock = field(default_factory=ModelLock)
+    lock: threading.Lock = field(default_factory=threading.Lock)
     #: Scoring requests waiting for the next free moment of the model (between decode steps).
     scoring: ScoringLane = field(default_factory=lambda: ScoringLane())
     #: KV states of prompt prefixes the scoring lane and the engine computed, reused by later
     #: scoring passes and generation prefills.
     prefix_cache: PrefixCache = field(default_factory=PrefixCache)
-    #: One step of the model's continuous engine (:meth:`drpo.backends.engine.Engine.step`: a
-    #: pass of waiting scoring jobs, then a decode step of the running batch), set when the
-    #: engine is created; a scorer that finds the model free runs it (:func:`score_waiting`).
-    engine_step: Callable[[], bool] | None = None
+    #: The thread that runs the model's torch work (:func:`model_thread`; the one that loaded
+    #: it, for a model from :func:`load_model`).
+    thread: ModelThread | None = None
+
+
+_THREADS_GUARD = threading.Lock()
+
+
+def model_thread(loaded: LoadedModel) -> ModelThread:
+    """The thread that runs ``loaded``'s torch work (started here for a model built in memory)."""
+    with _THREADS_GUARD:
+        if loaded.thread is None:
+            loaded.thread = ModelThread(f"drpo-model {loaded.key[0]}")
+            loaded.thread.work = functools.partial(_serve_lane, loaded)
+        return loaded.thread
+
+
+def _serve_lane(loaded: LoadedModel) -> bool:
+    """The model thread's work until the model's continuous engine exists (which then serves the
+    lane between its steps, :meth:`drpo.backends.engine.Engine.work`): one scoring pass."""
+    with loaded.lock:
+        lane = loaded.scoring
+        lane.serve(loaded, lane.batch_size, limit=lane.batch_size)
+        return lane.pending > 0
 
 
 _CACHE: dict[tuple[str, str, str], LoadedModel] = {}
@@ -233,7 +207,16 @@ def load_model(
     with key_lock:
         cached = _CACHE.get(key)
         if cached is None:
-            cached = _load_uncached(resolved, key, dev, dt)
+            # Loaded on the thread that will run it: one OpenMP team for this model (see
+            # drpo.backends.model_thread), not one more on whichever thread asked first.
+            thread = ModelThread(f"drpo-model {resolved.ref}")
+            try:
+                cached = thread.call(_load_uncached, resolved, key, dev, dt)
+            except BaseException:
+                thread.stop()
+                raise
+            cached.thread = thread
+            thread.work = functools.partial(_serve_lane, cached)
             with _GUARD:
                 _CACHE[key] = cached
         return cached
@@ -825,6 +808,9 @@ class ScoringJob:
     cancelled: threading.Event
     done: threading.Event = field(default_factory=threading.Event)
     result: GenerationResult | BaseException | None = None
+    #: The caller's backend's ``max_batch_size``: how many rows a pass takes while no
+    #: generation runs (a running generation's own setting caps it otherwise).
+    max_batch_size: int = 8
 
     def finish(self, result: GenerationResult | BaseException) -> None:
         self.result = result
@@ -832,13 +818,15 @@ class ScoringJob:
 
 
 class ScoringLane:
-    """Scoring requests of one model, served by whichever thread holds the model's lock.
+    """Scoring requests of one model, served on the model's thread between decode steps.
 
     Why a lane and not a batch of the batcher: a verdict put in a ``generate`` batch waits for
-    that batch's longest row (issue 16: 105 s on average, 281 s at worst, for one token). Here a
-    thread that generates serves the lane before each decode step (``between_steps`` of
-    :func:`generate_rows`), and a waiting scorer serves it itself when the model is idle
-    (:func:`score_waiting`), so a verdict waits at most one decode step plus its own prefill.
+    that batch's longest row (issue 16: 105 s on average, 281 s at worst, for one token). Here the
+    model's thread serves the lane before each decode step: the continuous engine's
+    (:meth:`drpo.backends.engine.Engine.step`) or a static batch's (``between_steps`` of
+    :func:`generate_rows`), and pass after pass while the model is otherwise idle
+    (:func:`score_waiting` wakes it), so a verdict waits at most one decode step plus its own
+    prefill.
     Waiting jobs run as left-padded prefills of ``max_batch_size`` rows, foreground before
     background, the next pass taken from what waits when the previous one ends.
     """
@@ -852,9 +840,15 @@ class ScoringLane:
         self.passes = 0
 
     def add(
-        self, request: CompletionRequest, priority: int, cancelled: threading.Event
+        self,
+        request: CompletionRequest,
+        priority: int,
+        cancelled: threading.Event,
+        max_batch_size: int = 8,
     ) -> ScoringJob:
-        job = ScoringJob(request, (int(priority), next(self._arrivals)), cancelled)
+        job = ScoringJob(
+            request, (int(priority), next(self._arrivals)), cancelled, max_batch_size=max_batch_size
+        )
         with self._guard:
             self._pending.append(job)
         return job
@@ -862,6 +856,13 @@ class ScoringLane:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def batch_size(self) -> int:
+        """The ``max_batch_size`` of the job served next (8 when none waits)."""
+        with self._guard:
+            head = min(self._pending, key=lambda j: j.order, default=None)
+        return head.max_batch_size if head is not None else 8
 
     def _take_all(self, limit: int | None = None) -> list[ScoringJob]:
         with self._guard:
@@ -908,30 +909,21 @@ class ScoringLane:
             self.jobs_run += len(group)
             for job, result in zip(group, results, strict=True):
                 job.finish(result)
-            loaded.lock.notify()  # their waiting threads return now, not when the lock is free
 
 
 def score_waiting(loaded: LoadedModel, job: ScoringJob, max_batch_size: int) -> None:
-    """Block until ``job`` is done: serve the lane ourselves whenever the model is free.
+    """Block until ``job`` (in ``loaded.scoring``) is done, served on the model's thread.
 
-    If another thread holds the model (a generation, or another scorer), it serves the lane
-    before its next step; we only poll in case it released the lock just before our job came.
-    A scorer that holds the model serves one pass, and steps the continuous engine's running
-    batch when there is one, before it lets go of the lock: a backlog of scoring jobs (the
-    background aspect selections at the start of a run) then shares the model with the
-    generations step by step instead of holding them all up until it is served.
+    The thread runs the model's continuous engine once there is one (before: scoring passes
+    alone): each step serves one pass of waiting scoring jobs and then a decode step of the
+    running batch, so a backlog of scoring jobs (the
+    background aspect selections at the start of a run) shares the model with the generations
+    step by step instead of holding them all up until it is served. ``max_batch_size`` is the
+    caller's: the rows of a pass while no generation runs.
     """
-    while not job.done.is_set():
-        if loaded.lock.acquire(blocking=False):
-            try:
-                if loaded.engine_step is not None:
-                    loaded.engine_step()
-                else:
-                    loaded.scoring.serve(loaded, max_batch_size, limit=max_batch_size)
-            finally:
-                loaded.lock.release()
-        else:
-            loaded.lock.wait(job.done)
+    job.max_batch_size = max_batch_size
+    model_thread(loaded).wake()
+    job.done.wait()
 
 
 def prefill_rows(loaded: LoadedModel, rows: Sequence[_Row]) -> list[_RowOutput]:
