@@ -5,6 +5,7 @@ embedded search end to end per session.)"""
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from drpo.agents import critic
@@ -42,6 +43,28 @@ async def test_logprobs_selection_keeps_likely_aspects_within_bounds():
     # the ICL variant needs at least 3: the next most likely is added
     icl = await critic.select_aspects_by_logprobs(call, "q", catalogue, variant="icl")
     assert len(icl.aspects) == 3 and set(icl.aspects) > {"Safety", "Helpfulness"}
+
+
+@pytest.mark.anyio
+async def test_logprobs_selection_breaks_ties_in_catalogue_order_whatever_replies_first():
+    """P(yes) is exactly 1 when "no" is not among the top logprobs; equal ones rank in catalogue
+    order, not in the order the replies came in (they come in the reverse order here)."""
+    catalogue = AspectCatalogue.load_default()
+    names = [aspect.name for aspect in catalogue]
+    arrived: list[str] = []
+
+    async def call(request: CompletionRequest) -> Completion:
+        prompt = request.messages[0].content
+        name = next(n for n in names if f"Quality: {n} (" in prompt)
+        for _ in range(len(names) - names.index(name)):  # the last aspect replies first
+            await anyio.lowlevel.checkpoint()
+        arrived.append(name)
+        return Completion(choices=(_choice({" yes": -0.01, " Yes": -4.7}),), model="scripted")
+
+    selection = await critic.select_aspects_by_logprobs(call, "q", catalogue)
+    assert arrived == names[::-1]
+    assert selection.aspects == tuple(names[:5])  # every one likely: the first five, in order
+    assert selection.reasoning.index(names[0]) < selection.reasoning.index(names[-1])
 
 
 @pytest.mark.anyio

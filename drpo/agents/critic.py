@@ -517,7 +517,14 @@ async def select_aspects_by_logprobs(
         return _unreadable_selection(
             query, catalogue, low, "no yes/no probability for any aspect", policy
         )
-    ranked = sorted(relevance, key=lambda name: -relevance[name])  # stable: catalogue order
+    # Ranked from catalogue order (stable sort), not from ``relevance``'s, which is the order the
+    # replies came in: P(yes) is exactly 1 for every aspect whose "no" is not among the top
+    # logprobs (12 of 14 for one query of the default job), and those ties must not depend on
+    # which rows shared a scoring pass (it made the default job differ run to run).
+    ranked = sorted(
+        (aspect.name for aspect in aspects if aspect.name in relevance),
+        key=lambda name: -relevance[name],
+    )
     likely = [name for name in ranked if relevance[name] > 0.5]
     chosen = ranked[: max(low, min(high, len(likely)))]
     shown = ", ".join(f"{name} {relevance[name]:.2f}" for name in ranked)
