@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicLayer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from drpo.backends.base import CompletionRequest, PermanentBackendError
-from drpo.backends.engine import Engine, EngineJob, engine_for
+from drpo.backends.engine import Engine, EngineJob, SpareLayer, engine_for
 from drpo.backends.local_model import (
     GenerationResult,
     LoadedModel,
@@ -350,3 +350,33 @@ def test_an_unexpected_error_fails_the_engines_jobs_and_it_starts_again_empty(
     assert engine.running == 0 and engine.queued == 0
     (after,) = run(engine, requests[:1], steps_between=0)
     assert text(after) == alone(tiny, prompts_and_lengths()[0][0], prompts_and_lengths()[0][1])
+
+
+def test_spare_layer_holds_what_a_dynamic_layer_holds() -> None:
+    """Updates that fit in the spare columns and ones that grow the buffer, then rows dropped:
+    the same keys and values as ``DynamicLayer`` (which concatenates)."""
+    torch.manual_seed(3)
+    spare, plain = SpareLayer(), DynamicLayer()
+    for new in (5, 1, 1, SpareLayer.SPARE, 1, 3):
+        keys, values = torch.randn(4, 2, new, 8), torch.randn(4, 2, new, 8)
+        got = spare.update(keys, values)
+        want = plain.update(keys, values)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    rows = torch.tensor([0, 2])
+    spare.batch_select_indices(rows)
+    plain.batch_select_indices(rows)
+    assert torch.equal(spare.keys, plain.keys) and torch.equal(spare.values, plain.values)
+    keys, values = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
+    assert torch.equal(spare.update(keys, values)[0], plain.update(keys, values)[0])
+    assert spare.get_seq_length() == plain.get_seq_length() == 5 + 1 + 1 + SpareLayer.SPARE + 5
+
+
+def test_rows_get_their_tokens_alone_when_the_cache_buffer_grows_every_step(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No spare columns: every decode step grows the buffers (copies), rows join and leave."""
+    monkeypatch.setattr(SpareLayer, "SPARE", 0)
+    cases = prompts_and_lengths()
+    requests = [CompletionRequest(prompt=" ".join(map(str, p)), max_tokens=n) for p, n in cases]
+    jobs = run(Engine(tiny), requests, steps_between=2, max_batch_size=4)
+    assert [text(job) for job in jobs] == [alone(tiny, p, n) for p, n in cases]
