@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import aiosqlite
 import anyio
 import pytest
 from hypothesis import given, settings
@@ -53,11 +54,23 @@ def _one_by_one(path: Path, ops: list[tuple[str, list[tuple[int, int]]]]) -> dic
         conn.close()
 
 
-async def _batched(path: Path, ops: list[tuple[str, list[tuple[int, int]]]]) -> tuple[dict, int]:
-    async with aiosqlite.connect(path, isolation_level="IMMEDIATE") as conn:
+@contextmanager
+def _writer_connection(path: Path) -> Iterator[sqlite3.Connection]:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL").fetchall()
         for statement in SCHEMA:
-            await conn.execute(statement)
-        writer = BatchWriter(conn)
+            conn.execute(statement)
+        yield conn
+    finally:
+        conn.close()
+
+
+async def _batched(
+    path: Path, ops: list[tuple[str, list[tuple[int, int]]]], inline_rows: int
+) -> tuple[dict, int]:
+    with _writer_connection(path) as conn:
+        writer = BatchWriter(conn, inline_rows=inline_rows)
         async with anyio.create_task_group() as tg:
             tg.start_soon(writer.run)
             for sql, rows in ops:  # no await that yields in between: one batch
@@ -73,11 +86,12 @@ async def _batched(path: Path, ops: list[tuple[str, list[tuple[int, int]]]]) -> 
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=ops_strategy)
-def test_a_batch_has_the_effect_of_its_ops_one_by_one(tmp_path_factory, ops) -> None:
+@given(ops=ops_strategy, inline_rows=st.sampled_from([0, 5, 256]))
+def test_a_batch_has_the_effect_of_its_ops_one_by_one(tmp_path_factory, ops, inline_rows) -> None:
+    """On the event loop or on a worker thread (``inline_rows``), the same effect."""
     folder = tmp_path_factory.mktemp("writer")
     expected = _one_by_one(folder / "plain.db", ops)
-    got, batches = anyio.run(_batched, folder / "batched.db", ops)
+    got, batches = anyio.run(_batched, folder / "batched.db", ops, inline_rows)
     assert got == expected
     assert batches <= 2  # the ops (when any) and the flush's barrier
 
@@ -103,11 +117,13 @@ def test_an_unrecognised_statement_is_never_moved() -> None:
     assert [sql for sql, _ in _coalesce(ops)] == [insert, other, insert]
 
 
-@pytest.mark.anyio
-async def test_the_writer_refuses_a_connection_that_begins_no_transaction(tmp_path: Path) -> None:
-    async with aiosqlite.connect(tmp_path / "x.db", isolation_level=None) as conn:
-        with pytest.raises(ValueError, match="IMMEDIATE"):
+def test_the_writer_refuses_a_connection_that_begins_transactions_itself(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "x.db", isolation_level="IMMEDIATE")
+    try:
+        with pytest.raises(ValueError, match="autocommit"):
             BatchWriter(conn)
+    finally:
+        conn.close()
 
 
 # ---- write_through_cancellation: what the call journal writes each paid-for call with
@@ -120,9 +136,7 @@ async def _through_cancellation(
     (None: never); returns the table contents after a flush, the failures the callers saw and
     the failures the flush reported."""
     seen = reported = 0
-    async with aiosqlite.connect(path, isolation_level="IMMEDIATE") as conn:
-        for statement in SCHEMA:
-            await conn.execute(statement)
+    with _writer_connection(path) as conn:
         writer = BatchWriter(conn, queue_size=queue_size)
 
         async def caller(sql: str, rows: list[tuple[int, int]], cancel_after: int | None) -> None:
@@ -188,3 +202,73 @@ def test_a_write_whose_caller_is_cancelled_is_still_committed(
     got, seen, reported = anyio.run(_through_cancellation, folder / "w.db", ops, queue_size)
     assert got == expected
     assert seen + reported == sum(1 for sql, _, _ in ops if sql == FAILING)
+
+
+# ---- where a batch runs: on the loop, or on a thread when the lock is held elsewhere
+
+
+async def _hold_lock_then_write(path: Path) -> tuple[bool, int, list[tuple[int, int]], int]:
+    """Another connection holds the write lock while the writer is asked to write: the writer
+    must wait for it without blocking the event loop (a ticker keeps running meanwhile)."""
+    ticks = 0
+    with _writer_connection(path) as conn:
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        writer = BatchWriter(conn, busy_timeout_ms=10_000)
+        written = anyio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not written.is_set():
+                ticks += 1
+                await anyio.sleep(0.01)
+
+        async def write() -> None:
+            await writer.write(STATEMENTS[4], [(1, 7)])
+            written.set()
+
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("INSERT INTO b (k, v) VALUES (9, 9)")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer.run)
+                tg.start_soon(write)
+                tg.start_soon(ticker)
+                await anyio.sleep(0.3)
+                pending_while_held, ticks_while_held = not written.is_set(), ticks
+                other.execute("COMMIT")
+                await written.wait()
+                writer.close()
+        finally:
+            other.close()
+        rows = conn.execute("SELECT k, v FROM a").fetchall()
+    return pending_while_held, ticks_while_held, rows, writer.threaded_batches
+
+
+def test_a_write_waits_for_a_lock_held_elsewhere_on_a_thread(tmp_path: Path) -> None:
+    pending, ticks, rows, threaded = anyio.run(_hold_lock_then_write, tmp_path / "l.db")
+    assert pending  # it waited for the other connection's transaction
+    assert ticks > 1  # and the event loop went on meanwhile
+    assert rows == [(1, 7)]
+    assert threaded == 1
+
+
+async def _writes_after_a_commit(path: Path, interval: float) -> list[int]:
+    """A write, then three more queued one by one just after its commit: how many commits
+    each flush saw."""
+    with _writer_connection(path) as conn:
+        writer = BatchWriter(conn, commit_interval_s=interval)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.run)
+            await writer.write(STATEMENTS[4], [(0, 0)])
+            first = writer.committed_batches
+            for k in (1, 2, 3):
+                await writer.submit(WriteOp(STATEMENTS[4], [(k, k)]))
+                await anyio.lowlevel.checkpoint()  # the writer takes what is queued so far
+            await writer.flush()
+            writer.close()
+        return [first, writer.committed_batches - first]
+
+
+def test_writes_just_after_a_commit_wait_for_one_commit_together(tmp_path: Path) -> None:
+    assert anyio.run(_writes_after_a_commit, tmp_path / "g.db", 0.5) == [1, 1]  # with the flush
+    assert anyio.run(_writes_after_a_commit, tmp_path / "n.db", 0.0)[1] > 1

@@ -373,6 +373,7 @@ class RunStore:
         max_batch_rows: int = 5000,
         queue_size: int = 1024,
         readers: int = 4,
+        commit_interval_s: float = 0.002,
     ) -> AsyncIterator[RunStore]:
         """Open (creating it if needed) the database at ``path`` (default: :func:`default_db_path`).
 
@@ -383,6 +384,9 @@ class RunStore:
         :class:`SchemaVersionError` for one of another schema version and
         :class:`ReadOnlyPathError` when the file or its folder cannot be written; in every case
         the file is left untouched.
+
+        ``commit_interval_s``: under load, the writer commits at most this often (see
+        :mod:`drpo.runs.writer`, group commit); 0 commits every batch at once.
         """
         db = _db_path(path)
         probe = await anyio.to_thread.run_sync(probe_database, db)
@@ -399,12 +403,21 @@ class RunStore:
 
         await anyio.to_thread.run_sync(check_writable, db)
         await anyio.to_thread.run_sync(lambda: db.parent.mkdir(parents=True, exist_ok=True))
-        # IMMEDIATE: sqlite3 opens each write batch with BEGIN IMMEDIATE itself (see BatchWriter)
-        conn = await aiosqlite.connect(str(db), isolation_level="IMMEDIATE")
+        # autocommit (isolation_level=None): the writer begins each batch's transaction itself;
+        # check_same_thread=False: a batch that must wait for the lock runs on a worker thread
+        conn = await anyio.to_thread.run_sync(
+            lambda: sqlite3.connect(str(db), isolation_level=None, check_same_thread=False)
+        )
         store = None
         try:
-            await _prepare_writer_connection(conn, probe)
-            writer = BatchWriter(conn, max_batch_rows=max_batch_rows, queue_size=queue_size)
+            await anyio.to_thread.run_sync(_prepare_writer_connection, conn, probe)
+            writer = BatchWriter(
+                conn,
+                max_batch_rows=max_batch_rows,
+                queue_size=queue_size,
+                busy_timeout_ms=BUSY_TIMEOUT_MS,
+                commit_interval_s=commit_interval_s,
+            )
             store = cls(db, writer=writer, readers=readers)
             error: BaseException | None = None
             try:
@@ -427,7 +440,7 @@ class RunStore:
             with anyio.CancelScope(shield=True):
                 if store is not None:
                     await store._readers.aclose()
-                await conn.close()
+                await anyio.to_thread.run_sync(conn.close)  # checkpoints what the WAL holds
 
     def _require_writer(self) -> BatchWriter:
         if self._writer is None:
@@ -820,58 +833,56 @@ def _where(**equals: Any) -> tuple[str, list[Any]]:
     return "WHERE " + " AND ".join(f"{name} = ?" for name in used), list(used.values())
 
 
-async def _prepare_writer_connection(conn: aiosqlite.Connection, probe: Probe) -> None:
+def _prepare_writer_connection(conn: sqlite3.Connection, probe: Probe) -> None:
     """Switch to WAL, and create the schema if the file has none yet.
 
     The version is read again inside the write transaction: another process may have created
     the schema between the probe and now.
     """
-    await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    async with conn.execute("PRAGMA journal_mode = WAL") as cursor:
-        row = await cursor.fetchone()
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    rows = conn.execute("PRAGMA journal_mode = WAL").fetchall()  # read to the end: no
+    row = rows[0] if rows else None  # statement is left in progress
     if row is None or str(row[0]).lower() != "wal":
         raise StoreError(f"could not switch {probe.path} to WAL mode (got {row!r})")
-    await conn.execute("PRAGMA synchronous = NORMAL")
-    await conn.execute("BEGIN IMMEDIATE")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("BEGIN IMMEDIATE")
     try:
-        async with conn.execute("PRAGMA user_version") as cursor:
-            version = (await cursor.fetchone() or (0,))[0]
+        version = (conn.execute("PRAGMA user_version").fetchall() or [(0,)])[0][0]
         if version == 0:
             for statement in DDL.split(";"):
                 if statement.strip():
-                    await conn.execute(statement)
+                    conn.execute(statement)
             now = time.time()
-            await conn.executemany(
+            conn.executemany(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                 [("schema_version", str(SCHEMA_VERSION)), ("created_at", str(now))],
             )
-            await conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             created = True
         else:
             check_version(probe.path, version)
             for step in range(version, SCHEMA_VERSION):  # older: migrate in this transaction
                 for statement in MIGRATIONS[step].split(";"):
                     if statement.strip():
-                        await conn.execute(statement)
+                        conn.execute(statement)
             if version != SCHEMA_VERSION:
-                await conn.execute(
+                conn.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                     ("schema_version", str(SCHEMA_VERSION)),
                 )
-                await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             created = False
-        await conn.execute("COMMIT")
+        conn.execute("COMMIT")
         if created:
             # move the new header into the main file now, so a reader's header probe sees a
             # drpo database even while this writer holds the WAL (or if it is killed). The
-            # pragma returns a row: read it and close the cursor, or its statement stays in
-            # progress until the cursor is collected, and a COMMIT meanwhile fails.
-            async with conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
-                await cursor.fetchall()
+            # pragma returns a row: read it to the end, or its statement stays in progress
+            # until the cursor is collected, and a COMMIT meanwhile fails.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     except BaseException:
-        with anyio.CancelScope(shield=True):
-            await conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
 
 
