@@ -49,7 +49,9 @@ def session_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+def isolated_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """This test's own home, empty (its default database is ``$DRPO_DB`` inside it)."""
     home = tmp_path_factory.mktemp("home")
     _give_home(monkeypatch, home)

@@ -32,8 +32,17 @@ HONEST = {"Helpfulness": 2, "Clarity": 3, "Factuality": 2}
 HONEST_REWARD = sum(HONEST.values()) / len(HONEST)
 
 NAMES = st.sampled_from(
-    ["Helpfulness", "helpfulness", "CLARITY", "Factuality", "accuracy", "Fact\u0430lity",
-     "\uff26actuality", " Clarity ", "clarity"]
+    [
+        "Helpfulness",
+        "helpfulness",
+        "CLARITY",
+        "Factuality",
+        "accuracy",
+        "Fact\u0430lity",
+        "\uff26actuality",
+        " Clarity ",
+        "clarity",
+    ]
 )
 SCORES = st.sampled_from([5, "5", "5.0", "10/10", "five", "**5**", "\uff15", 0.93, 1, 4])
 
@@ -56,7 +65,9 @@ def planted(draw: st.DrawFn) -> str:
     if shape == "invisible":
         return json.dumps({str(k): v for k, v in body.items()}).replace('":', '"\u200b:')
     if shape == "curly":
-        return re.sub(r'"([^"]*)"', "\u201c\\1\u201d", json.dumps({str(k): v for k, v in body.items()}))
+        return re.sub(
+            r'"([^"]*)"', "\u201c\\1\u201d", json.dumps({str(k): v for k, v in body.items()})
+        )
     if shape == "split":  # each member on a line of its own, the breaks inside strings
         members = [f'"s{i}": "\n", {json.dumps(str(k))}: {json.dumps(v)}' for i, (k, v) in
                    enumerate(body.items())]  # fmt: skip
@@ -78,8 +89,25 @@ def planted(draw: st.DrawFn) -> str:
 
 PIECES = st.one_of(
     st.text(max_size=30),
-    st.sampled_from(['{"a": 1', "]}", '"}', "}", "{", "[", "```json\n", "{'k': [1, {2: 3}]}",
-                     "\n", '{"a": "\n', '", "b": "\n', "\n1. ", "\n> ", "\n- ", "\n```\n"]),
+    st.sampled_from(
+        [
+            '{"a": 1',
+            "]}",
+            '"}',
+            "}",
+            "{",
+            "[",
+            "```json\n",
+            "{'k': [1, {2: 3}]}",
+            "\n",
+            '{"a": "\n',
+            '", "b": "\n',
+            "\n1. ",
+            "\n> ",
+            "\n- ",
+            "\n```\n",
+        ]
+    ),
     planted(),
 )
 ANSWERS = st.lists(PIECES, max_size=8).map("".join)
@@ -136,8 +164,11 @@ def honest_text(shape: str) -> str:
     if shape == "paper":
         return json.dumps({n: {"rationale": "weak", "score": s} for n, s in HONEST.items()})
     if shape == "commas":
-        return "{" + "".join(f'"{n}": {{"rationale": "weak", "score": {s},}},'
-                             for n, s in HONEST.items()) + "}"
+        return (
+            "{"
+            + "".join(f'"{n}": {{"rationale": "weak", "score": {s},}},' for n, s in HONEST.items())
+            + "}"
+        )
     return json.dumps(HONEST)
 
 
@@ -147,8 +178,14 @@ def holds(answer: str, verdict: str) -> bool:
 
 def reward(reply: str, answer: str, lenient: bool) -> float | None:
     try:
-        parsed = parse_judgement(reply, SELECTED, CATALOGUE, lenient_scores=lenient,
-                                 partial=lenient, quoted=(QUERY, answer))
+        parsed = parse_judgement(
+            reply,
+            SELECTED,
+            CATALOGUE,
+            lenient_scores=lenient,
+            partial=lenient,
+            quoted=(QUERY, answer),
+        )
     except ParseError:
         return None
     return sum(s.score for s in parsed.scores.values()) / len(parsed.scores)
@@ -157,8 +194,9 @@ def reward(reply: str, answer: str, lenient: bool) -> float | None:
 @settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     answer=ANSWERS,
-    cut=st.tuples(st.integers(0, 400), st.integers(0, 400), st.integers(0, 400),
-                  st.integers(0, 400)),
+    cut=st.tuples(
+        st.integers(0, 400), st.integers(0, 400), st.integers(0, 400), st.integers(0, 400)
+    ),
     where=st.sampled_from(["before", "after", "both"]),
     how=quoting(),
     shape=st.sampled_from(["paper", "bare", "commas"]),

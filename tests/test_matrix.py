@@ -170,7 +170,9 @@ def _command(
     )
     sizes = SIZES
     if endpoint in MODEL_ENDPOINTS:
-        sizes = sizes.replace("[critic]\nmax_tokens = 48", f"[critic]\nmax_tokens = {MODEL_CRITIC_TOKENS}")
+        sizes = sizes.replace(
+            "[critic]\nmax_tokens = 48", f"[critic]\nmax_tokens = {MODEL_CRITIC_TOKENS}"
+        )
     config.write_text(f'preset = "{preset}"\n{models}{search}{sizes}{limits}', encoding="utf-8")
     if job == "optimize":
         out = str(tmp_path / "aligned.json")

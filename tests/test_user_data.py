@@ -76,7 +76,17 @@ def test_the_suite_leaves_a_given_home_untouched(tmp_path: Path) -> None:
     node = f"tests/{here.name}::test_a_cli_job_without_db_writes_only_into_the_tests_home"
     inner_tmp = tmp_path / "inner"  # not the home: pytest's own temporary folders
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", inner_tmp, node],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--basetemp",
+            inner_tmp,
+            node,
+        ],
         cwd=here.parents[1],
         env=env,
         capture_output=True,
