@@ -65,6 +65,7 @@ import json
 import math
 import re
 import unicodedata
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -545,17 +546,23 @@ def _holds_a_copied_verdict(
     ``{'accuracy': 0.93}`` is the judge's prose), and only copies that score (a metrics dict the
     judge cites as evidence gives no score, so it cannot lend one).
     """
-    strings = []
+    # The strings' spans, in order and disjoint: whether a value starts inside one is a binary
+    # search over their starts, not a scan of every string per value read (that scan was a
+    # third of this function's time on a verdict with a rationale per aspect).
+    lows: list[int] = []
+    highs: list[int] = []
     at = 0
     for chunk, in_string in segments(span):
         if in_string:
-            strings.append((at, at + len(chunk)))
+            lows.append(at)
+            highs.append(at + len(chunk))
         at += len(chunk)
     reader = ValueReader(span)
     pos = 1
     while (read := reader.next_value(pos)) is not None:
         start, end, value = read
-        if any(low <= start < high for low, high in strings):
+        index = bisect_right(lows, start) - 1
+        if index >= 0 and start < highs[index]:
             pos = start + 1
             continue
         pos = end
