@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -27,6 +28,8 @@ from fakeserver import (
     VirtualClock,
     serve_fake_openai,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drpo.agents.critic import DIGIT_SETTINGS
 from drpo.agents.prompts import STOP_STRINGS
@@ -44,6 +47,7 @@ from drpo.backends.openai_api import (
     OpenAIBackend,
     estimate_tokens,
     full_jitter_delay,
+    request_body,
 )
 from drpo.backends.openai_errors import parse_retry_after
 from drpo.backends.pricing import DEFAULT_PRICES, ModelPrice, PriceTable
@@ -743,3 +747,40 @@ def test_price_table_defaults_overrides_and_unknown_models() -> None:
     assert "gpt-4.1" not in PriceTable.from_dict({"mine": [1, 1, 1]}, include_defaults=False)
     with pytest.raises(ValueError, match="'input' and 'output'"):
         PriceTable.from_dict({"bad": {"inptu": 1.0, "output": 1.0}})
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    texts=st.lists(st.text(), min_size=1, max_size=3),
+    prompt=st.booleans(),
+    stop=st.lists(st.text(max_size=5), max_size=2),
+    seed=st.none() | st.integers(min_value=-(2**40), max_value=2**40),
+    top_logprobs=st.none() | st.integers(min_value=0, max_value=20),
+    temperature=st.floats(min_value=0, max_value=2),
+)
+def test_request_body_bytes_are_those_json_dumps_writes(
+    texts: list[str],
+    prompt: bool,
+    stop: list[str],
+    seed: int | None,
+    top_logprobs: int | None,
+    temperature: float,
+) -> None:
+    """The body encoder is built once; its bytes must stay what ``json.dumps`` with the same
+    options wrote before (issue 18), whatever the text (non-ASCII, control characters)."""
+    settings_ = {
+        "stop": tuple(stop),
+        "seed": seed,
+        "top_logprobs": top_logprobs,
+        "temperature": temperature,
+    }
+    if prompt:
+        request = CompletionRequest(prompt=texts[0], **settings_)
+    else:
+        messages = tuple(ChatMessage(role="user", content=text) for text in texts)
+        request = CompletionRequest(messages=messages, **settings_)
+    path, body = request_body("m\u00e9", request)
+    assert path == ("/completions" if prompt else "/chat/completions")
+    params = json.loads(body)
+    old = json.dumps(params, ensure_ascii=False, separators=(",", ":")).encode()
+    assert body == old

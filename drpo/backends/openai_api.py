@@ -142,6 +142,10 @@ def full_jitter_delay(attempt: int, base_s: float, max_s: float, rng: random.Ran
 # --------------------------------------------------------------------------------------------
 # Requests and replies as JSON
 
+#: Built once: ``json.dumps`` with any option set builds a new encoder on every call (~0.7 us
+#: of the ~7 us a request body costs); the bytes are the same.
+_BODY_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
 
 def _sampling_params(model: str, request: CompletionRequest) -> dict[str, Any]:
     """The settings chat and text completions share."""
@@ -183,7 +187,7 @@ def request_body(model: str, request: CompletionRequest) -> tuple[str, bytes]:
         path, params = "/chat/completions", _chat_params(model, request)
     else:
         path, params = "/completions", _text_params(model, request)
-    return path, json.dumps(params, ensure_ascii=False, separators=(",", ":")).encode()
+    return path, _BODY_ENCODER.encode(params).encode()
 
 
 def _field(obj: Mapping[str, Any], name: str) -> Any:
