@@ -23,8 +23,30 @@ P = TypeVar("P")
 
 
 def new_id() -> str:
-    """128 random bits as hex, like uuid4().hex but about twice as fast (it is on every message)."""
-    return os.urandom(16).hex()
+    """A new message id: 32 hex digits laid out as a UUIDv7 (RFC 9562): 48 bits of Unix time in
+    milliseconds, the version, 74 random bits and the variant.
+
+    Why time first: every message becomes a row of the store's ``messages`` table, whose unique
+    index on ``message_id`` puts each new id where it sorts. Random ids (this was ``uuid4``-like
+    until issue 18) land on a random page of that index each, and every such page is written
+    again at the next commit; time-ordered ids land on the last few pages. Measured: 20.5 ->
+    12.6 us of CPU a row, committed 8 rows at a time into a table of 20,000 (the gap grows with
+    the table). 74 random bits per millisecond keep ids unique across processes.
+    """
+    millis = time.time_ns() // 1_000_000
+    random = int.from_bytes(os.urandom(10))
+    value = (
+        (millis & _MILLIS) << 80
+        | 0x7 << 76  # version 7
+        | (random >> 62 & 0xFFF) << 64
+        | 0b10 << 62  # the RFC 9562 variant
+        | random & _LOW_62
+    )
+    return f"{value:032x}"
+
+
+_MILLIS = (1 << 48) - 1
+_LOW_62 = (1 << 62) - 1
 
 
 class Failure(BaseModel):
